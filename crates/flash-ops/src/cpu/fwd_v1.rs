@@ -1,0 +1,111 @@
+//! FlashAttention forward (Dao et al., 2022, Algorithm 1, with Algorithm 2's dropout): one task
+//! per (sequence, head); the outer loop runs over k/v tiles and the inner loop over q tiles, so
+//! the output, `m` and `l` of every row are read, rescaled and written back once per k/v tile.
+//! That extra traffic and the coarser parallelism are what FlashAttention-2 removed.
+
+use rayon::prelude::*;
+
+use super::{load_rows, scores, tile, Elem, Operands, RowView, SharedOut, TILE};
+use crate::dropout::DropoutMask;
+use crate::mask::ScoreMods;
+use crate::params::AttnParams;
+
+/// Returns the statistics `m ‖ l` (each `lse_len` long).
+pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec<f32> {
+    let d = p.head_dim;
+    let n = p.lse_len();
+    let mut stats = vec![0f32; 2 * n];
+    stats[..n].fill(f32::NEG_INFINITY);
+    let out_view = RowView::contiguous(p, p.heads_q, true);
+    let out_ptr = SharedOut::new(out);
+    let stats_ptr = SharedOut::new(&mut stats);
+    let tasks: Vec<(usize, usize)> = (0..p.batch())
+        .flat_map(|s| (0..p.heads_q).map(move |h| (s, h)))
+        .collect();
+    tasks.par_iter().for_each(|&(s, h)| {
+        let span = p.seqs[s];
+        let mods = ScoreMods::new(p, s, h);
+        let hk = h / p.group();
+        // The per-(sequence, head) output, m and l: FlashAttention's "HBM" copies.
+        let mut o = vec![0f32; span.q_len * d];
+        let mut m = vec![f32::NEG_INFINITY; span.q_len];
+        let mut l = vec![0f32; span.q_len];
+        let (mut qt, mut kt, mut vt) = (
+            vec![0f32; TILE * d],
+            vec![0f32; TILE * d],
+            vec![0f32; TILE * d],
+        );
+        let mut st = vec![0f32; TILE * TILE];
+        let mut pv = vec![0f32; TILE * d];
+        let mut drop_factors = vec![0f32; TILE];
+        let drop_mask = p
+            .dropout
+            .map(|dp| DropoutMask::new(dp.p, dp.seed, s, p.heads_q, h));
+        let mut j0 = 0;
+        while j0 < span.k_len {
+            let cols = TILE.min(span.k_len - j0);
+            load_rows(ops.k, &ops.kv, (s, hk, j0), cols, d, &mut kt);
+            load_rows(ops.v, &ops.vv, (s, hk, j0), cols, d, &mut vt);
+            let (q_lo, q_hi) = mods.query_range_keys(j0, j0 + cols);
+            let mut i0 = q_lo;
+            while i0 < q_hi {
+                let rows = TILE.min(q_hi - i0);
+                load_rows(ops.q, &ops.qv, (s, h, i0), rows, d, &mut qt);
+                scores(
+                    &qt,
+                    &kt,
+                    (rows, cols, d),
+                    p.scale,
+                    &mods,
+                    (i0, j0),
+                    &mut st,
+                    None,
+                );
+                // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10).
+                let mut tile_stats = [(0f32, 0f32); TILE];
+                for r in 0..rows {
+                    let row = &mut st[r * cols..(r + 1) * cols];
+                    let (mt, lt, _) = tile::online_softmax_row(row, f32::NEG_INFINITY, 0.0);
+                    tile_stats[r] = (mt, lt);
+                    if let Some(dm) = &drop_mask {
+                        dm.row_factors(i0 + r, j0, &mut drop_factors[..cols]);
+                        tile::mul_assign(row, &drop_factors[..cols]);
+                    }
+                }
+                tile::gemm_ab(rows, d, cols, &st, &vt, &mut pv, false, 1.0);
+                // O_i ← diag(l_new)⁻¹ (diag(l_i) e^{m_i − m_new} O_i + e^{m~ − m_new} P~ V_j)
+                // (Algorithm 1 lines 11–12).
+                for (r, &(mt, lt)) in tile_stats.iter().enumerate().take(rows) {
+                    if mt == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let i = i0 + r;
+                    let m_new = m[i].max(mt);
+                    let a = tile::exp(m[i] - m_new);
+                    let b = tile::exp(mt - m_new);
+                    let l_new = a * l[i] + b * lt;
+                    let (c_old, c_new) = (a * l[i] / l_new, b / l_new);
+                    for (x, y) in o[i * d..(i + 1) * d]
+                        .iter_mut()
+                        .zip(&pv[r * d..(r + 1) * d])
+                    {
+                        *x = c_old * *x + c_new * y;
+                    }
+                    (m[i], l[i]) = (m_new, l_new);
+                }
+                i0 += rows;
+            }
+            j0 += cols;
+        }
+        // SAFETY: this task alone owns head h of sequence s.
+        unsafe {
+            out_ptr.store_rows(&out_view, (s, h, 0), span.q_len, d, &o);
+            for i in 0..span.q_len {
+                let idx = p.lse_index(s, h, i);
+                stats_ptr.write(idx, m[i]);
+                stats_ptr.write(n + idx, l[i]);
+            }
+        }
+    });
+    stats
+}

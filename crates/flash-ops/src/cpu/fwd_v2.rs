@@ -1,0 +1,113 @@
+//! FlashAttention-2 forward (Dao, 2023, Algorithm 1): one task per (sequence, head, q tile); the
+//! q tile stays resident while k/v tiles stream past it; the accumulator is left unscaled and
+//! divided by the row sum once at the end; only the log-sum-exp is saved.
+
+use rayon::prelude::*;
+
+use super::{load_rows, scores, tile, Elem, Operands, RowView, SharedOut, TILE};
+use crate::dropout::DropoutMask;
+use crate::mask::ScoreMods;
+use crate::params::AttnParams;
+
+struct Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    s: Vec<f32>,
+    drop_factors: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec<f32> {
+    let d = p.head_dim;
+    let mut lse = vec![f32::NEG_INFINITY; p.lse_len()];
+    let out_view = RowView::contiguous(p, p.heads_q, true);
+    let out_ptr = SharedOut::new(out);
+    let lse_ptr = SharedOut::new(&mut lse);
+    let tasks: Vec<(usize, usize, usize)> = p
+        .seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, span)| {
+            (0..p.heads_q)
+                .flat_map(move |h| (0..span.q_len.div_ceil(TILE)).map(move |qb| (s, h, qb)))
+        })
+        .collect();
+    let new_scratch = || Scratch {
+        q: vec![0.0; TILE * d],
+        k: vec![0.0; TILE * d],
+        v: vec![0.0; TILE * d],
+        s: vec![0.0; TILE * TILE],
+        drop_factors: vec![0.0; TILE],
+        acc: vec![0.0; TILE * d],
+        m: vec![0.0; TILE],
+        l: vec![0.0; TILE],
+    };
+    tasks
+        .par_iter()
+        .for_each_init(new_scratch, |sc, &(s, h, qb)| {
+            let span = p.seqs[s];
+            let mods = ScoreMods::new(p, s, h);
+            let hk = h / p.group();
+            let i0 = qb * TILE;
+            let rows = TILE.min(span.q_len - i0);
+            load_rows(ops.q, &ops.qv, (s, h, i0), rows, d, &mut sc.q);
+            sc.m[..rows].fill(f32::NEG_INFINITY);
+            sc.l[..rows].fill(0.0);
+            sc.acc[..rows * d].fill(0.0);
+            let drop_mask = p
+                .dropout
+                .map(|dp| DropoutMask::new(dp.p, dp.seed, s, p.heads_q, h));
+            // Block skipping: only k tiles holding a key visible to some row of this q tile.
+            let (k_lo, k_hi) = mods.key_range_rows(i0, i0 + rows);
+            let mut j0 = k_lo;
+            while j0 < k_hi {
+                let cols = TILE.min(k_hi - j0);
+                load_rows(ops.k, &ops.kv, (s, hk, j0), cols, d, &mut sc.k);
+                load_rows(ops.v, &ops.vv, (s, hk, j0), cols, d, &mut sc.v);
+                scores(
+                    &sc.q,
+                    &sc.k,
+                    (rows, cols, d),
+                    p.scale,
+                    &mods,
+                    (i0, j0),
+                    &mut sc.s,
+                    None,
+                );
+                for r in 0..rows {
+                    let row = &mut sc.s[r * cols..(r + 1) * cols];
+                    let (m, l, corr) = tile::online_softmax_row(row, sc.m[r], sc.l[r]);
+                    (sc.m[r], sc.l[r]) = (m, l);
+                    if corr != 1.0 {
+                        tile::scale_assign(&mut sc.acc[r * d..(r + 1) * d], corr);
+                    }
+                    // The row sum above is of the undropped weights: dropout acts on the
+                    // normalised probabilities.
+                    if let Some(dm) = &drop_mask {
+                        dm.row_factors(i0 + r, j0, &mut sc.drop_factors[..cols]);
+                        tile::mul_assign(row, &sc.drop_factors[..cols]);
+                    }
+                }
+                tile::gemm_ab(rows, d, cols, &sc.s, &sc.v, &mut sc.acc, true, 1.0);
+                j0 += cols;
+            }
+            for r in 0..rows {
+                let l = sc.l[r];
+                let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+                tile::scale_assign(&mut sc.acc[r * d..(r + 1) * d], inv);
+                let stat = if l > 0.0 {
+                    sc.m[r] + l.ln()
+                } else {
+                    f32::NEG_INFINITY
+                };
+                // SAFETY: this task alone owns rows i0..i0+rows of head h of sequence s.
+                unsafe { lse_ptr.write(p.lse_index(s, h, i0 + r), stat) };
+            }
+            // SAFETY: as above.
+            unsafe { out_ptr.store_rows(&out_view, (s, h, i0), rows, d, &sc.acc) };
+        });
+    lse
+}

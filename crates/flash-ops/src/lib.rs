@@ -1,0 +1,150 @@
+//! # flash-ops: trainable FlashAttention for Candle
+//!
+//! Exact attention that never materialises the `N×N` score matrix (tiling plus online softmax,
+//! Dao et al. 2022) and has a backward pass, so Candle models can train with it:
+//! `Tensor::backward()` through [`flash_attn`] yields dq, dk and dv, recomputed tile by tile from
+//! the saved log-sum-exp. Both schedules are here, [`Algorithm::V1`] (FlashAttention) and
+//! [`Algorithm::V2`] (FlashAttention-2), so the papers' comparison can be rerun.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use flash_ops::{flash_attn, AttnOptions};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! // (batch, seq, heads, head_dim), the layout of the `flash-attn` package.
+//! let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 100, 4, 32), &dev)?)?;
+//! let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 80, 2, 32), &dev)?)?; // GQA: 2 kv heads
+//! let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 80, 2, 32), &dev)?)?;
+//! let out = flash_attn(&q, &k, &v, &AttnOptions::new().causal(true))?;
+//! let grads = out.sqr()?.sum_all()?.backward()?;
+//! let dq = grads.get(&q).expect("dq");
+//! assert_eq!(dq.dims(), &[2, 100, 4, 32]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Layouts: dense inputs are `(batch, seq, heads, head_dim)` (any strides with a unit stride on
+//! `head_dim`); the varlen entry points take `(total_tokens, heads, head_dim)` with cumulative
+//! sequence lengths. Options are in [`AttnOptions`]. [`compat`] mirrors `candle-flash-attn`'s
+//! functions; [`reference`] is the plain matmul–softmax–matmul attention used as the baseline
+//! and test oracle. How forward's statistics reach backward is explained in the `op` module.
+
+pub mod compat;
+mod cpu;
+pub mod dropout;
+pub mod mask;
+mod op;
+mod options;
+pub mod params;
+pub mod reference;
+
+pub use cpu::tile::exp as fast_exp;
+pub use options::{Algorithm, AttnOptions, Dropout};
+
+use candle_core::{bail, DType, Result, Tensor};
+
+use op::FlashAttnFwd;
+use params::AttnParams;
+
+/// Candle's kernels want a unit stride on the last dimension; anything else is copied once.
+fn unit_last_stride(t: &Tensor) -> Result<Tensor> {
+    match t.stride().last() {
+        Some(1) => Ok(t.clone()),
+        _ => t.contiguous(),
+    }
+}
+
+fn run(q: &Tensor, k: &Tensor, v: &Tensor, params: AttnParams) -> Result<(Tensor, Tensor)> {
+    if !matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        bail!(
+            "flash_attn: `q` dtype must be f32, f16 or bf16, got {:?} (the f64 oracle is reference::naive_attention)",
+            q.dtype()
+        )
+    }
+    let lse_dims = params.lse_dims();
+    let algorithm = params.algorithm;
+    let n = params.lse_len();
+    let op = FlashAttnFwd::new(params);
+    let stats = op.stats.clone();
+    let out = unit_last_stride(q)?.apply_op3(&unit_last_stride(k)?, &unit_last_stride(v)?, op)?;
+    let Some(stats) = stats.get() else {
+        bail!("flash_attn: the backend did not save its statistics")
+    };
+    let lse = match algorithm {
+        Algorithm::V2 => stats.clone(),
+        // V1 saved m and l: lse = m + ln l (−inf for rows that saw no key).
+        Algorithm::V1 => (stats.narrow(0, 0, n)? + stats.narrow(0, n, n)?.log()?)?,
+    };
+    Ok((out, lse.reshape(lse_dims)?))
+}
+
+/// FlashAttention over dense inputs: q `(b, sq, hq, d)`, k and v `(b, sk, hk, d)` with
+/// `hq % hk == 0`. Returns `(b, sq, hq, d)` in the inputs' dtype; differentiable.
+pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<Tensor> {
+    Ok(flash_attn_with_lse(q, k, v, opts)?.0)
+}
+
+/// As [`flash_attn`], also returning the log-sum-exp `(b, hq, sq)` (f32, natural log, of the
+/// scaled and modified scores; `-inf` for rows that see no key), for ring/blockwise attention.
+/// The log-sum-exp is not differentiable.
+pub fn flash_attn_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttnOptions,
+) -> Result<(Tensor, Tensor)> {
+    run(q, k, v, AttnParams::dense(q, k, v, opts)?)
+}
+
+/// FlashAttention over a variable-length batch packed into one token axis: q `(total_q, hq, d)`,
+/// k and v `(total_k, hk, d)`; sequence `i` spans `cu_seqlens_q[i]..cu_seqlens_q[i+1]` (u32).
+/// `opts.key_lengths` is ignored (the offsets already say it).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens_q: &Tensor,
+    cu_seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    opts: &AttnOptions,
+) -> Result<Tensor> {
+    Ok(flash_attn_varlen_with_lse(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        opts,
+    )?
+    .0)
+}
+
+/// As [`flash_attn_varlen`], also returning the log-sum-exp `(hq, total_q)`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens_q: &Tensor,
+    cu_seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    opts: &AttnOptions,
+) -> Result<(Tensor, Tensor)> {
+    let params = AttnParams::varlen(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        opts,
+    )?;
+    run(q, k, v, params)
+}

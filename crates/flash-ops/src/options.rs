@@ -1,0 +1,96 @@
+//! User-facing attention options, shared by every backend.
+
+use candle_core::Tensor;
+
+/// Which FlashAttention schedule runs.
+///
+/// Both compute the same function; they differ in work partitioning and in what forward saves for
+/// backward, which is what the FA1-vs-FA2 comparison measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    /// FlashAttention (Dao et al., 2022, Algorithms 1/2/4): the outer loop runs over K/V blocks, the
+    /// output is rescaled in memory after every block, and forward saves the row max `m` and the
+    /// row sum `l`. Parallel over (batch, head) only.
+    V1,
+    /// FlashAttention-2 (Dao, 2023, Algorithms 1/2): the outer loop runs over Q blocks with an
+    /// unscaled accumulator normalised once at the end, forward saves only the log-sum-exp, and
+    /// work is split over (batch, head, block).
+    #[default]
+    V2,
+}
+
+/// Attention dropout (applied to the normalised probabilities, as in the papers).
+///
+/// The keep mask is a pure function of `(seed, sequence, head, query, key)` through a counter-based
+/// generator (Philox4x32-10), so backward regenerates it instead of storing an N×N mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// Probability of dropping an attention weight, in `[0, 1)`.
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// Options of [`crate::flash_attn`] and its variants. `AttnOptions::default()` is plain
+/// non-causal attention with scale `1/sqrt(head_dim)`, computed by [`Algorithm::V2`].
+#[derive(Debug, Clone, Default)]
+pub struct AttnOptions {
+    /// Softmax scale; `None` means `1/sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+    /// Causal mask, bottom-right aligned when `seqlen_q != seqlen_k` (FlashAttention-2's
+    /// convention): query `i` sees key `j` iff `j <= i + seqlen_k - seqlen_q`.
+    pub causal: bool,
+    /// Sliding window: query `i` sees keys in
+    /// `[i + sk - sq - window_left, i + sk - sq + window_right]`; `None` is unbounded on that side.
+    pub window_left: Option<usize>,
+    pub window_right: Option<usize>,
+    /// ALiBi slopes, f32, shape `(heads_q)` or `(batch, heads_q)`: the score of query `i` and key
+    /// `j` gets `-slope * |i + sk - sq - j|`.
+    pub alibi_slopes: Option<Tensor>,
+    /// Logit soft-capping: scores become `softcap * tanh(scores / softcap)` (before ALiBi and masks).
+    pub softcap: Option<f32>,
+    /// Number of valid keys per batch element (right padding): a key-padding mask without an N×N
+    /// tensor. Length must equal the batch size. Ignored by the varlen entry points, whose
+    /// `cu_seqlens_k` already say it.
+    pub key_lengths: Option<Vec<usize>>,
+    pub dropout: Option<Dropout>,
+    pub algorithm: Algorithm,
+}
+
+impl AttnOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    pub fn softmax_scale(mut self, scale: f32) -> Self {
+        self.softmax_scale = Some(scale);
+        self
+    }
+    pub fn window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
+        self.window_left = left;
+        self.window_right = right;
+        self
+    }
+    pub fn alibi_slopes(mut self, slopes: Tensor) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+    pub fn softcap(mut self, softcap: f32) -> Self {
+        self.softcap = Some(softcap);
+        self
+    }
+    pub fn key_lengths(mut self, lengths: Vec<usize>) -> Self {
+        self.key_lengths = Some(lengths);
+        self
+    }
+    pub fn dropout(mut self, p: f32, seed: u64) -> Self {
+        self.dropout = Some(Dropout { p, seed });
+        self
+    }
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+}

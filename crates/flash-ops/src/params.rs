@@ -1,0 +1,331 @@
+//! Argument checking and the resolved problem description shared by every backend.
+//!
+//! Every public entry point goes through [`AttnParams::new`], so each backend receives a problem
+//! that is already known to be well formed: the kernels never re-check shapes.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::options::{AttnOptions, Dropout};
+
+/// Largest head dimension any backend supports (FlashAttention-2's limit).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// One sequence of the batch: where its rows start and how many there are, for queries and keys.
+///
+/// Dense inputs `(batch, seq, heads, d)` have `q_start = k_start = 0` and a per-batch stride;
+/// varlen inputs `(total, heads, d)` put every sequence in one token axis with starts taken from
+/// `cu_seqlens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqSpan {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub k_start: usize,
+    pub k_len: usize,
+}
+
+impl SeqSpan {
+    /// Offset that aligns the causal/window diagonal to the bottom right: `sk - sq`.
+    pub fn diag_offset(&self) -> i64 {
+        self.k_len as i64 - self.q_len as i64
+    }
+}
+
+/// The fully resolved problem: what every backend kernel needs, nothing it has to re-derive.
+#[derive(Debug, Clone)]
+pub struct AttnParams {
+    pub heads_q: usize,
+    pub heads_k: usize,
+    pub head_dim: usize,
+    pub seqs: Vec<SeqSpan>,
+    /// Dense layout only: padded lengths, for output and log-sum-exp shapes.
+    pub dense: Option<(usize, usize)>,
+    /// Rows of the q (and output) token axis and of the k/v token axis, over the whole batch.
+    pub total_q: usize,
+    pub total_k: usize,
+    pub scale: f32,
+    pub softcap: Option<f32>,
+    pub window_left: Option<usize>,
+    /// Causal is folded in here as `Some(0)` (or the smaller of it and the user's bound).
+    pub window_right: Option<usize>,
+    /// One slope per (sequence, query head), already broadcast.
+    pub alibi: Option<Vec<f32>>,
+    pub dropout: Option<Dropout>,
+    pub algorithm: crate::Algorithm,
+}
+
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, rank: usize) -> Result<()> {
+    let layout = if rank == 4 {
+        "(batch, seq, heads, head_dim)"
+    } else {
+        "(total_tokens, heads, head_dim)"
+    };
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.rank() != rank {
+            bail!(
+                "flash_attn: `{name}` must have rank {rank} {layout}, got shape {:?}",
+                t.dims()
+            )
+        }
+    }
+    // Which dtypes a backend runs is checked by the caller: the reference also takes f64.
+    let dtype = q.dtype();
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.dtype() != dtype {
+            bail!(
+                "flash_attn: `{name}` dtype {:?} must match `q` dtype {dtype:?}",
+                t.dtype()
+            )
+        }
+        if !t.device().same_device(q.device()) {
+            bail!(
+                "flash_attn: `{name}` is on {:?} but `q` is on {:?}; all inputs must share one device",
+                t.device().location(),
+                q.device().location()
+            )
+        }
+    }
+    if k.dims() != v.dims() {
+        bail!(
+            "flash_attn: `k` and `v` must have the same shape, got {:?} and {:?}",
+            k.dims(),
+            v.dims()
+        )
+    }
+    let d = q.dim(rank - 1)?;
+    if d == 0 || d > MAX_HEAD_DIM {
+        bail!("flash_attn: head_dim must be in 1..={MAX_HEAD_DIM}, got {d}")
+    }
+    if k.dim(rank - 1)? != d {
+        bail!(
+            "flash_attn: `k` head_dim {} must equal `q` head_dim {d}",
+            k.dim(rank - 1)?
+        )
+    }
+    let (hq, hk) = (q.dim(rank - 2)?, k.dim(rank - 2)?);
+    if hq == 0 || hk == 0 || hq % hk != 0 {
+        bail!(
+            "flash_attn: `q` heads ({hq}) must be a non-zero multiple of `k`/`v` heads ({hk}) for GQA/MQA"
+        )
+    }
+    Ok(())
+}
+
+fn read_cu_seqlens(name: &str, t: &Tensor, total: usize, max_len: usize) -> Result<Vec<usize>> {
+    if t.rank() != 1 || t.dim(0)? < 2 {
+        bail!(
+            "flash_attn_varlen: `{name}` must be a 1-D tensor of batch+1 offsets, got shape {:?}",
+            t.dims()
+        )
+    }
+    if !matches!(t.dtype(), DType::U32 | DType::I64) {
+        bail!(
+            "flash_attn_varlen: `{name}` must be u32 (or i64), got {:?}",
+            t.dtype()
+        )
+    }
+    let cu: Vec<i64> = t.to_dtype(DType::I64)?.to_vec1()?;
+    if cu[0] != 0 {
+        bail!("flash_attn_varlen: `{name}` must start at 0, got {}", cu[0])
+    }
+    for w in cu.windows(2) {
+        if w[1] < w[0] {
+            bail!("flash_attn_varlen: `{name}` must be non-decreasing, got {cu:?}")
+        }
+        if (w[1] - w[0]) as usize > max_len {
+            bail!(
+                "flash_attn_varlen: `{name}` has a sequence of length {} above its max_seqlen {max_len}",
+                w[1] - w[0]
+            )
+        }
+    }
+    let last = *cu.last().unwrap_or(&0) as usize;
+    if last != total {
+        bail!("flash_attn_varlen: `{name}` must end at the token count {total}, got {last}")
+    }
+    Ok(cu.into_iter().map(|c| c as usize).collect())
+}
+
+impl AttnParams {
+    /// Dense inputs: q `(b, sq, hq, d)`, k and v `(b, sk, hk, d)`.
+    pub fn dense(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<Self> {
+        check_qkv(q, k, v, 4)?;
+        let (b, sq, hq, d) = q.dims4()?;
+        let (bk, sk, hk, _) = k.dims4()?;
+        if bk != b {
+            bail!("flash_attn: `k` batch {bk} must equal `q` batch {b}")
+        }
+        let key_lengths = match &opts.key_lengths {
+            None => vec![sk; b],
+            Some(l) => {
+                if l.len() != b {
+                    bail!(
+                        "flash_attn: `key_lengths` must have one entry per batch element ({b}), got {}",
+                        l.len()
+                    )
+                }
+                if let Some(bad) = l.iter().find(|&&n| n > sk) {
+                    bail!("flash_attn: `key_lengths` entries must be <= seqlen_k {sk}, got {bad}")
+                }
+                l.clone()
+            }
+        };
+        let seqs = key_lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &k_len)| SeqSpan {
+                q_start: i * sq,
+                q_len: sq,
+                k_start: i * sk,
+                k_len,
+            })
+            .collect();
+        Self::finish(hq, hk, d, seqs, Some((sq, sk)), b * sq, b * sk, opts)
+    }
+
+    /// Varlen inputs: q `(total_q, hq, d)`, k and v `(total_k, hk, d)`, sequences delimited by
+    /// `cu_seqlens_q` / `cu_seqlens_k` (u32, batch+1 entries, starting at 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn varlen(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cu_seqlens_q: &Tensor,
+        cu_seqlens_k: &Tensor,
+        max_seqlen_q: usize,
+        max_seqlen_k: usize,
+        opts: &AttnOptions,
+    ) -> Result<Self> {
+        check_qkv(q, k, v, 3)?;
+        let (tq, hq, d) = q.dims3()?;
+        let (tk, hk, _) = k.dims3()?;
+        let cu_q = read_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, max_seqlen_q)?;
+        let cu_k = read_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, max_seqlen_k)?;
+        if cu_q.len() != cu_k.len() {
+            bail!(
+                "flash_attn_varlen: `cu_seqlens_q` ({}) and `cu_seqlens_k` ({}) must have the same length",
+                cu_q.len(),
+                cu_k.len()
+            )
+        }
+        let seqs = (0..cu_q.len() - 1)
+            .map(|i| SeqSpan {
+                q_start: cu_q[i],
+                q_len: cu_q[i + 1] - cu_q[i],
+                k_start: cu_k[i],
+                k_len: cu_k[i + 1] - cu_k[i],
+            })
+            .collect();
+        Self::finish(hq, hk, d, seqs, None, tq, tk, opts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        heads_q: usize,
+        heads_k: usize,
+        head_dim: usize,
+        seqs: Vec<SeqSpan>,
+        dense: Option<(usize, usize)>,
+        total_q: usize,
+        total_k: usize,
+        opts: &AttnOptions,
+    ) -> Result<Self> {
+        let scale = opts.softmax_scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+        if !scale.is_finite() {
+            bail!("flash_attn: `softmax_scale` must be finite, got {scale}")
+        }
+        let softcap = match opts.softcap {
+            Some(c) if !(c.is_finite() && c >= 0.0) => {
+                bail!("flash_attn: `softcap` must be a finite value >= 0 (0 disables it), got {c}")
+            }
+            Some(c) if c > 0.0 => Some(c),
+            _ => None,
+        };
+        let dropout = match opts.dropout {
+            Some(dp) if !(0.0..1.0).contains(&dp.p) => {
+                bail!("flash_attn: dropout `p` must be in [0, 1), got {}", dp.p)
+            }
+            Some(dp) if dp.p > 0.0 => Some(dp),
+            _ => None,
+        };
+        // Causal is the window (unbounded, 0): one masking path serves both.
+        let window_right = if opts.causal {
+            Some(0)
+        } else {
+            opts.window_right
+        };
+        let batch = seqs.len();
+        let alibi = match &opts.alibi_slopes {
+            None => None,
+            Some(s) => Some(read_alibi(s, batch, heads_q)?),
+        };
+        Ok(Self {
+            heads_q,
+            heads_k,
+            head_dim,
+            seqs,
+            dense,
+            total_q,
+            total_k,
+            scale,
+            softcap,
+            window_left: opts.window_left,
+            window_right,
+            alibi,
+            dropout,
+            algorithm: opts.algorithm,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Query heads that share one k/v head (GQA group size).
+    pub fn group(&self) -> usize {
+        self.heads_q / self.heads_k
+    }
+
+    pub fn alibi_slope(&self, seq: usize, head_q: usize) -> Option<f32> {
+        self.alibi.as_ref().map(|a| a[seq * self.heads_q + head_q])
+    }
+
+    /// Shape of the log-sum-exp: `(b, hq, sq)` dense, `(hq, total_q)` varlen.
+    pub fn lse_dims(&self) -> Vec<usize> {
+        match self.dense {
+            Some((sq, _)) => vec![self.batch(), self.heads_q, sq],
+            None => vec![self.heads_q, self.total_q],
+        }
+    }
+
+    /// Index of the statistic of (sequence, head, row) in the log-sum-exp layout above.
+    pub fn lse_index(&self, seq: usize, head_q: usize, row: usize) -> usize {
+        match self.dense {
+            Some((sq, _)) => (seq * self.heads_q + head_q) * sq + row,
+            None => head_q * self.total_q + self.seqs[seq].q_start + row,
+        }
+    }
+
+    pub fn lse_len(&self) -> usize {
+        self.heads_q * self.total_q
+    }
+}
+
+fn read_alibi(slopes: &Tensor, batch: usize, heads_q: usize) -> Result<Vec<f32>> {
+    if slopes.dtype() != DType::F32 {
+        bail!(
+            "flash_attn: `alibi_slopes` must be f32, got {:?}",
+            slopes.dtype()
+        )
+    }
+    let host = slopes.to_device(&Device::Cpu)?;
+    match slopes.dims() {
+        [h] if *h == heads_q => {
+            let s: Vec<f32> = host.to_vec1()?;
+            Ok((0..batch).flat_map(|_| s.iter().copied()).collect())
+        }
+        [b, h] if *b == batch && *h == heads_q => Ok(host.flatten_all()?.to_vec1()?),
+        dims => bail!(
+            "flash_attn: `alibi_slopes` must have shape ({heads_q}) or ({batch}, {heads_q}), got {dims:?}"
+        ),
+    }
+}
