@@ -3,7 +3,7 @@
 //! Every public entry point goes through [`AttnParams::new`], so each backend receives a problem
 //! that is already known to be well formed: the kernels never re-check shapes.
 
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, DeviceLocation, Result, Tensor};
 
 use crate::options::{AttnOptions, Dropout};
 
@@ -53,6 +53,14 @@ pub struct AttnParams {
     pub algorithm: crate::Algorithm,
 }
 
+/// The error for an input on another device than `q` (a function so it can be tested on a
+/// machine with one device).
+pub fn device_mismatch(name: &str, got: DeviceLocation, q: DeviceLocation) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "flash_attn: `{name}` is on {got:?} but `q` is on {q:?}; all inputs must share one device"
+    ))
+}
+
 fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, rank: usize) -> Result<()> {
     let layout = if rank == 4 {
         "(batch, seq, heads, head_dim)"
@@ -77,11 +85,11 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, rank: usize) -> Result<()> {
             )
         }
         if !t.device().same_device(q.device()) {
-            bail!(
-                "flash_attn: `{name}` is on {:?} but `q` is on {:?}; all inputs must share one device",
+            return Err(device_mismatch(
+                name,
                 t.device().location(),
-                q.device().location()
-            )
+                q.device().location(),
+            ));
         }
     }
     if k.dims() != v.dims() {

@@ -93,6 +93,39 @@ pub fn oracle(q: &Tensor, k: &Tensor, v: &Tensor, d_out: &Tensor, opts: &AttnOpt
     .unwrap()
 }
 
+/// Relative error of two log-sum-exps; rows that saw no key must be `-inf` in both.
+pub fn lse_err(a: &Tensor, b: &Tensor) -> f64 {
+    let av: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let bv: Vec<f64> = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(av.len(), bv.len());
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in av.iter().zip(&bv) {
+        if y.is_infinite() {
+            assert_eq!(x, y, "a row that sees no key must have lse = -inf");
+            continue;
+        }
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
 /// Relative errors of (out, dq, dk, dv) of `got` against `want`.
 pub fn errors(got: &Run, want: &Run) -> [f64; 4] {
     [

@@ -1,0 +1,192 @@
+//! Every bad input is a `candle::Error` that names the argument and the expectation.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::Rng;
+use flash_ops::{flash_attn, flash_attn_varlen, AttnOptions};
+
+fn t(rng: &mut Rng, dims: &[usize]) -> Tensor {
+    rng.tensor(dims).to_dtype(DType::F32).unwrap()
+}
+
+fn expect_err(r: candle_core::Result<Tensor>, needles: &[&str]) {
+    let msg = match r {
+        Ok(_) => panic!("expected an error mentioning {needles:?}"),
+        Err(e) => e.to_string(),
+    };
+    for n in needles {
+        assert!(msg.contains(n), "error `{msg}` should mention `{n}`");
+    }
+}
+
+#[test]
+fn shape_rank_dtype_and_head_errors() {
+    let mut r = Rng(1);
+    let q = t(&mut r, &[2, 10, 4, 16]);
+    let k = t(&mut r, &[2, 12, 2, 16]);
+    let v = t(&mut r, &[2, 12, 2, 16]);
+    let o = AttnOptions::new();
+    expect_err(
+        flash_attn(&t(&mut r, &[10, 4, 16]), &k, &v, &o),
+        &["`q`", "rank 4"],
+    );
+    expect_err(
+        flash_attn(&q, &k, &t(&mut r, &[2, 13, 2, 16]), &o),
+        &["`k` and `v`", "same shape"],
+    );
+    expect_err(
+        flash_attn(
+            &q,
+            &t(&mut r, &[3, 12, 2, 16]),
+            &t(&mut r, &[3, 12, 2, 16]),
+            &o,
+        ),
+        &["`k` batch 3", "`q` batch 2"],
+    );
+    expect_err(
+        flash_attn(
+            &q,
+            &t(&mut r, &[2, 12, 2, 8]),
+            &t(&mut r, &[2, 12, 2, 8]),
+            &o,
+        ),
+        &["`k` head_dim 8", "16"],
+    );
+    expect_err(
+        flash_attn(
+            &q,
+            &t(&mut r, &[2, 12, 3, 16]),
+            &t(&mut r, &[2, 12, 3, 16]),
+            &o,
+        ),
+        &["heads", "multiple", "GQA"],
+    );
+    let big = t(&mut r, &[1, 4, 1, 300]);
+    expect_err(
+        flash_attn(&big, &big, &big, &o),
+        &["head_dim", "1..=256", "300"],
+    );
+    expect_err(
+        flash_attn(&q, &k.to_dtype(DType::F16).unwrap(), &v, &o),
+        &["`k` dtype", "F16", "F32"],
+    );
+    let q64 = q.to_dtype(DType::F64).unwrap();
+    let k64 = k.to_dtype(DType::F64).unwrap();
+    let v64 = v.to_dtype(DType::F64).unwrap();
+    expect_err(
+        flash_attn(&q64, &k64, &v64, &o),
+        &["`q` dtype", "f32, f16 or bf16"],
+    );
+}
+
+#[test]
+fn option_errors() {
+    let mut r = Rng(2);
+    let q = t(&mut r, &[2, 10, 4, 16]);
+    let k = t(&mut r, &[2, 12, 2, 16]);
+    let v = t(&mut r, &[2, 12, 2, 16]);
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().dropout(1.0, 0)),
+        &["dropout `p`", "[0, 1)"],
+    );
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().dropout(-0.1, 0)),
+        &["dropout `p`"],
+    );
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().softcap(-1.0)),
+        &["`softcap`", ">= 0"],
+    );
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().softmax_scale(f32::NAN)),
+        &["`softmax_scale`", "finite"],
+    );
+    let slopes = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().alibi_slopes(slopes)),
+        &["`alibi_slopes`", "(4) or (2, 4)", "[3]"],
+    );
+    let slopes = Tensor::ones(4, DType::F64, &Device::Cpu).unwrap();
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().alibi_slopes(slopes)),
+        &["`alibi_slopes`", "f32"],
+    );
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().key_lengths(vec![3])),
+        &["`key_lengths`", "one entry per batch"],
+    );
+    expect_err(
+        flash_attn(&q, &k, &v, &AttnOptions::new().key_lengths(vec![3, 13])),
+        &["`key_lengths`", "<= seqlen_k 12", "13"],
+    );
+}
+
+#[test]
+fn cu_seqlens_errors() {
+    let mut r = Rng(3);
+    let q = t(&mut r, &[10, 2, 16]);
+    let k = t(&mut r, &[12, 2, 16]);
+    let v = t(&mut r, &[12, 2, 16]);
+    let o = AttnOptions::new();
+    let cu = |x: &[u32]| Tensor::new(x, &Device::Cpu).unwrap();
+    let good_q = cu(&[0, 4, 10]);
+    let good_k = cu(&[0, 5, 12]);
+    assert!(flash_attn_varlen(&q, &k, &v, &good_q, &good_k, 6, 7, &o).is_ok());
+    expect_err(
+        flash_attn_varlen(&q, &k, &v, &cu(&[1, 4, 10]), &good_k, 10, 10, &o),
+        &["`cu_seqlens_q`", "start at 0"],
+    );
+    expect_err(
+        flash_attn_varlen(&q, &k, &v, &cu(&[0, 6, 4, 10]), &good_k, 10, 10, &o),
+        &["`cu_seqlens_q`", "non-decreasing"],
+    );
+    expect_err(
+        flash_attn_varlen(&q, &k, &v, &good_q, &cu(&[0, 5, 11]), 10, 10, &o),
+        &["`cu_seqlens_k`", "end at the token count 12"],
+    );
+    expect_err(
+        flash_attn_varlen(&q, &k, &v, &good_q, &cu(&[0, 12]), 10, 12, &o),
+        &["same length"],
+    );
+    expect_err(
+        flash_attn_varlen(&q, &k, &v, &good_q, &good_k, 5, 7, &o),
+        &["`cu_seqlens_q`", "max_seqlen 5"],
+    );
+    let f = Tensor::new(&[0f32, 4., 10.], &Device::Cpu).unwrap();
+    expect_err(
+        flash_attn_varlen(&q, &k, &v, &f, &good_k, 10, 10, &o),
+        &["`cu_seqlens_q`", "u32"],
+    );
+    expect_err(
+        flash_attn_varlen(&q, &k, &v, &cu(&[0]), &good_k, 10, 10, &o),
+        &["`cu_seqlens_q`", "batch+1"],
+    );
+    expect_err(
+        flash_attn_varlen(
+            &t(&mut r, &[1, 10, 2, 16]),
+            &k,
+            &v,
+            &good_q,
+            &good_k,
+            10,
+            10,
+            &o,
+        ),
+        &["`q`", "rank 3"],
+    );
+}
+
+#[test]
+fn device_mismatch_message_names_both_devices() {
+    use candle_core::DeviceLocation;
+    let e = flash_ops::params::device_mismatch(
+        "k",
+        DeviceLocation::Cuda { gpu_id: 0 },
+        DeviceLocation::Cpu,
+    );
+    let msg = e.to_string();
+    for n in ["`k`", "Cuda", "Cpu", "share one device"] {
+        assert!(msg.contains(n), "{msg}");
+    }
+}
