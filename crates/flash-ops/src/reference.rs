@@ -157,7 +157,7 @@ fn naive_core(
             .to_dtype(dtype)?
             .to_device(dev)?;
         s = s.broadcast_add(&bias)?;
-        if valid.iter().any(|&x| x == 0.0) {
+        if valid.contains(&0.0) {
             valid_rows = Some(
                 Tensor::from_vec(valid, (nb, hq, sq, 1), &Device::Cpu)?
                     .to_dtype(dtype)?

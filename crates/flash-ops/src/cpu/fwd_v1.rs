@@ -72,7 +72,7 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                         tile::mul_assign(row, &drop_factors[..cols]);
                     }
                 }
-                tile::gemm_ab(rows, d, cols, &st, &vt, &mut pv, false, 1.0);
+                tile::gemm_ab((rows, d, cols), &st, &vt, &mut pv, false, 1.0);
                 // O_i ← diag(l_new)⁻¹ (diag(l_i) e^{m_i − m_new} O_i + e^{m~ − m_new} P~ V_j)
                 // (Algorithm 1 lines 11–12).
                 for (r, &(mt, lt)) in tile_stats.iter().enumerate().take(rows) {

@@ -91,7 +91,7 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                         tile::mul_assign(row, &sc.drop_factors[..cols]);
                     }
                 }
-                tile::gemm_ab(rows, d, cols, &sc.s, &sc.v, &mut sc.acc, true, 1.0);
+                tile::gemm_ab((rows, d, cols), &sc.s, &sc.v, &mut sc.acc, true, 1.0);
                 j0 += cols;
             }
             for r in 0..rows {

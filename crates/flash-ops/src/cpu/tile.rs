@@ -34,9 +34,7 @@ macro_rules! simd_dispatch {
 /// `c = beta · a · bᵀ` (or `c += …` when `accumulate`), with `a: m×k`, `b: n×k`, `c: m×n`, all
 /// row-major and contiguous.
 pub fn gemm_abt(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
@@ -72,9 +70,7 @@ pub fn gemm_abt(
 
 /// `c (+)= beta · a · b`, with `a: m×k`, `b: k×n`, `c: m×n`, row-major and contiguous.
 pub fn gemm_ab(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
@@ -110,9 +106,7 @@ pub fn gemm_ab(
 
 /// `c (+)= beta · aᵀ · b`, with `a: k×m`, `b: k×n`, `c: m×n`, row-major and contiguous.
 pub fn gemm_atb(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
@@ -153,22 +147,62 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to the nearest integer (ties to even) and leaves that integer in
+    // the low mantissa bits, so no float→int conversion (which does not vectorise) is needed.
+    const SHIFTER: f32 = 12_582_912.0;
     let xc = x.clamp(-87.3, 88.7);
-    let n = (xc * LOG2E).round();
+    let t = xc * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let biased = t
+        .to_bits()
+        .wrapping_sub(SHIFTER.to_bits())
+        .wrapping_add(127);
+    let pow2 = f32::from_bits(biased << 23);
     if x < -87.3 {
         0.0
     } else {
         y * pow2
     }
+}
+
+/// Largest element (`-inf` for an empty or fully masked slice), eight independent lanes: LLVM
+/// does not vectorise an ordered float reduction, but it does vectorise independent lanes.
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in chunks {
+        for k in 0..8 {
+            lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
+        }
+    }
+    lanes.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// Sum in eight lanes (see `max_of`).
+#[inline(always)]
+fn sum_of(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..8 {
+            lanes[k] += c[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 simd_dispatch! {
@@ -177,27 +211,14 @@ simd_dispatch! {
     /// `(m_new, l_new, correction)` where `correction = exp(m - m_new)` rescales the old state.
     /// A row with nothing visible yet keeps `m = -inf` and becomes all zeros.
     pub fn online_softmax_row(row: &mut [f32], m: f32, l: f32) -> (f32, f32, f32) {
-        let row_max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let m_new = m.max(row_max);
+        let m_new = m.max(max_of(row));
         if m_new == f32::NEG_INFINITY {
             row.iter_mut().for_each(|x| *x = 0.0);
             return (m, l, 1.0);
         }
-        let mut sum = 0.0f32;
-        // Eight partial sums let the reduction vectorise without reassociation flags.
-        let mut lanes = [0.0f32; 8];
-        let mut chunks = row.chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            for (x, lane) in chunk.iter_mut().zip(lanes.iter_mut()) {
-                *x = exp(*x - m_new);
-                *lane += *x;
-            }
-        }
-        for x in chunks.into_remainder() {
-            *x = exp(*x - m_new);
-            sum += *x;
-        }
-        sum += lanes.iter().sum::<f32>();
+        // Separate passes: the map vectorises, and so does the lane-wise sum.
+        row.iter_mut().for_each(|x| *x = exp(*x - m_new));
+        let sum = sum_of(row);
         let correction = exp(m - m_new);
         (m_new, l * correction + sum, correction)
     }
@@ -283,7 +304,7 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut c = vec![0f32; m * n];
-        gemm_abt(m, n, k, &a, &b, &mut c, false, 2.0);
+        gemm_abt((m, n, k), &a, &b, &mut c, false, 2.0);
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = (0..k).map(|t| a[i * k + t] * b[j * k + t]).sum::<f32>() * 2.0;
@@ -292,7 +313,7 @@ mod tests {
         }
         // aᵀ·b with a: k×m stored as the first k·m values, b: k×n.
         let mut c2 = vec![1f32; m * n];
-        gemm_atb(m, n, k, &a[..k * m], &b[..k * n], &mut c2, true, 1.0);
+        gemm_atb((m, n, k), &a[..k * m], &b[..k * n], &mut c2, true, 1.0);
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = 1.0 + (0..k).map(|t| a[t * m + i] * b[t * n + j]).sum::<f32>();
@@ -300,7 +321,7 @@ mod tests {
             }
         }
         let mut c3 = vec![0f32; m * n];
-        gemm_ab(m, n, k, &a, &b[..k * n], &mut c3, false, 1.0);
+        gemm_ab((m, n, k), &a, &b[..k * n], &mut c3, false, 1.0);
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum();

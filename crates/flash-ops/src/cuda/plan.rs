@@ -1,0 +1,334 @@
+//! The launch plan of the CUDA kernels (kernels/cuda): the `#[repr(C)]` mirror of
+//! `FlashParams`, the tile configurations of `flash_config.cuh`, and which kernels run with
+//! which grids for a problem. No CUDA types here: the CPU emulation harness (kernels/emu)
+//! includes this file too, so the emulated tests exercise the very plan the GPU backend uses.
+
+use super::{Algorithm, AttnParams};
+
+/// Mirror of `FlashParams` in `kernels/cuda/flash_params.h` (same order, pointers as `u64`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FlashParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub d_o: u64,
+    pub lse: u64,
+    pub m_l: u64,
+    pub o_accum: u64,
+    pub delta: u64,
+    pub dq_accum: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub seq_info: u64,
+    pub alibi: u64,
+    pub q_tok_stride: i64,
+    pub q_head_stride: i64,
+    pub k_tok_stride: i64,
+    pub k_head_stride: i64,
+    pub v_tok_stride: i64,
+    pub v_head_stride: i64,
+    pub o_tok_stride: i64,
+    pub dk_tok_stride: i64,
+    pub lse_head_stride: i64,
+    pub lse_len: i64,
+    pub total_q: i64,
+    pub batch: i32,
+    pub heads_q: i32,
+    pub heads_k: i32,
+    pub head_dim: i32,
+    pub max_q_len: i32,
+    pub max_k_len: i32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub has_dropout: i32,
+    pub vec_loads: i32,
+    pub scale: f32,
+    pub softcap: f32,
+    pub dropout_scale: f32,
+    pub dropout_threshold: u32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+}
+
+/// `sizeof(FlashParams)` in C; the emulator checks it at every launch.
+pub const FLASH_PARAMS_SIZE: usize = 272;
+/// int64 entries per sequence in `seq_info` (`FLASH_SI_STRIDE`).
+pub const SEQ_INFO_STRIDE: usize = 8;
+
+/// Element type of q, k, v and the outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dt {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dt {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dt::F32 => "f32",
+            Dt::F16 => "f16",
+            Dt::Bf16 => "bf16",
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// Head dimensions with compiled kernels; a problem runs on the smallest one >= its head_dim
+/// (the extra columns are zero-filled in shared memory and never stored).
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+pub fn kernel_head_dim(d: usize) -> Option<usize> {
+    HEAD_DIMS.iter().copied().find(|&k| k >= d)
+}
+
+/// Threads, dynamic shared memory and tile sizes of one kernel (mirrors flash_config.cuh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileCfg {
+    pub threads: u32,
+    pub smem: u32,
+    /// Query rows per tile.
+    pub br: usize,
+    /// Keys per tile.
+    pub bc: usize,
+}
+
+fn pitch(dt: Dt, d: usize) -> usize {
+    d + 16 / dt.size()
+}
+
+/// `FwdCfg<T, D>` (both forward schedules).
+pub fn fwd_cfg(dt: Dt, d: usize) -> TileCfg {
+    let f32 = dt == Dt::F32;
+    let br = 64;
+    let bc = if f32 || d > 128 { 32 } else { 64 };
+    let stages = if f32 && d == 256 { 1 } else { 2 };
+    let smem = (br + 2 * stages * bc) * pitch(dt, d) * dt.size();
+    TileCfg {
+        threads: 128,
+        smem: smem as u32,
+        br,
+        bc,
+    }
+}
+
+/// `BwdCfg<T, D>` (both backward schedules).
+pub fn bwd_cfg(dt: Dt, d: usize) -> TileCfg {
+    let f32 = dt == Dt::F32;
+    let bc = if f32 || d > 128 { 32 } else { 64 };
+    let br = bc;
+    let wd = match d {
+        0..=64 => 1,
+        96 => 2,
+        _ => d / 64,
+    };
+    let warps = (bc / 16) * wd;
+    let lds = br + 16 / dt.size();
+    let smem = (2 * bc + 2 * br) * pitch(dt, d) * dt.size() + bc * lds * dt.size() + 2 * br * 4;
+    TileCfg {
+        threads: 32 * warps as u32,
+        smem: smem as u32,
+        br,
+        bc,
+    }
+}
+
+/// One kernel launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub name: String,
+    pub grid: [u32; 3],
+    pub block: u32,
+    pub smem: u32,
+}
+
+/// Where an input's rows are: start offset and strides in elements, as Candle's layout gives
+/// them. Rank 4 `(b, s, h, d)` or rank 3 `(t, h, d)`.
+#[derive(Debug, Clone)]
+pub struct InputLayout {
+    pub start: usize,
+    pub stride: Vec<usize>,
+}
+
+impl InputLayout {
+    fn tok_stride(&self) -> usize {
+        self.stride[self.stride.len() - 3]
+    }
+    fn head_stride(&self) -> usize {
+        self.stride[self.stride.len() - 2]
+    }
+    /// Element offset of row 0, head 0 of sequence `s` (dense: batch-strided; varlen: the
+    /// sequence's first token).
+    fn seq_base(&self, p: &AttnParams, s: usize, token_start: usize) -> usize {
+        match p.dense {
+            Some(_) => self.start + s * self.stride[0],
+            None => self.start + token_start * self.stride[0],
+        }
+    }
+}
+
+fn max_lens(p: &AttnParams) -> (usize, usize) {
+    p.seqs
+        .iter()
+        .fold((0, 0), |(a, b), s| (a.max(s.q_len), b.max(s.k_len)))
+}
+
+/// The per-sequence records (`seq_info`).
+pub fn seq_info(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> Vec<i64> {
+    let (hq, hk, d) = (p.heads_q, p.heads_k, p.head_dim);
+    let mut out = Vec::with_capacity(p.batch() * SEQ_INFO_STRIDE);
+    for (s, span) in p.seqs.iter().enumerate() {
+        let lse_off = match p.dense {
+            Some((sq, _)) => s * hq * sq,
+            None => span.q_start,
+        };
+        out.extend_from_slice(&[
+            span.q_len as i64,
+            span.k_len as i64,
+            q.seq_base(p, s, span.q_start) as i64,
+            k.seq_base(p, s, span.k_start) as i64,
+            v.seq_base(p, s, span.k_start) as i64,
+            (span.q_start * hq * d) as i64,
+            lse_off as i64,
+            (span.k_start * hk * d) as i64,
+        ]);
+    }
+    out
+}
+
+/// The scalar part of the parameters (pointers left 0 for the caller to fill in).
+pub fn base_params(
+    p: &AttnParams,
+    dt: Dt,
+    q: &InputLayout,
+    k: &InputLayout,
+    v: &InputLayout,
+) -> FlashParams {
+    let (max_q, max_k) = max_lens(p);
+    let chunk = 16 / dt.size();
+    // cp.async moves 16-byte chunks: every row start must be 16-byte aligned. Buffers are
+    // (at least) 16-byte aligned, so it is enough that all offsets and strides are multiples
+    // of a chunk.
+    let info = seq_info(p, q, k, v);
+    let aligned = info
+        .chunks(SEQ_INFO_STRIDE)
+        .all(|r| r[2..8].iter().all(|&o| o as usize % chunk == 0))
+        && [q, k, v]
+            .iter()
+            .all(|l| l.tok_stride() % chunk == 0 && l.head_stride() % chunk == 0)
+        && p.head_dim % chunk == 0;
+    let (has_dropout, threshold, dscale, seed) = match p.dropout {
+        Some(dp) => (
+            1,
+            ((dp.p as f64) * 4_294_967_296.0).min(4_294_967_295.0) as u32,
+            1.0 / (1.0 - dp.p),
+            dp.seed,
+        ),
+        None => (0, 0, 1.0, 0),
+    };
+    let lse_head_stride = match p.dense {
+        Some((sq, _)) => sq,
+        None => p.total_q,
+    };
+    FlashParams {
+        q_tok_stride: q.tok_stride() as i64,
+        q_head_stride: q.head_stride() as i64,
+        k_tok_stride: k.tok_stride() as i64,
+        k_head_stride: k.head_stride() as i64,
+        v_tok_stride: v.tok_stride() as i64,
+        v_head_stride: v.head_stride() as i64,
+        o_tok_stride: (p.heads_q * p.head_dim) as i64,
+        dk_tok_stride: (p.heads_k * p.head_dim) as i64,
+        lse_head_stride: lse_head_stride as i64,
+        lse_len: p.lse_len() as i64,
+        total_q: p.total_q as i64,
+        batch: p.batch() as i32,
+        heads_q: p.heads_q as i32,
+        heads_k: p.heads_k as i32,
+        head_dim: p.head_dim as i32,
+        max_q_len: max_q as i32,
+        max_k_len: max_k as i32,
+        window_left: p
+            .window_left
+            .map_or(-1, |w| w.min(i32::MAX as usize) as i32),
+        window_right: p
+            .window_right
+            .map_or(-1, |w| w.min(i32::MAX as usize) as i32),
+        has_dropout,
+        vec_loads: aligned as i32,
+        scale: p.scale,
+        softcap: p.softcap.unwrap_or(0.0),
+        dropout_scale: dscale,
+        dropout_threshold: threshold,
+        seed_lo: seed as u32,
+        seed_hi: (seed >> 32) as u32,
+        ..Default::default()
+    }
+}
+
+/// The forward kernel. V2 writes `lse`; V1 needs `m_l` (2·lse_len) and `o_accum` (f32, like o).
+pub fn forward_launch(p: &AttnParams, dt: Dt) -> Launch {
+    let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
+    let cfg = fwd_cfg(dt, d);
+    let (max_q, _) = max_lens(p);
+    let (sched, gx) = match p.algorithm {
+        Algorithm::V2 => ("v2", max_q.div_ceil(cfg.br).max(1)),
+        Algorithm::V1 => ("v1", 1),
+    };
+    Launch {
+        name: format!("flash_fwd_{sched}_{}_d{d}", dt.name()),
+        grid: [gx as u32, p.heads_q as u32, p.batch() as u32],
+        block: cfg.threads,
+        smem: cfg.smem,
+    }
+}
+
+/// Rows per block of `bwd_pre` (one warp per row, 4 warps).
+const PRE_ROWS: usize = 4;
+
+/// Backward: `bwd_pre` (delta; V1 also lse from m, l), the main kernel (dK, dV; dQ into the
+/// zeroed f32 `dq_accum`), `bwd_post` (dQ to the dtype).
+pub fn backward_launches(p: &AttnParams, dt: Dt) -> Vec<Launch> {
+    let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
+    let cfg = bwd_cfg(dt, d);
+    let (max_q, max_k) = max_lens(p);
+    let (b, hq, hk) = (p.batch() as u32, p.heads_q as u32, p.heads_k as u32);
+    let main = match p.algorithm {
+        Algorithm::V2 => Launch {
+            name: format!("flash_bwd_v2_{}_d{d}", dt.name()),
+            grid: [max_k.div_ceil(cfg.bc).max(1) as u32, hk, b],
+            block: cfg.threads,
+            smem: cfg.smem,
+        },
+        Algorithm::V1 => Launch {
+            name: format!("flash_bwd_v1_{}_d{d}", dt.name()),
+            grid: [1, hk, b],
+            block: cfg.threads,
+            smem: cfg.smem,
+        },
+    };
+    let n = p.total_q * p.heads_q * p.head_dim;
+    vec![
+        Launch {
+            name: format!("flash_bwd_pre_{}", dt.name()),
+            grid: [max_q.div_ceil(PRE_ROWS).max(1) as u32, hq, b],
+            block: 32 * PRE_ROWS as u32,
+            smem: 0,
+        },
+        main,
+        Launch {
+            name: format!("flash_bwd_post_{}", dt.name()),
+            grid: [n.div_ceil(256).clamp(1, 4096) as u32, 1, 1],
+            block: 256,
+            smem: 0,
+        },
+    ]
+}
