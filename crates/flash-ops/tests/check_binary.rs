@@ -1,0 +1,131 @@
+//! `flash-ops-check` reads q, k, v, do from safetensors and writes o, lse, dq, dk, dv that agree
+//! with the f64 reference; bad arguments exit non-zero with a message naming them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use flash_ops::AttnOptions;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flash-ops-check");
+
+fn write_inputs(dir: &std::path::Path, with_alibi: bool) -> (Tensor, Tensor, Tensor, Tensor) {
+    let mut rng = Rng(42);
+    let q = rng.tensor(&[2, 37, 4, 32]);
+    let k = rng.tensor(&[2, 53, 2, 32]);
+    let v = rng.tensor(&[2, 53, 2, 32]);
+    let d_out = rng.tensor(&[2, 37, 4, 32]);
+    let mut map: HashMap<String, Tensor> = [("q", &q), ("k", &k), ("v", &v), ("do", &d_out)]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t.to_dtype(DType::F32).unwrap()))
+        .collect();
+    if with_alibi {
+        let s = Tensor::new(&[0.5f32, 0.25, 0.125, 0.0625], &Device::Cpu).unwrap();
+        map.insert("alibi_slopes".into(), s);
+    }
+    candle_core::safetensors::save(&map, dir.join("in.safetensors")).unwrap();
+    (q, k, v, d_out)
+}
+
+#[test]
+fn check_binary_matches_reference() {
+    let dir = std::env::temp_dir().join(format!("flash-ops-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (q, k, v, d_out) = write_inputs(&dir, true);
+    let inp = dir.join("in.safetensors");
+    let out = dir.join("out.safetensors");
+    for alg in ["v1", "v2"] {
+        let status = Command::new(BIN)
+            .args([
+                "--input",
+                inp.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--causal",
+                "--scale",
+                "0.3",
+                "--window-left",
+                "20",
+                "--window-right",
+                "-1",
+            ])
+            .args(["--softcap", "8", "--algorithm", alg, "--dtype", "f32"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        let slopes = Tensor::new(&[0.5f32, 0.25, 0.125, 0.0625], &Device::Cpu).unwrap();
+        let opts = AttnOptions::new()
+            .causal(true)
+            .softmax_scale(0.3)
+            .window(Some(20), None)
+            .softcap(8.0)
+            .alibi_slopes(slopes);
+        let want = oracle(&q, &k, &v, &d_out, &opts);
+        let pairs = [
+            ("o", &want.out),
+            ("dq", &want.dq),
+            ("dk", &want.dk),
+            ("dv", &want.dv),
+        ];
+        for (name, w) in pairs {
+            let e = rel_err(&got[name], w);
+            assert!(e < 1e-5, "{alg} {name}: relative error {e}");
+        }
+        assert!(lse_err(&got["lse"], &want.lse) < 1e-5);
+        assert_eq!(got["lse"].dims(), &[2, 4, 37]);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn check_binary_rejects_bad_arguments() {
+    let dir = std::env::temp_dir().join(format!("flash-ops-check-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_inputs(&dir, false);
+    let inp = dir.join("in.safetensors");
+    let inp = inp.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(&[
+        "--input",
+        inp,
+        "--output",
+        "/tmp/x.safetensors",
+        "--window-left",
+        "-3",
+    ]);
+    assert!(
+        !ok && err.contains("--window-left") && err.contains("-1"),
+        "{err}"
+    );
+    let (ok, err) = run(&[
+        "--input",
+        inp,
+        "--output",
+        "/tmp/x.safetensors",
+        "--algorithm",
+        "v3",
+    ]);
+    assert!(!ok && err.contains("--algorithm"), "{err}");
+    let (ok, err) = run(&["--output", "/tmp/x.safetensors"]);
+    assert!(!ok && err.contains("--input"), "{err}");
+    let (ok, err) = run(&[
+        "--input",
+        "/nonexistent.safetensors",
+        "--output",
+        "/tmp/x.safetensors",
+    ]);
+    assert!(!ok && err.contains("nonexistent"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
