@@ -160,6 +160,21 @@ fn measure(v: Variant, n: usize, d: usize, h: usize, causal: bool, reps: usize) 
     })
 }
 
+/// What a large plain matmul reaches on this machine now: the roof the tiled kernels aim at.
+fn gemm_ceiling(reps: usize) -> Result<f64> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    a.matmul(&b)?;
+    let mut ts = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        a.matmul(&b)?;
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / median(ts) / 1e9)
+}
+
 fn flops_fwd(n: usize, d: usize, h: usize, causal: bool) -> f64 {
     let f = 4.0 * (n * n) as f64 * d as f64 * h as f64;
     if causal {
@@ -205,6 +220,10 @@ fn main() -> Result<()> {
     let threads = rayon::current_num_threads();
     println!(
         "# flash-ops CPU attention benchmark: f32, batch 1, {h} heads, {threads} threads, median of {reps}\n"
+    );
+    println!(
+        "fp32 GEMM ceiling in this run (candle matmul 2048³): {:.1} GFLOP/s\n",
+        gemm_ceiling(reps)?
     );
     println!("| N | d | causal | variant | fwd ms | fwd GFLOP/s | bwd ms | fwd+bwd ms | fwd+bwd GFLOP/s | peak mem fwd | peak mem fwd+bwd |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");

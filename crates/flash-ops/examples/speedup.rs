@@ -14,7 +14,11 @@ fn step(
     d_out: &Tensor,
 ) -> Result<(f64, Tensor, Tensor)> {
     let t = Instant::now();
-    let o = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor())?;
+    let o = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+    )?;
     let grads = (&o * d_out)?.sum_all()?.backward()?;
     let dq = grads.get(vars[0].as_tensor()).expect("dq").clone();
     Ok((t.elapsed().as_secs_f64(), o, dq))

@@ -2,6 +2,19 @@
 //! order, same `(batch, seq, heads, head_dim)` / varlen layouts. Code written for
 //! candle-flash-attn switches by changing one import, and gains a CPU backend, f32 and a
 //! backward pass.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! // Was: use candle_flash_attn::flash_attn;
+//! use flash_ops::compat::flash_attn;
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let q = Tensor::randn(0f32, 1.0, (1, 10, 4, 32), &Device::Cpu)?;
+//! let out = flash_attn(&q, &q, &q, 1.0 / 32f32.sqrt(), true)?;
+//! assert_eq!(out.dims(), q.dims());
+//! # Ok(())
+//! # }
+//! ```
 
 use candle_core::{Result, Tensor};
 

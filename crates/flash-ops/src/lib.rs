@@ -100,6 +100,22 @@ pub fn flash_attn_with_lse(
 /// FlashAttention over a variable-length batch packed into one token axis: q `(total_q, hq, d)`,
 /// k and v `(total_k, hk, d)`; sequence `i` spans `cu_seqlens_q[i]..cu_seqlens_q[i+1]` (u32).
 /// `opts.key_lengths` is ignored (the offsets already say it).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use flash_ops::{flash_attn_varlen, AttnOptions};
+///
+/// # fn main() -> candle_core::Result<()> {
+/// // Two sequences of 3 and 5 tokens packed into one axis, 2 heads of dimension 16.
+/// let q = Tensor::randn(0f32, 1.0, (8, 2, 16), &Device::Cpu)?;
+/// let k = Tensor::randn(0f32, 1.0, (8, 2, 16), &Device::Cpu)?;
+/// let v = Tensor::randn(0f32, 1.0, (8, 2, 16), &Device::Cpu)?;
+/// let cu = Tensor::new(&[0u32, 3, 8], &Device::Cpu)?;
+/// let out = flash_attn_varlen(&q, &k, &v, &cu, &cu, 5, 5, &AttnOptions::new().causal(true))?;
+/// assert_eq!(out.dims(), &[8, 2, 16]);
+/// # Ok(())
+/// # }
+/// ```
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen(
     q: &Tensor,
