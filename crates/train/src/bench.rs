@@ -1,0 +1,313 @@
+//! `train bench`: end-to-end training-step throughput of one model with each attention kind,
+//! across sequence lengths, at a fixed number of tokens per step (FlashAttention's Table 4 idea:
+//! what longer context costs). The kinds share one set of weights and the same batches and are
+//! timed in interleaved rounds, so machine noise hits them alike; ratios are within one run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use clap::Args;
+use flash_ops_models::AttentionKind;
+use serde_json::json;
+
+use crate::model::{self, ModelKind, Net, Preset, SizeOverrides};
+use crate::optim::{self, AdamW, AdamWConfig, Grads};
+use crate::trainer::{causal_batch, mlm_batch, MlmIds, MlmSettings};
+use crate::{DTypeArg, DeviceArg};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModel {
+    Gpt2,
+    Bert,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "gpt2")]
+    pub model: BenchModel,
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub preset: Preset,
+    #[arg(long)]
+    pub n_layer: Option<usize>,
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    #[arg(long)]
+    pub n_embd: Option<usize>,
+    /// Sequence lengths to measure.
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024")]
+    pub seq_lens: Vec<usize>,
+    /// Attention kinds to compare.
+    #[arg(long, value_delimiter = ',', default_value = "naive,flash1,flash2", value_parser = crate::parse_attn)]
+    pub attn: Vec<AttentionKind>,
+    /// Tokens per training step (batch = tokens / seq_len, at least 1).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens_per_step: usize,
+    /// Timed steps per kind and length.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed warm-up steps per kind and length.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Peak FLOP/s for MFU, in TFLOP/s (default: a large matmul measured here).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// JSON results.
+    #[arg(long, default_value = "runs/bench.json")]
+    pub out: PathBuf,
+}
+
+/// Resets the process' peak-RSS counter (Linux); false where unsupported.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", b"5").is_ok()
+}
+
+/// Peak resident set size since the last reset, bytes (Linux `VmHWM`).
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Dense matmul throughput (FLOP/s) in `dtype`, the MFU denominator when none is given.
+fn measured_peak(dev: &Device, dtype: DType) -> Result<f64> {
+    let n = if dev.is_cpu() { 1024 } else { 8192 };
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    a.matmul(&b)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let reps = 5;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        a.matmul(&b)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    }
+    Ok(2.0 * (n as f64).powi(3) * reps as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.attn.is_empty() || a.seq_lens.is_empty() || a.steps == 0 {
+        bail!("bench needs at least one --attn, one --seq-lens value and --steps >= 1")
+    }
+    crate::metrics::ensure_writable_parent(&a.out)?;
+    let dev = crate::device(a.device)?;
+    let dtype = match a.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F16 => DType::F16,
+    };
+    let kind = match a.model {
+        BenchModel::Gpt2 => ModelKind::Gpt2,
+        BenchModel::Bert => ModelKind::Bert,
+    };
+    let tok = match kind {
+        ModelKind::Gpt2 => crate::tokenizer::gpt2()?,
+        ModelKind::Bert => crate::tokenizer::bert_uncased()?,
+    };
+    let vocab = crate::tokenizer::vocab_size(&tok);
+    let tokens = crate::tokenizer::encode_text(&tok, crate::data::DEFAULT_CORPUS)?;
+    let max_seq = *a.seq_lens.iter().max().unwrap_or(&1024);
+    let config = model::model_config(
+        kind,
+        a.preset,
+        vocab,
+        &SizeOverrides {
+            n_layer: a.n_layer,
+            n_head: a.n_head,
+            n_embd: a.n_embd,
+            n_positions: None,
+            vocab_size: None,
+            dropout: Some(0.0),
+        },
+    )?;
+    let mut config = config;
+    let dims = model::dims(&config)?;
+    if max_seq > dims.positions {
+        // Benchmarks may exceed the preset's context: grow the position table.
+        let key = match kind {
+            ModelKind::Gpt2 => "n_positions",
+            ModelKind::Bert => "max_position_embeddings",
+        };
+        config[key] = max_seq.into();
+    }
+    let varmap = VarMap::new();
+    let mut net = Net::build(&config, &varmap, dtype, &dev, a.attn[0])?;
+    optim::init_params(&varmap, 0, dims.layers, kind == ModelKind::Gpt2)?;
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut opt = AdamW::new(&varmap, cfg)?;
+    let params = opt.num_params();
+    let mlm_ids = match kind {
+        ModelKind::Bert => Some(MlmIds::new(&tok, vocab)?),
+        ModelKind::Gpt2 => None,
+    };
+    let peak = match a.peak_tflops {
+        Some(t) => t * 1e12,
+        None => measured_peak(&dev, dtype)?,
+    };
+    let peak_src = if a.peak_tflops.is_some() {
+        "--peak-tflops"
+    } else {
+        "measured matmul"
+    };
+    println!(
+        "bench: {:?} {:?}, {:.2}M params ({} layers, width {}), {} tokens/step, {} timed + {} warm-up steps per cell, dtype {:?}, device {:?}, {} threads; MFU peak {:.1} GFLOP/s ({peak_src})",
+        kind,
+        a.preset,
+        params as f64 / 1e6,
+        dims.layers,
+        dims.hidden,
+        a.tokens_per_step,
+        a.steps,
+        a.warmup,
+        a.dtype,
+        dev.location(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        peak / 1e9
+    );
+    let mut rows = Vec::new();
+    let mut cursor = 0usize;
+    for &seq in &a.seq_lens {
+        let batch = (a.tokens_per_step / seq).max(1);
+        let content = match kind {
+            ModelKind::Gpt2 => seq,
+            ModelKind::Bert => seq - 2,
+        };
+        let mut next_batch = |step: u64| -> Result<crate::model::Batch> {
+            let need = batch * (content + 1);
+            if cursor + need > tokens.len() {
+                cursor = 0;
+            }
+            let windows: Vec<&[u32]> = (0..batch)
+                .map(|i| &tokens[cursor + i * (content + 1)..cursor + (i + 1) * (content + 1)])
+                .collect();
+            cursor += need;
+            match &mlm_ids {
+                None => causal_batch(&windows, &dev),
+                Some(ids) => {
+                    let w: Vec<&[u32]> = windows.iter().map(|w| &w[..content]).collect();
+                    mlm_batch(
+                        &w,
+                        ids,
+                        MlmSettings {
+                            mask_prob: 0.15,
+                            whole_word: false,
+                        },
+                        step,
+                        &dev,
+                    )
+                }
+            }
+        };
+        // Same weights, same batch: every kind must give the same loss.
+        let probe = next_batch(0)?;
+        let mut probe_losses = Vec::new();
+        for &k in &a.attn {
+            net.set_attention(k);
+            probe_losses.push(net.loss(&probe, false)?.to_scalar::<f32>()? as f64);
+        }
+        let spread = probe_losses.iter().fold(0f64, |m, l| m.max((l - probe_losses[0]).abs()));
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); a.attn.len()];
+        let mut peaks: Vec<Option<u64>> = vec![None; a.attn.len()];
+        let mut step_no = 1u64;
+        for round in 0..a.warmup + a.steps {
+            for (ki, &k) in a.attn.iter().enumerate() {
+                net.set_attention(k);
+                let b = next_batch(step_no)?;
+                step_no += 1;
+                let measure_mem = reset_peak_rss();
+                dev.synchronize()?;
+                let t0 = Instant::now();
+                let loss = net.loss(&b, true)?;
+                let grads = loss.backward()?;
+                let mut acc = Grads::new();
+                opt.accumulate(&mut acc, &grads, 1.0)?;
+                opt.step(&acc, 1e-4, 1.0)?;
+                dev.synchronize()?;
+                let dt = t0.elapsed().as_secs_f64();
+                if round >= a.warmup {
+                    times[ki].push(dt);
+                    if measure_mem {
+                        peaks[ki] = peaks[ki].max(peak_rss());
+                    }
+                }
+            }
+        }
+        let flops_per_token =
+            6.0 * params as f64 + 12.0 * dims.layers as f64 * dims.hidden as f64 * seq as f64;
+        let naive_tps = a
+            .attn
+            .iter()
+            .position(|k| *k == AttentionKind::Naive)
+            .map(|i| (batch * seq) as f64 / median(&mut times[i].clone()));
+        for (ki, &k) in a.attn.iter().enumerate() {
+            let step_s = median(&mut times[ki].clone());
+            let tps = (batch * seq) as f64 / step_s;
+            rows.push(json!({
+                "seq_len": seq, "batch": batch, "attn": k.to_string(),
+                "step_s_median": step_s, "step_s_all": times[ki],
+                "tokens_per_s": tps,
+                "speedup_vs_naive": naive_tps.map(|n| tps / n),
+                "peak_rss_bytes": peaks[ki],
+                "flops_per_token": flops_per_token,
+                "mfu": tps * flops_per_token / peak,
+                "probe_loss": probe_losses[ki],
+            }));
+        }
+        println!("seq {seq}: batch {batch}; probe loss spread across kinds {spread:.2e}");
+    }
+    println!();
+    println!(
+        "{:>6} {:>6} {:>8} {:>11} {:>10} {:>9} {:>11} {:>7}",
+        "seq", "batch", "attn", "step (s)", "tok/s", "vs naive", "peak RSS", "MFU"
+    );
+    for r in &rows {
+        println!(
+            "{:>6} {:>6} {:>8} {:>11.3} {:>10.0} {:>9} {:>11} {:>6.1}%",
+            r["seq_len"],
+            r["batch"],
+            r["attn"].as_str().unwrap_or(""),
+            r["step_s_median"].as_f64().unwrap_or(0.0),
+            r["tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["speedup_vs_naive"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.2}x")),
+            r["peak_rss_bytes"]
+                .as_u64()
+                .map_or("-".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0)),
+            100.0 * r["mfu"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let report = json!({
+        "model": format!("{kind:?}"), "preset": format!("{:?}", a.preset), "config": config,
+        "params": params, "tokens_per_step": a.tokens_per_step, "steps": a.steps, "warmup": a.warmup,
+        "dtype": format!("{:?}", a.dtype), "device": format!("{:?}", dev.location()),
+        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "peak_flops": peak, "peak_source": peak_src,
+        "mfu_formula": "6*params + 12*layers*hidden*seq FLOPs per token",
+        "peak_memory": "process peak RSS (VmHWM) during the step, CPU only",
+        "rows": rows,
+    });
+    crate::checkpoint::write_atomic(&a.out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    println!("\nwrote {}", a.out.display());
+    Ok(())
+}
