@@ -1,0 +1,287 @@
+//! GPT-2 (Radford et al., 2019) as `GPT2LMHeadModel`: pre-norm decoder blocks, learned positions,
+//! LM head tied to the token embedding. Parameter names and layouts are Hugging Face's.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use flash_ops::AttnOptions;
+
+use super::config::Gpt2Config;
+use crate::activation::Activation;
+use crate::attention::AttentionKind;
+use crate::dropout::{DropoutCtx, SeedCounter};
+use crate::layer_norm::LayerNorm;
+use crate::linear::Linear;
+
+/// Keys and values of every layer for incremental decoding, `(b, len, heads, head_dim)` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(1).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear()
+    }
+}
+
+// Dropout sites within one forward pass: 0 is the embedding, then three per layer.
+fn site(layer: usize, which: u64) -> u64 {
+    1 + 3 * layer as u64 + which
+}
+const ATTN_PROBS: u64 = 0;
+const ATTN_RESID: u64 = 1;
+const MLP_RESID: u64 = 2;
+
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    attn_pdrop: f32,
+    resid_pdrop: f32,
+}
+
+impl SelfAttention {
+    fn new(cfg: &Gpt2Config, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.n_embd;
+        let std = cfg.initializer_range;
+        // GPT-2 §2.3: residual projections scaled by 1/sqrt(number of residual layers).
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        Ok(Self {
+            c_attn: Linear::conv1d(c, 3 * c, std, vb.pp("c_attn"))?,
+            c_proj: Linear::conv1d(c, c, proj_std, vb.pp("c_proj"))?,
+            n_head: cfg.n_head,
+            attn_pdrop: cfg.attn_pdrop,
+            resid_pdrop: cfg.resid_pdrop,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        attn: AttentionKind,
+        ctx: &DropoutCtx,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let d = c / self.n_head;
+        // (b, t, 3, h, d): q, k, v already in the flash layout, no transpose.
+        let qkv = self.c_attn.forward(x)?.reshape((b, t, 3, self.n_head, d))?;
+        let q = qkv.narrow(2, 0, 1)?.squeeze(2)?;
+        let mut k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
+        let mut v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        // Causal with the diagonal aligned bottom-right, so cached keys are all visible.
+        let mut opts = AttnOptions::new().causal(true);
+        if ctx.active(self.attn_pdrop) {
+            opts = opts.dropout(self.attn_pdrop, ctx.site_seed(site(layer, ATTN_PROBS)));
+        }
+        let y = attn.attend(&q, &k, &v, opts)?.reshape((b, t, c))?;
+        let y = self.c_proj.forward(&y)?;
+        ctx.apply(&y, self.resid_pdrop, site(layer, ATTN_RESID))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+    act: Activation,
+    resid_pdrop: f32,
+}
+
+impl Mlp {
+    fn new(cfg: &Gpt2Config, vb: VarBuilder) -> Result<Self> {
+        let std = cfg.initializer_range;
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        Ok(Self {
+            c_fc: Linear::conv1d(cfg.n_embd, cfg.inner_dim(), std, vb.pp("c_fc"))?,
+            c_proj: Linear::conv1d(cfg.inner_dim(), cfg.n_embd, proj_std, vb.pp("c_proj"))?,
+            act: cfg.activation_function,
+            resid_pdrop: cfg.resid_pdrop,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &DropoutCtx) -> Result<Tensor> {
+        let h = self.act.forward(&self.c_fc.forward(x)?)?;
+        let h = self.c_proj.forward(&h)?;
+        ctx.apply(&h, self.resid_pdrop, site(layer, MLP_RESID))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: SelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(cfg: &Gpt2Config, vb: VarBuilder) -> Result<Self> {
+        let eps = cfg.layer_norm_epsilon;
+        Ok(Self {
+            ln_1: LayerNorm::new(cfg.n_embd, eps, vb.pp("ln_1"))?,
+            attn: SelfAttention::new(cfg, vb.pp("attn"))?,
+            ln_2: LayerNorm::new(cfg.n_embd, eps, vb.pp("ln_2"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+}
+
+/// GPT-2 language model (`GPT2LMHeadModel`). Parameters are created in (or read from) the
+/// `VarBuilder` under `transformer.*`; the LM head is `wte` itself.
+#[derive(Debug)]
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    attn: AttentionKind,
+    seeds: SeedCounter,
+}
+
+impl Gpt2 {
+    /// Builds the model; with `VarBuilder::from_varmap` its parameters are created in the
+    /// `VarMap` (HF initialisation) under their Hugging Face names.
+    pub fn new(cfg: &Gpt2Config, vb: VarBuilder, attn: AttentionKind) -> Result<Self> {
+        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+            bail!(
+                "gpt2: n_embd {} must be a multiple of n_head {}",
+                cfg.n_embd,
+                cfg.n_head
+            )
+        }
+        let vb = vb.pp("transformer");
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: cfg.initializer_range,
+        };
+        let wte = vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "wte.weight", init)?;
+        let wpe = vb.get_with_hints((cfg.n_positions, cfg.n_embd), "wpe.weight", init)?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(cfg, vb.pp(format!("h.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(cfg.n_embd, cfg.layer_norm_epsilon, vb.pp("ln_f"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            attn,
+            seeds: SeedCounter::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    pub fn attention(&self) -> AttentionKind {
+        self.attn
+    }
+
+    pub fn set_attention(&mut self, attn: AttentionKind) {
+        self.attn = attn
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.wte.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.wte.device()
+    }
+
+    /// Restarts the dropout seed sequence: training forwards after this are reproducible.
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.seeds.set(seed)
+    }
+
+    /// Logits `(b, t, vocab)` for `input_ids (b, t)` (u32). `train` turns dropout on, with a
+    /// fresh seed per call.
+    pub fn forward(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        let ctx = self.seeds.ctx(train);
+        let h = self.hidden(input_ids, &ctx, None)?;
+        self.lm_head(&h)
+    }
+
+    /// Eval-mode logits for the new tokens `input_ids (b, t)`, attending to everything in
+    /// `cache` and appending these tokens' keys and values to it.
+    pub fn forward_with_cache(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden(input_ids, &DropoutCtx::eval(), Some(cache))?;
+        self.lm_head(&h)
+    }
+
+    /// Final hidden states `(b, t, n_embd)` (after `ln_f`).
+    pub fn forward_hidden(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        let ctx = self.seeds.ctx(train);
+        self.hidden(input_ids, &ctx, None)
+    }
+
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        ctx: &DropoutCtx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if past + t > self.cfg.n_positions {
+            bail!(
+                "gpt2: {} positions exceed the context length n_positions = {}",
+                past + t,
+                self.cfg.n_positions
+            )
+        }
+        let c = self.cfg.n_embd;
+        let tok = self
+            .wte
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?;
+        let pos = self.wpe.narrow(0, past, t)?.unsqueeze(0)?;
+        let mut h = ctx.apply(&tok.broadcast_add(&pos)?, self.cfg.embd_pdrop, 0)?;
+        if let Some(cache) = cache.as_mut() {
+            cache.layers.resize(self.blocks.len(), None);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let a = block
+                .attn
+                .forward(&block.ln_1.forward(&h)?, i, self.attn, ctx, slot)?;
+            h = (h + a)?;
+            let m = block.mlp.forward(&block.ln_2.forward(&h)?, i, ctx)?;
+            h = (h + m)?;
+        }
+        self.ln_f.forward(&h)
+    }
+
+    /// Tied LM head: `h · wteᵀ`.
+    fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = h.dims3()?;
+        h.reshape((b * t, c))?
+            .matmul(&self.wte.t()?)?
+            .reshape((b, t, self.cfg.vocab_size))
+    }
+}

@@ -1,0 +1,212 @@
+//! Same weights, same input: the three attention kinds give the same logits and the same
+//! parameter gradients, for GPT-2 (causal) and BERT (padded batch), in eval and in training
+//! (dropout masks are functions of the seed, shared by all kinds).
+
+mod common;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use common::{gradient_is_zero_by_design, named_vars, randomize, rel_err, varmap, Rng};
+use flash_ops_models::{AttentionKind, BertConfig, BertForMaskedLM, Gpt2, Gpt2Config};
+
+const FLASH: [AttentionKind; 2] = [AttentionKind::FlashV1, AttentionKind::FlashV2];
+
+fn gpt2(dtype: DType, seed: u64) -> Result<(candle_nn::VarMap, Gpt2)> {
+    let (vm, vb) = varmap(dtype);
+    let m = Gpt2::new(&Gpt2Config::tiny(), vb, AttentionKind::Naive)?;
+    randomize(&vm, seed)?;
+    Ok((vm, m))
+}
+
+fn bert(dtype: DType, seed: u64) -> Result<(candle_nn::VarMap, BertForMaskedLM)> {
+    let (vm, vb) = varmap(dtype);
+    let m = BertForMaskedLM::new(&BertConfig::tiny(), vb, AttentionKind::Naive)?;
+    randomize(&vm, seed)?;
+    Ok((vm, m))
+}
+
+/// Right-padded ids: row i has `lengths[i]` random tokens, then the pad id 0.
+fn padded_ids(rng: &mut Rng, lengths: &[usize], t: usize, vocab: usize) -> Result<Tensor> {
+    let mut v = Vec::new();
+    for &l in lengths {
+        for j in 0..t {
+            v.push(if j < l {
+                1 + rng.below(vocab - 1) as u32
+            } else {
+                0
+            });
+        }
+    }
+    Ok(Tensor::from_vec(
+        v,
+        (lengths.len(), t),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+/// Every parameter's gradient of `sum(out * weights)`, by name.
+fn grads_of(
+    vm: &candle_nn::VarMap,
+    out: &Tensor,
+    weights: &Tensor,
+) -> Result<Vec<(String, Tensor)>> {
+    let g = (out * weights)?.sum_all()?.backward()?;
+    named_vars(vm)
+        .into_iter()
+        .map(|(n, v)| {
+            let grad = g
+                .get(v.as_tensor())
+                .ok_or_else(|| anyhow::anyhow!("no gradient for {n}"))?
+                .clone();
+            Ok((n, grad))
+        })
+        .collect()
+}
+
+fn norm(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .sqrt())
+}
+
+/// Relative error of one parameter's gradient; a gradient that is zero by design is compared
+/// against the scale of all gradients instead of its own (rounding noise).
+fn grad_err(name: &str, g: &Tensor, r: &Tensor, all: &[(String, Tensor)]) -> Result<f64> {
+    if gradient_is_zero_by_design(name) {
+        let scale = all.iter().map(|(_, t)| norm(t)).sum::<Result<f64>>()? / all.len() as f64;
+        return Ok(norm(&(g - r)?)?.max(norm(r)?) / scale);
+    }
+    Ok(rel_err(g, r)?)
+}
+
+#[test]
+fn gpt2_logits_and_gradients_agree_across_kinds() -> Result<()> {
+    let (vm, mut m) = gpt2(DType::F32, 1)?;
+    let mut rng = Rng(10);
+    let ids = rng.ids(3, 48, m.config().vocab_size)?;
+    for train in [false, true] {
+        m.set_attention(AttentionKind::Naive);
+        m.set_dropout_seed(99);
+        let reference = m.forward(&ids, train)?;
+        let w = rng.normal_tensor(reference.dims(), 1.0, DType::F32)?;
+        let ref_grads = grads_of(&vm, &reference, &w)?;
+        for kind in FLASH {
+            m.set_attention(kind);
+            m.set_dropout_seed(99);
+            let out = m.forward(&ids, train)?;
+            let e = rel_err(&out, &reference)?;
+            println!("gpt2 train={train} {kind}: logits rel err {e:.2e}");
+            assert!(e < 1e-5, "gpt2 {kind} train={train}: logits rel err {e}");
+            let mut worst = 0f64;
+            for ((name, g), (_, r)) in grads_of(&vm, &out, &w)?.iter().zip(&ref_grads) {
+                let e = grad_err(name, g, r, &ref_grads)?;
+                assert!(
+                    e < 1e-4,
+                    "gpt2 {kind} train={train}: grad {name} rel err {e}"
+                );
+                worst = worst.max(e);
+            }
+            println!("gpt2 train={train} {kind}: worst parameter-gradient rel err {worst:.2e}");
+        }
+    }
+    // Dropout is really on in training, and a fresh seed per call changes the masks.
+    let a = m.forward(&ids, true)?;
+    let b = m.forward(&ids, true)?;
+    assert!(rel_err(&a, &b)? > 1e-3);
+    assert!(rel_err(&m.forward(&ids, false)?, &m.forward(&ids, false)?)? == 0.0);
+    Ok(())
+}
+
+#[test]
+fn bert_padded_batch_logits_and_gradients_agree_across_kinds() -> Result<()> {
+    let (vm, mut m) = bert(DType::F32, 2)?;
+    let mut rng = Rng(20);
+    let lengths = [40, 29, 13];
+    let ids = padded_ids(&mut rng, &lengths, 40, m.config().vocab_size)?;
+    for train in [false, true] {
+        m.set_attention(AttentionKind::Naive);
+        m.set_dropout_seed(5);
+        let reference = m.forward(&ids, &lengths, train)?;
+        let w = rng.normal_tensor(reference.dims(), 1.0, DType::F32)?;
+        let ref_grads = grads_of(&vm, &reference, &w)?;
+        for kind in FLASH {
+            m.set_attention(kind);
+            m.set_dropout_seed(5);
+            let out = m.forward(&ids, &lengths, train)?;
+            let e = rel_err(&out, &reference)?;
+            println!("bert train={train} {kind}: logits rel err {e:.2e}");
+            assert!(e < 1e-5, "bert {kind} train={train}: logits rel err {e}");
+            let mut worst = 0f64;
+            for ((name, g), (_, r)) in grads_of(&vm, &out, &w)?.iter().zip(&ref_grads) {
+                let e = grad_err(name, g, r, &ref_grads)?;
+                assert!(
+                    e < 1e-4,
+                    "bert {kind} train={train}: grad {name} rel err {e}"
+                );
+                worst = worst.max(e);
+            }
+            println!("bert train={train} {kind}: worst parameter-gradient rel err {worst:.2e}");
+        }
+    }
+    Ok(())
+}
+
+/// Padding really is masked: the valid positions of a padded row equal the same sequence run
+/// alone without padding, whatever the padded tokens are.
+#[test]
+fn bert_padding_does_not_leak() -> Result<()> {
+    let (_vm, mut m) = bert(DType::F32, 3)?;
+    let mut rng = Rng(30);
+    let vocab = m.config().vocab_size;
+    let ids = rng.ids(1, 20, vocab)?;
+    for kind in AttentionKind::ALL {
+        m.set_attention(kind);
+        let alone = m.forward(&ids.narrow(1, 0, 12)?, &[12], false)?;
+        // Garbage (not pad) tokens after the valid 12.
+        let padded = m.forward(&ids, &[12], false)?.narrow(1, 0, 12)?;
+        let e = rel_err(&padded, &alone)?;
+        assert!(
+            e < 1e-5,
+            "{kind}: padded row differs from unpadded, rel err {e}"
+        );
+        // Without the length, the extra tokens do change the output (the test can fail).
+        let unmasked = m.forward(&ids, &[20], false)?.narrow(1, 0, 12)?;
+        assert!(rel_err(&unmasked, &alone)? > 1e-3);
+    }
+    Ok(())
+}
+
+/// Half precision: each kind in f16/bf16 against the f32 model, within the dtype's tolerance.
+#[test]
+fn half_precision_within_dtype_tolerance() -> Result<()> {
+    let (vm32, m32) = gpt2(DType::F32, 4)?;
+    let (bvm32, b32) = bert(DType::F32, 5)?;
+    let mut rng = Rng(40);
+    let ids = rng.ids(2, 32, m32.config().vocab_size)?;
+    let lengths = [32, 21];
+    let bids = padded_ids(&mut rng, &lengths, 32, b32.config().vocab_size)?;
+    let g_ref = m32.forward(&ids, false)?;
+    let b_ref = b32.forward(&bids, &lengths, false)?;
+    for (dtype, tol) in [(DType::F16, 5e-3), (DType::BF16, 4e-2)] {
+        let (vm, vb) = varmap(dtype);
+        let mut g = Gpt2::new(m32.config(), vb, AttentionKind::Naive)?;
+        common::copy_params(&vm32, &vm)?;
+        let (bvm, bvb) = varmap(dtype);
+        let mut b = BertForMaskedLM::new(b32.config(), bvb, AttentionKind::Naive)?;
+        common::copy_params(&bvm32, &bvm)?;
+        for kind in AttentionKind::ALL {
+            g.set_attention(kind);
+            b.set_attention(kind);
+            let eg = rel_err(&g.forward(&ids, false)?, &g_ref)?;
+            let eb = rel_err(&b.forward(&bids, &lengths, false)?, &b_ref)?;
+            println!("{dtype:?} {kind}: gpt2 rel err {eg:.2e}, bert rel err {eb:.2e}");
+            assert!(
+                eg < tol && eb < tol,
+                "{dtype:?} {kind}: {eg} {eb} (tol {tol})"
+            );
+        }
+    }
+    Ok(())
+}
