@@ -43,29 +43,23 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn wrap(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F16(v)
-    }
+macro_rules! half_elem {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            fn wrap(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+        }
+    };
 }
-
-impl Elem for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn wrap(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::BF16(v)
-    }
-}
+half_elem!(f16, F16);
+half_elem!(bf16, BF16);
 
 /// Where row `t` of head `h` of sequence `s` starts in a strided `(.., heads, d)` buffer.
 #[derive(Debug, Clone)]

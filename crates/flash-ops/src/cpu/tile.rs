@@ -31,18 +31,41 @@ macro_rules! simd_dispatch {
     };
 }
 
-/// `c = beta · a · bᵀ` (or `c += …` when `accumulate`), with `a: m×k`, `b: n×k`, `c: m×n`, all
-/// row-major and contiguous.
-pub fn gemm_abt(
+/// Row and column strides of one GEMM operand.
+#[derive(Clone, Copy)]
+struct Strides {
+    row: isize,
+    col: isize,
+}
+
+const fn row_major(cols: usize) -> Strides {
+    Strides {
+        row: cols as isize,
+        col: 1,
+    }
+}
+
+/// The transpose of a row-major matrix with `cols` columns.
+const fn transposed(cols: usize) -> Strides {
+    Strides {
+        row: 1,
+        col: cols as isize,
+    }
+}
+
+/// `c (+)= beta · lhs · rhs` with `lhs: m×k`, `rhs: k×n` as the strides describe and `c: m×n`
+/// row-major; `lhs_len`/`rhs_len` are the elements the operands must hold.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
     (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    b: &[f32],
+    (lhs, ls, lhs_len): (&[f32], Strides, usize),
+    (rhs, rs, rhs_len): (&[f32], Strides, usize),
     c: &mut [f32],
     accumulate: bool,
     beta: f32,
 ) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    // SAFETY: the bounds above cover every element the strides below address.
+    assert!(lhs.len() >= lhs_len && rhs.len() >= rhs_len && c.len() >= m * n);
+    // SAFETY: the bounds above cover every element the strides address.
     unsafe {
         gemm(
             m,
@@ -52,12 +75,12 @@ pub fn gemm_abt(
             1,
             n as isize,
             accumulate,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
+            lhs.as_ptr(),
+            ls.col,
+            ls.row,
+            rhs.as_ptr(),
+            rs.col,
+            rs.row,
             1.0,
             beta,
             false,
@@ -66,6 +89,19 @@ pub fn gemm_abt(
             Parallelism::None,
         )
     }
+}
+
+/// `c (+)= beta · a · bᵀ`, with `a: m×k`, `b: n×k`, `c: m×n`, all row-major and contiguous.
+pub fn gemm_abt(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    accumulate: bool,
+    beta: f32,
+) {
+    let (lhs, rhs) = ((a, row_major(k), m * k), (b, transposed(k), n * k));
+    gemm_f32((m, n, k), lhs, rhs, c, accumulate, beta)
 }
 
 /// `c (+)= beta · a · b`, with `a: m×k`, `b: k×n`, `c: m×n`, row-major and contiguous.
@@ -77,31 +113,8 @@ pub fn gemm_ab(
     accumulate: bool,
     beta: f32,
 ) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: as in `gemm_abt`.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+    let (lhs, rhs) = ((a, row_major(k), m * k), (b, row_major(n), k * n));
+    gemm_f32((m, n, k), lhs, rhs, c, accumulate, beta)
 }
 
 /// `c (+)= beta · aᵀ · b`, with `a: k×m`, `b: k×n`, `c: m×n`, row-major and contiguous.
@@ -113,31 +126,8 @@ pub fn gemm_atb(
     accumulate: bool,
     beta: f32,
 ) {
-    assert!(a.len() >= k * m && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: as in `gemm_abt`.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            m as isize,
-            1,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+    let (lhs, rhs) = ((a, transposed(m), k * m), (b, row_major(n), k * n));
+    gemm_f32((m, n, k), lhs, rhs, c, accumulate, beta)
 }
 
 /// `exp(x)` to ~1 ulp (Cephes' `expf` polynomial), written branch-free so loops vectorise;
