@@ -160,9 +160,12 @@ pub struct TrainArgs {
     /// Checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     pub keep_checkpoints: usize,
-    /// Continue the run in --out (or from this checkpoint / run folder).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<PathBuf>,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Continue from this checkpoint directory or run folder (writing to --out).
+    #[arg(long, conflicts_with = "resume")]
+    pub resume_from: Option<PathBuf>,
     /// Replace an existing run in --out instead of refusing.
     #[arg(long)]
     pub overwrite: bool,

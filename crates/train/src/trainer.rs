@@ -356,16 +356,16 @@ pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()
     metrics::ensure_writable_dir(&out)?;
 
     // Resume source, if any.
-    let resume_dir = match &a.resume {
-        None => None,
-        Some(p) if p.as_os_str().is_empty() => match checkpoint::latest(&out)? {
+    let resume_dir = match (&a.resume_from, a.resume) {
+        (Some(p), _) => Some(checkpoint::resolve(p)?),
+        (None, true) => match checkpoint::latest(&out)? {
             Some(d) => Some(d),
             None => bail!(
                 "--resume: {} has no checkpoint to resume; drop --resume to start a new run there",
                 out.display()
             ),
         },
-        Some(p) => Some(checkpoint::resolve(p)?),
+        (None, false) => None,
     };
     if resume_dir.is_none() {
         if let Some(d) = checkpoint::latest(&out)? {

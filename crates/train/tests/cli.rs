@@ -112,7 +112,8 @@ fn tokenizer_vocab_mismatch() {
     let o = train(&["gpt2", "--out", s(&d.join("o")), "--data", s(&toks), "--tokenizer", s(&tj)]);
     assert_clean_error(&o, &["token id", "500 entries", "--tokenizer"]);
     // A checkpoint trained with GPT-2's tokenizer, evaluated with a 500-token one.
-    let mut a = vec!["gpt2", "--out", s(&d.join("run")), "--data", s(&txt), "--steps", "1"];
+    let run = d.join("run");
+    let mut a = vec!["gpt2", "--out", s(&run), "--data", s(&txt), "--steps", "1"];
     a.extend_from_slice(TINY);
     let o = train(&a);
     assert!(o.status.success(), "{}", stderr(&o));
