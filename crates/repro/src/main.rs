@@ -1,0 +1,291 @@
+//! `repro`: reproduces the FlashAttention papers' tables (issue 7).
+//!
+//! `repro run [--quick | --gpu] [--out DIR]` measures, writes `results.json` after every section,
+//! then renders `tables.md` and the PNG figures from that JSON; `repro render DIR` re-renders a
+//! results folder without measuring.
+
+mod measure;
+mod paper;
+mod plan;
+mod plot;
+mod render;
+mod results;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use flash_ops::bench::{gemm_ceiling, Variant};
+
+use plan::{Mode, Plan};
+use results::{Meta, Results};
+
+// Peak-memory columns need the counting allocator of flash_ops::bench.
+#[global_allocator]
+static ALLOC: flash_ops::bench::PeakAlloc = flash_ops::bench::PeakAlloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "repro",
+    about = "Reproduce the FlashAttention papers' tables and plots"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Measure every table, write results.json, then render tables.md and the PNGs.
+    Run(RunArgs),
+    /// Re-render tables.md and the PNGs of a results folder from its results.json.
+    Render { dir: PathBuf },
+    /// Print what a mode would measure, without measuring.
+    Plan {
+        #[arg(long, value_enum, default_value = "full")]
+        mode: Mode,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Tiny sizes (~1–2 minutes): CI and tests. Not a reproduction.
+    #[arg(long, conflicts_with = "gpu")]
+    quick: bool,
+    /// The papers' sizes (CUDA backend).
+    #[arg(long)]
+    gpu: bool,
+    /// Output folder (default: results/<machine>-<date>[-quick|-gpu]).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Machine name for the default folder (default: from the CPU model and thread count).
+    #[arg(long)]
+    machine: Option<String>,
+    /// Sections to run.
+    #[arg(long, value_delimiter = ',', default_value = "attention,fa2,e2e")]
+    only: Vec<String>,
+    /// The `train` binary for the end-to-end table (default: next to this binary).
+    #[arg(long)]
+    train_bin: Option<PathBuf>,
+    /// Also time candle-nn's CPU flash_attn (forward only) in Table 2; slow.
+    #[arg(long)]
+    candle_nn: bool,
+    /// Override the memory budget past which standard attention counts as out of memory (GB).
+    #[arg(long)]
+    memory_budget_gb: Option<f64>,
+    /// Override the timed repeats per cell.
+    #[arg(long)]
+    reps: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Render { dir } => {
+            let r = results::read(&dir)?;
+            render_dir(&r, &dir)
+        }
+        Cmd::Plan { mode } => {
+            println!("{:#?}", Plan::new(mode));
+            Ok(())
+        }
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// "Intel(R) Xeon(R) Processor" → "intel-xeon": a folder-friendly machine name.
+fn slug(cpu: &str) -> String {
+    let cleaned = cpu
+        .split('@')
+        .next()
+        .unwrap_or("")
+        .replace("(R)", " ")
+        .replace("(TM)", " ")
+        .to_lowercase();
+    let words: Vec<String> = cleaned
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty() && !matches!(*w, "processor" | "cpu" | "core"))
+        .map(str::to_string)
+        .collect();
+    words.join("-")
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from days since the epoch (Howard Hinnant's algorithm).
+fn today() -> String {
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn git_commit() -> Option<String> {
+    let o = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn train_binary(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let me = std::env::current_exe()?;
+    let sibling = me
+        .parent()
+        .map(|d| d.join(format!("train{}", std::env::consts::EXE_SUFFIX)));
+    match sibling {
+        Some(p) if p.exists() => Ok(p),
+        _ => bail!(
+            "no `train` binary next to {} (build it with `cargo build --release -p train`, or pass --train-bin)",
+            me.display()
+        ),
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let mode = if a.quick {
+        Mode::Quick
+    } else if a.gpu {
+        Mode::Gpu
+    } else {
+        Mode::Full
+    };
+    let mut plan = Plan::new(mode);
+    if let Some(gb) = a.memory_budget_gb {
+        plan.memory_budget = (gb * 1e9) as u64;
+    }
+    if let Some(r) = a.reps {
+        plan.reps = r.max(1);
+    }
+    for s in &a.only {
+        if !matches!(s.as_str(), "attention" | "fa2" | "e2e") {
+            bail!("--only takes attention, fa2, e2e; got {s}")
+        }
+    }
+    let wants = |s: &str| a.only.iter().any(|x| x == s);
+    if mode == Mode::Gpu && (wants("attention") || wants("fa2")) {
+        // flash_ops::bench::measure builds its tensors on Device::Cpu; the CUDA backend plugs in
+        // here once it takes a device. Until then only the end-to-end table runs on a GPU.
+        bail!("--gpu: the attention tables need flash_ops::bench::measure to take a Device (it is CPU-only today); run `repro run --gpu --only e2e` for the end-to-end table")
+    }
+    let cpu = cpu_model();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let machine = a
+        .machine
+        .clone()
+        .unwrap_or_else(|| format!("cpu-{threads}t-{}", slug(&cpu)));
+    let date = today();
+    let suffix = match mode {
+        Mode::Full => "",
+        Mode::Quick => "-quick",
+        Mode::Gpu => "-gpu",
+    };
+    let dir = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("results/{machine}-{date}{suffix}")));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    println!("repro {} → {}", mode.name(), dir.display());
+    let t0 = Instant::now();
+    let gemm = gemm_ceiling(if mode == Mode::Quick { 1 } else { 3 })?;
+    println!("fp32 GEMM ceiling (2048³ matmul): {gemm:.1} GFLOP/s");
+    let mut r = Results {
+        meta: Meta {
+            mode: mode.name().into(),
+            machine,
+            date,
+            device: if mode == Mode::Gpu { "cuda" } else { "cpu" }.into(),
+            cpu,
+            threads,
+            dtype: "f32".into(),
+            gemm_gflops: gemm,
+            git_commit: git_commit(),
+            command: std::env::args().collect(),
+            seconds: BTreeMap::new(),
+        },
+        attention: None,
+        fa2: None,
+        e2e: None,
+    };
+    let variants = [Variant::V1, Variant::V2, Variant::Naive];
+    if wants("attention") {
+        let t = Instant::now();
+        r.attention = Some(measure::attention(&plan, &variants)?);
+        r.meta
+            .seconds
+            .insert("attention".into(), t.elapsed().as_secs_f64());
+        results::write(&dir, &r)?;
+    }
+    if wants("fa2") {
+        let t = Instant::now();
+        let mut v = variants.to_vec();
+        if a.candle_nn {
+            v.push(Variant::CandleNn);
+        }
+        r.fa2 = Some(measure::fa2(&plan, &v)?);
+        r.meta
+            .seconds
+            .insert("fa2".into(), t.elapsed().as_secs_f64());
+        results::write(&dir, &r)?;
+    }
+    if wants("e2e") {
+        let t = Instant::now();
+        let bin = train_binary(a.train_bin.clone())?;
+        r.e2e = Some(measure::e2e(&plan.e2e, &bin, &dir)?);
+        r.meta
+            .seconds
+            .insert("e2e".into(), t.elapsed().as_secs_f64());
+    }
+    r.meta
+        .seconds
+        .insert("total".into(), t0.elapsed().as_secs_f64());
+    results::write(&dir, &r)?;
+    render_dir(&r, &dir)?;
+    let failed = r
+        .e2e
+        .as_ref()
+        .map_or(0, |s| s.runs.iter().filter(|x| x.error.is_some()).count());
+    if failed > 0 {
+        bail!("{failed} end-to-end run(s) failed; the other tables were written (see tables.md)")
+    }
+    Ok(())
+}
+
+fn render_dir(r: &Results, dir: &Path) -> Result<()> {
+    let md = render::document(r);
+    std::fs::write(dir.join("tables.md"), &md)?;
+    let pngs = plot::all(r, dir)?;
+    println!("\n{md}");
+    println!(
+        "wrote {}/{{{}, tables.md, {}}}",
+        dir.display(),
+        results::FILE,
+        pngs.join(", ")
+    );
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! Runs the attention tables through `flash_ops::bench` (timing and peak-memory measurement live
+//! there, shared with `cargo bench`) and the end-to-end table through `train bench`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use flash_ops::bench::{measure, Variant, Workload};
+
+use crate::plan::{E2eSpec, Plan};
+use crate::results::{AttnRow, AttnSection, E2eRun, E2eSection, Fa2Section};
+
+/// Predicts naive attention's peak memory from the largest naive run so far in the same setting:
+/// naive holds a few (batch, heads, N, N) f32 matrices, so its peak is a multiple of one of them,
+/// and the largest run has the least O(N) overhead in that multiple. Before any naive run, a
+/// conservative 8 score matrices (scores, probabilities, masks and their gradients).
+struct NaiveMemory {
+    bytes_per_score: f64,
+    learned_at: f64,
+}
+
+impl NaiveMemory {
+    fn new() -> Self {
+        Self {
+            bytes_per_score: 8.0 * 4.0,
+            learned_at: 0.0,
+        }
+    }
+    fn scores(w: &Workload) -> f64 {
+        (w.batch * w.heads * w.n * w.n) as f64
+    }
+    fn predict(&self, w: &Workload) -> f64 {
+        self.bytes_per_score * Self::scores(w)
+    }
+    fn learn(&mut self, w: &Workload, peak: u64) {
+        let scores = Self::scores(w);
+        let ratio = peak as f64 / scores;
+        if ratio.is_finite() && ratio > 0.0 && scores >= self.learned_at {
+            self.bytes_per_score = ratio;
+            self.learned_at = scores;
+        }
+    }
+}
+
+fn variant_key(v: Variant) -> &'static str {
+    match v {
+        Variant::V1 => "v1",
+        Variant::V2 => "v2",
+        Variant::Naive => "naive",
+        Variant::CandleNn => "candle-nn",
+    }
+}
+
+fn empty_row(v: Variant, w: &Workload, reps: usize, skipped: Option<String>) -> AttnRow {
+    AttnRow {
+        variant: variant_key(v).into(),
+        batch: w.batch,
+        heads: w.heads,
+        n: w.n,
+        d: w.d,
+        causal: w.causal,
+        dropout_and_padding: w.dropout_and_padding.is_some(),
+        fwd_ms: None,
+        fwd_bwd_ms: None,
+        fwd_mem_bytes: None,
+        fwd_bwd_mem_bytes: None,
+        fwd_flops: w.fwd_flops(),
+        reps,
+        skipped,
+    }
+}
+
+/// Measures one cell, or records why it was skipped (naive past the memory budget).
+fn cell(
+    v: Variant,
+    w: &Workload,
+    reps: usize,
+    budget: u64,
+    naive: &mut NaiveMemory,
+) -> Result<AttnRow> {
+    if v == Variant::Naive {
+        let predicted = naive.predict(w);
+        if predicted > budget as f64 {
+            let why = format!(
+                "out of memory budget: predicted {:.1} GB > {:.1} GB",
+                predicted / 1e9,
+                budget as f64 / 1e9
+            );
+            println!("  {:>6} {:<12} skipped ({why})", w.n, v.name());
+            return Ok(empty_row(v, w, reps, Some(why)));
+        }
+    }
+    let t = Instant::now();
+    let r = measure(v, w, reps).with_context(|| format!("{} at {w:?}", v.name()))?;
+    if v == Variant::Naive {
+        if let Some(m) = r.fwd_bwd_mem {
+            naive.learn(w, m as u64);
+        }
+    }
+    let mut row = empty_row(v, w, reps, None);
+    row.fwd_ms = Some(r.fwd_ms);
+    row.fwd_bwd_ms = r.fwd_bwd_ms;
+    row.fwd_mem_bytes = Some(r.fwd_mem as u64);
+    row.fwd_bwd_mem_bytes = r.fwd_bwd_mem.map(|m| m as u64);
+    println!(
+        "  {:>6} {:<12} fwd {:>9.2} ms  fwd+bwd {:>9} ms  peak {:>8.1} MB  ({:.0} s)",
+        w.n,
+        v.name(),
+        r.fwd_ms,
+        r.fwd_bwd_ms.map_or("-".into(), |t| format!("{t:.2}")),
+        r.fwd_bwd_mem.unwrap_or(r.fwd_mem) as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(row)
+}
+
+/// Table 1 and the memory table: FlashAttention (2022) §4.3 / Appendix E.
+pub fn attention(plan: &Plan, variants: &[Variant]) -> Result<AttnSection> {
+    let mut rows = Vec::new();
+    let mut plain_naive = NaiveMemory::new();
+    for dropout in [None, Some(plan.dropout)] {
+        let mut other = NaiveMemory::new();
+        let naive = if dropout.is_none() {
+            &mut plain_naive
+        } else {
+            &mut other
+        };
+        println!(
+            "Table 1 ({}):",
+            if dropout.is_some() {
+                "dropout + key-padding mask"
+            } else {
+                "no dropout, no mask"
+            }
+        );
+        for &n in &plan.t1_lengths {
+            for &v in variants {
+                let mut w = Workload::new(plan.t1_batch, plan.t1_heads, n, plan.t1_d, false);
+                w.dropout_and_padding = dropout;
+                rows.push(cell(v, &w, plan.reps, plan.memory_budget, naive)?);
+            }
+        }
+    }
+    // Past naive's budget: flash alone, for the memory column (one repeat: these are the slowest).
+    println!("Memory table, flash only:");
+    for &n in &plan.t1_memory_lengths {
+        for &v in variants {
+            let w = Workload::new(plan.t1_batch, plan.t1_heads, n, plan.t1_d, false);
+            let v_reps = if v == Variant::Naive { plan.reps } else { 1 };
+            rows.push(cell(v, &w, v_reps, plan.memory_budget, &mut plain_naive)?);
+        }
+    }
+    Ok(AttnSection {
+        batch: plan.t1_batch,
+        heads: plan.t1_heads,
+        d: plan.t1_d,
+        dropout: plan.dropout,
+        lengths: plan.t1_lengths.clone(),
+        memory_lengths: plan.t1_memory_lengths.clone(),
+        memory_budget_bytes: plan.memory_budget,
+        rows,
+    })
+}
+
+/// Table 2: FlashAttention-2 Fig. 4–6 (fixed batch×seq and hidden size).
+pub fn fa2(plan: &Plan, variants: &[Variant]) -> Result<Fa2Section> {
+    let mut rows = Vec::new();
+    for &d in &plan.t2_head_dims {
+        for causal in [false, true] {
+            let mut naive = NaiveMemory::new();
+            println!("Table 2 (d {d}, causal {causal}):");
+            for &n in &plan.t2_lengths {
+                let batch = (plan.t2_tokens / n).max(1);
+                let heads = (plan.t2_hidden / d).max(1);
+                let w = Workload::new(batch, heads, n, d, causal);
+                for &v in variants {
+                    rows.push(cell(v, &w, plan.reps, plan.memory_budget, &mut naive)?);
+                }
+            }
+        }
+    }
+    Ok(Fa2Section {
+        tokens: plan.t2_tokens,
+        hidden: plan.t2_hidden,
+        lengths: plan.t2_lengths.clone(),
+        head_dims: plan.t2_head_dims.clone(),
+        memory_budget_bytes: plan.memory_budget,
+        rows,
+    })
+}
+
+/// Table 3: runs `train bench` once per spec; a failed run is recorded, not fatal.
+pub fn e2e(specs: &[E2eSpec], train_bin: &Path, dir: &Path) -> Result<E2eSection> {
+    let mut runs = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let out = dir.join(format!("e2e-{i}.json"));
+        let mut args = vec!["bench".to_string()];
+        args.extend(s.args.iter().cloned());
+        println!(
+            "Table 3: {} — {} {}",
+            s.label,
+            train_bin.display(),
+            args.join(" ")
+        );
+        let status = Command::new(train_bin)
+            .args(&args)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .with_context(|| format!("starting {}", train_bin.display()));
+        let (report, error) = match status {
+            Ok(st) if st.success() => {
+                let text = std::fs::read_to_string(&out)?;
+                // The report lives in results.json; the separate file was only the hand-over.
+                std::fs::remove_file(&out).ok();
+                (Some(serde_json::from_str(&text)?), None)
+            }
+            Ok(st) => (None, Some(format!("train bench exited with {st}"))),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        if let Some(e) = &error {
+            println!("  failed: {e}");
+        }
+        runs.push(E2eRun {
+            label: s.label.into(),
+            args: s.args.clone(),
+            report,
+            error,
+        });
+    }
+    Ok(E2eSection { runs })
+}

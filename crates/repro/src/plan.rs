@@ -1,0 +1,215 @@
+//! What each mode measures. The papers' protocols at their sizes (`gpu`), scaled down so the whole
+//! reproduction fits 30 minutes on a 2-core CPU (`full`), and tiny for CI (`quick`). The scale-down
+//! keeps each protocol's structure (fixed batch and heads for FlashAttention's table; fixed
+//! batch×seq and hidden size for FlashAttention-2's figures) and is printed in every caption.
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Tiny sizes (~1–2 min): CI and tests.
+    Quick,
+    /// CPU reproduction, scaled down to fit ~30 min on 2 cores.
+    Full,
+    /// The papers' sizes, for the CUDA backend.
+    Gpu,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Quick => "quick",
+            Mode::Full => "full",
+            Mode::Gpu => "gpu",
+        }
+    }
+}
+
+/// One `train bench` invocation of Table 3.
+#[derive(Clone, Debug)]
+pub struct E2eSpec {
+    pub label: &'static str,
+    pub args: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Timed repeats per cell (median reported), after one warm-up.
+    pub reps: usize,
+    // Table 1: FlashAttention (2022) §4.3 / Appendix E.
+    pub t1_batch: usize,
+    pub t1_heads: usize,
+    pub t1_d: usize,
+    pub t1_lengths: Vec<usize>,
+    pub t1_memory_lengths: Vec<usize>,
+    pub dropout: f32,
+    /// Naive attention is skipped where its predicted peak memory passes this: the "out of
+    /// memory" of the papers' tables, at a size chosen for the machine.
+    pub memory_budget: u64,
+    // Table 2: FlashAttention-2 Fig. 4–6.
+    pub t2_tokens: usize,
+    pub t2_hidden: usize,
+    pub t2_lengths: Vec<usize>,
+    pub t2_head_dims: Vec<usize>,
+    // Table 3: end-to-end.
+    pub e2e: Vec<E2eSpec>,
+}
+
+fn bench_args(
+    model: &str,
+    preset: &str,
+    extra: &[&str],
+    seq: &str,
+    tokens: usize,
+    steps: usize,
+    warmup: usize,
+) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--model",
+        model,
+        "--preset",
+        preset,
+        "--seq-lens",
+        seq,
+        "--attn",
+        "naive,flash1,flash2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.extend([
+        "--tokens-per-step".into(),
+        tokens.to_string(),
+        "--steps".into(),
+        steps.to_string(),
+        "--warmup".into(),
+        warmup.to_string(),
+    ]);
+    v
+}
+
+const GB: u64 = 1 << 30;
+
+impl Plan {
+    pub fn new(mode: Mode) -> Self {
+        match mode {
+            Mode::Quick => Plan {
+                reps: 1,
+                t1_batch: 1,
+                t1_heads: 2,
+                t1_d: 64,
+                t1_lengths: vec![128, 256],
+                t1_memory_lengths: vec![512],
+                dropout: 0.1,
+                // Small enough that naive "runs out" inside the quick range, so CI exercises it.
+                memory_budget: 8 << 20,
+                t2_tokens: 512,
+                t2_hidden: 128,
+                t2_lengths: vec![128, 256],
+                t2_head_dims: vec![64, 128],
+                e2e: vec![
+                    E2eSpec {
+                        label: "GPT-2 tiny (4 layers, width 128)",
+                        args: bench_args("gpt2", "tiny", &[], "64,128", 256, 1, 0),
+                    },
+                    E2eSpec {
+                        label: "BERT tiny (4 layers, width 128)",
+                        args: bench_args("bert", "tiny", &[], "64,128", 256, 1, 0),
+                    },
+                    E2eSpec {
+                        label: "GPT-2 small width (768, 12 heads), 1 layer",
+                        args: bench_args(
+                            "gpt2",
+                            "gpt2-small",
+                            &["--n-layer", "1"],
+                            "128",
+                            128,
+                            1,
+                            0,
+                        ),
+                    },
+                ],
+            },
+            Mode::Full => Plan {
+                reps: 2,
+                t1_batch: 2,
+                t1_heads: 8,
+                t1_d: 64,
+                t1_lengths: vec![128, 256, 512, 1024, 2048, 4096],
+                t1_memory_lengths: vec![8192],
+                dropout: 0.1,
+                memory_budget: 8 * GB,
+                t2_tokens: 4096,
+                t2_hidden: 768,
+                t2_lengths: vec![512, 1024, 2048, 4096],
+                t2_head_dims: vec![64, 128],
+                e2e: vec![
+                    E2eSpec {
+                        label: "GPT-2 tiny (4 layers, width 128)",
+                        args: bench_args("gpt2", "tiny", &[], "256,512,1024", 4096, 2, 1),
+                    },
+                    E2eSpec {
+                        label: "BERT tiny (4 layers, width 128)",
+                        args: bench_args("bert", "tiny", &[], "256,512,1024", 4096, 2, 1),
+                    },
+                    // GPT-2 small's width and heads at 1K/2K/4K context (FlashAttention Table 4),
+                    // 2 of its 12 layers and one sequence per step so it fits the CPU budget.
+                    E2eSpec {
+                        label: "GPT-2 small width (768, 12 heads), 2 layers",
+                        args: bench_args(
+                            "gpt2",
+                            "gpt2-small",
+                            &["--n-layer", "2"],
+                            "1024,2048,4096",
+                            1024,
+                            1,
+                            1,
+                        ),
+                    },
+                ],
+            },
+            Mode::Gpu => Plan {
+                reps: 10,
+                t1_batch: 16,
+                t1_heads: 8,
+                t1_d: 64,
+                t1_lengths: vec![128, 256, 512, 1024, 2048, 4096],
+                t1_memory_lengths: vec![8192, 16384, 32768, 65536],
+                dropout: 0.1,
+                memory_budget: 80 * GB,
+                t2_tokens: 16384,
+                t2_hidden: 2048,
+                t2_lengths: vec![512, 1024, 2048, 4096, 8192, 16384],
+                t2_head_dims: vec![64, 128],
+                e2e: vec![
+                    E2eSpec {
+                        label: "GPT-2 small (124M)",
+                        args: bench_args(
+                            "gpt2",
+                            "gpt2-small",
+                            &["--device", "cuda", "--dtype", "bf16"],
+                            "1024,2048,4096",
+                            16384,
+                            10,
+                            2,
+                        ),
+                    },
+                    E2eSpec {
+                        label: "BERT-base",
+                        args: bench_args(
+                            "bert",
+                            "bert-base",
+                            &["--device", "cuda", "--dtype", "bf16"],
+                            "128,512",
+                            16384,
+                            10,
+                            2,
+                        ),
+                    },
+                ],
+            },
+        }
+    }
+}

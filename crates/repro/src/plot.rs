@@ -1,0 +1,506 @@
+//! PNG figures from `results.json` (plotters, bitmap backend). Text uses the DejaVu Sans file that
+//! `train plot` already ships in `data/fonts/`, embedded so no system font is needed.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::paper;
+use crate::render::{find, variant_label};
+use crate::results::{AttnRow, Results};
+
+static FONT: &[u8] = include_bytes!("../../../data/fonts/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+fn font() {
+    REGISTER.call_once(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).ok();
+    });
+}
+
+fn e(x: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("drawing: {x}")
+}
+
+/// Fixed colours per implementation, the same in every figure.
+fn colour(key: &str) -> RGBColor {
+    match key {
+        "naive" => RGBColor(120, 120, 120),
+        "v1" => RGBColor(31, 119, 180),
+        "v2" => RGBColor(214, 39, 40),
+        "candle-nn" => RGBColor(44, 160, 44),
+        "paper" => RGBColor(255, 127, 14),
+        "paper-fa" => RGBColor(148, 103, 189),
+        _ => RGBColor(0, 0, 0),
+    }
+}
+
+struct Line {
+    label: String,
+    colour: RGBColor,
+    points: Vec<(f64, f64)>,
+    /// Paper lines are thin with hollow markers; ours thick with filled ones.
+    paper: bool,
+}
+
+/// A line chart with log₂ x (sequence length) and linear or log y.
+fn line_chart(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    title: &str,
+    y_desc: &str,
+    lines: &[Line],
+    log_y: bool,
+    reference_one: bool,
+) -> Result<()> {
+    let pts = || lines.iter().flat_map(|l| l.points.iter());
+    if pts().next().is_none() {
+        return Ok(());
+    }
+    let xmin = pts().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.3;
+    let xmax = pts().map(|p| p.0).fold(0.0, f64::max) * 1.3;
+    let ymax = pts().map(|p| p.1).fold(0.0, f64::max);
+    let ymin = pts().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let mut b = ChartBuilder::on(area);
+    b.caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70);
+    let lengths: Vec<f64> = {
+        let mut v: Vec<f64> = pts().map(|p| p.0).collect();
+        v.sort_by(f64::total_cmp);
+        v.dedup();
+        v
+    };
+    let fmt_x = |x: &f64| {
+        if *x >= 1024.0 {
+            format!("{}K", (*x / 1024.0).round())
+        } else {
+            format!("{x:.0}")
+        }
+    };
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc("sequence length")
+                .y_desc(y_desc)
+                .x_labels(lengths.len() + 2)
+                .x_label_formatter(&fmt_x)
+                .label_style(("sans-serif", 14))
+                .draw()
+                .map_err(e)?;
+            if reference_one {
+                chart
+                    .draw_series(LineSeries::new([(xmin, 1.0), (xmax, 1.0)], BLACK.mix(0.5)))
+                    .map_err(e)?
+                    .label("1× (standard attention)")
+                    .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.mix(0.5)));
+            }
+            for l in lines {
+                let c = l.colour;
+                let w = if l.paper { 1 } else { 3 };
+                chart
+                    .draw_series(LineSeries::new(l.points.clone(), c.stroke_width(w)))
+                    .map_err(e)?
+                    .label(l.label.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 18, y)], c.stroke_width(w))
+                    });
+                if l.paper {
+                    chart
+                        .draw_series(
+                            l.points
+                                .iter()
+                                .map(|&p| Circle::new(p, 4, c.stroke_width(1))),
+                        )
+                        .map_err(e)?;
+                } else {
+                    chart
+                        .draw_series(l.points.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                        .map_err(e)?;
+                }
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .draw()
+                .map_err(e)?;
+        }};
+    }
+    if log_y {
+        let c = b
+            .build_cartesian_2d(
+                (xmin..xmax).log_scale(),
+                (ymin / 2.0..ymax * 3.0).log_scale(),
+            )
+            .map_err(e)?;
+        draw!(c);
+    } else {
+        let top = if reference_one { ymax.max(1.0) } else { ymax };
+        let c = b
+            .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..top * 1.25)
+            .map_err(e)?;
+        draw!(c);
+    }
+    Ok(())
+}
+
+fn speedup_line(
+    rows: &[AttnRow],
+    v: &str,
+    lengths: &[usize],
+    d: usize,
+    dropout: bool,
+) -> Vec<(f64, f64)> {
+    lengths
+        .iter()
+        .filter_map(|&n| {
+            let f = find(rows, v, n, d, false, dropout)?.fwd_bwd_ms?;
+            let b = find(rows, "naive", n, d, false, dropout)?.fwd_bwd_ms?;
+            Some((n as f64, b / f))
+        })
+        .collect()
+}
+
+fn speedup(r: &Results, out: &Path) -> Result<()> {
+    let Some(s) = &r.attention else { return Ok(()) };
+    let root = BitMapBackend::new(out, (1400, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, dropout) in panels.iter().zip([false, true]) {
+        let mut lines = Vec::new();
+        for v in ["v1", "v2"] {
+            lines.push(Line {
+                label: format!("ours: {}", variant_label(v)),
+                colour: colour(v),
+                points: speedup_line(&s.rows, v, &s.lengths, s.d, dropout),
+                paper: false,
+            });
+        }
+        let p = if dropout {
+            paper::FA1_SPEEDUP_DROPOUT_MASK
+        } else {
+            paper::FA1_SPEEDUP_PLAIN
+        };
+        lines.push(Line {
+            label: "paper: FlashAttention, A100 fp16, batch 16".into(),
+            colour: colour("paper"),
+            points: paper::FA1_LENGTHS
+                .iter()
+                .zip(p)
+                .map(|(&n, x)| (n as f64, x))
+                .collect(),
+            paper: true,
+        });
+        let title = format!(
+            "fwd+bwd speedup over standard, {} (ours: batch {}, {} heads, d {})",
+            if dropout {
+                "dropout + mask"
+            } else {
+                "no dropout/mask"
+            },
+            s.batch,
+            s.heads,
+            s.d
+        );
+        line_chart(panel, &title, "speedup (×)", &lines, false, true)?;
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+fn memory(r: &Results, out: &Path) -> Result<()> {
+    let Some(s) = &r.attention else { return Ok(()) };
+    let root = BitMapBackend::new(out, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let mut lengths: Vec<usize> = s.lengths.iter().chain(&s.memory_lengths).copied().collect();
+    lengths.dedup();
+    let ours = |v: &str| -> Vec<(f64, f64)> {
+        lengths
+            .iter()
+            .filter_map(|&n| {
+                let m = find(&s.rows, v, n, s.d, false, false)?.fwd_bwd_mem_bytes?;
+                Some((n as f64, m as f64 / 1e6))
+            })
+            .collect()
+    };
+    let mut lines: Vec<Line> = ["naive", "v1", "v2"]
+        .iter()
+        .map(|v| Line {
+            label: format!("ours: {}", variant_label(v)),
+            colour: colour(v),
+            points: ours(v),
+            paper: false,
+        })
+        .collect();
+    lines.push(Line {
+        label: "paper: PyTorch (A100, batch 16, fp16)".into(),
+        colour: colour("paper"),
+        points: paper::FA1_LENGTHS
+            .iter()
+            .zip(paper::FA1_MEMORY_MB)
+            .map(|(&n, m)| (n as f64, m.0))
+            .collect(),
+        paper: true,
+    });
+    lines.push(Line {
+        label: "paper: FlashAttention (A100, batch 16, fp16)".into(),
+        colour: colour("paper-fa"),
+        points: paper::FA1_LENGTHS
+            .iter()
+            .zip(paper::FA1_MEMORY_MB)
+            .map(|(&n, m)| (n as f64, m.1))
+            .collect(),
+        paper: true,
+    });
+    let oom: Vec<usize> = lengths
+        .iter()
+        .copied()
+        .filter(|&n| {
+            find(&s.rows, "naive", n, s.d, false, false).is_some_and(|x| x.skipped.is_some())
+        })
+        .collect();
+    let title = format!(
+        "fwd+bwd peak memory, MB (ours: batch {}, {} heads, d {}; standard over {:.0} GB budget at {})",
+        s.batch,
+        s.heads,
+        s.d,
+        s.memory_budget_bytes as f64 / 1e9,
+        if oom.is_empty() { "no length".to_string() } else { oom.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ") }
+    );
+    line_chart(&root, &title, "MB (log scale)", &lines, true, false)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// Which GFLOP/s a bar chart shows.
+#[derive(Clone, Copy)]
+enum Pass {
+    Fwd,
+    Bwd,
+    FwdBwd,
+}
+
+fn gflops(r: &AttnRow, p: Pass) -> Option<f64> {
+    match p {
+        Pass::Fwd => r.gflops_fwd(),
+        Pass::Bwd => r.gflops_bwd(),
+        Pass::FwdBwd => r.gflops_fwd_bwd(),
+    }
+}
+
+struct Bars<'a> {
+    title: String,
+    y_desc: &'a str,
+    groups: Vec<String>,
+    /// (series key for the colour, label, value per group)
+    series: Vec<(String, String, Vec<Option<f64>>)>,
+}
+
+/// Grouped bars, one group per x label, values written above the bars (the papers' style).
+fn bar_chart(area: &DrawingArea<BitMapBackend, Shift>, b: &Bars) -> Result<()> {
+    let ymax = b
+        .series
+        .iter()
+        .flat_map(|s| s.2.iter().flatten())
+        .fold(0.0f64, |m, &v| m.max(v))
+        .max(1e-9);
+    let groups = b.groups.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(&b.title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..groups as f64, 0.0..ymax * 1.3)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc(b.y_desc)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(e)?;
+    let k = b.series.len().max(1) as f64;
+    let width = 0.8 / k;
+    for (si, (key, label, vals)) in b.series.iter().enumerate() {
+        let c = colour(key);
+        let rects = vals.iter().enumerate().filter_map(|(g, v)| {
+            let x0 = g as f64 + 0.1 + si as f64 * width;
+            v.map(|v| Rectangle::new([(x0, 0.0), (x0 + width * 0.92, v)], c.filled()))
+        });
+        chart
+            .draw_series(rects)
+            .map_err(e)?
+            .label(label.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+        let texts = vals.iter().enumerate().filter_map(|(g, v)| {
+            let x = g as f64 + 0.1 + (si as f64 + 0.1) * width;
+            v.map(|v| Text::new(format!("{v:.0}"), (x, v + ymax * 0.02), ("sans-serif", 11)))
+        });
+        chart.draw_series(texts).map_err(e)?;
+        // Cells not measured (over the memory budget) are marked where the bar would be.
+        let missing = vals
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_none())
+            .map(|(g, _)| {
+                let x = g as f64 + 0.1 + si as f64 * width;
+                Text::new(
+                    "OOM",
+                    (x, ymax * 0.03),
+                    ("sans-serif", 10).into_font().color(&c),
+                )
+            });
+        chart.draw_series(missing).map_err(e)?;
+    }
+    for (g, label) in b.groups.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
+        let style = TextStyle::from(("sans-serif", 14).into_font()).pos(
+            plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Top,
+            ),
+        );
+        area.draw(&Text::new(
+            label.clone(),
+            (
+                px - area.get_base_pixel().0,
+                py - area.get_base_pixel().1 + 6,
+            ),
+            style,
+        ))
+        .map_err(e)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(e)?;
+    Ok(())
+}
+
+fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
+    let Some(s) = &r.fa2 else { return Ok(()) };
+    let cols = 2;
+    let rows_n = (s.head_dims.len() * 2).div_ceil(cols);
+    let root = BitMapBackend::new(out, (1400, 480 * rows_n as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let panels = root.split_evenly((rows_n, cols));
+    let pass_name = match pass {
+        Pass::Fwd => "forward",
+        Pass::Bwd => "backward",
+        Pass::FwdBwd => "forward+backward",
+    };
+    let mut variants: Vec<&str> = vec!["naive", "v1", "v2"];
+    if matches!(pass, Pass::Fwd) && s.rows.iter().any(|x| x.variant == "candle-nn") {
+        variants.push("candle-nn");
+    }
+    let mut i = 0;
+    for &d in &s.head_dims {
+        for causal in [false, true] {
+            let series = variants
+                .iter()
+                .map(|v| {
+                    let vals = s
+                        .lengths
+                        .iter()
+                        .map(|&n| {
+                            find(&s.rows, v, n, d, causal, false).and_then(|x| gflops(x, pass))
+                        })
+                        .collect();
+                    (v.to_string(), variant_label(v).to_string(), vals)
+                })
+                .collect();
+            let bars = Bars {
+                title: format!(
+                    "{pass_name}, {}, head dim {d} ({} tokens, hidden {})",
+                    if causal { "causal" } else { "non-causal" },
+                    s.tokens,
+                    s.hidden
+                ),
+                y_desc: "GFLOP/s",
+                groups: s.lengths.iter().map(|n| format!("seq {n}")).collect(),
+                series,
+            };
+            bar_chart(&panels[i], &bars)?;
+            i += 1;
+        }
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+fn e2e(r: &Results, out: &Path) -> Result<()> {
+    let Some(s) = &r.e2e else { return Ok(()) };
+    let runs: Vec<_> = s.runs.iter().filter(|x| x.report.is_some()).collect();
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let root = BitMapBackend::new(out, (560 * runs.len() as u32, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let panels = root.split_evenly((1, runs.len()));
+    for (panel, run) in panels.iter().zip(runs) {
+        let rep = run.report.as_ref().expect("filtered");
+        let rows = rep["rows"].as_array().cloned().unwrap_or_default();
+        let mut seqs: Vec<u64> = rows.iter().filter_map(|x| x["seq_len"].as_u64()).collect();
+        seqs.dedup();
+        let series = [("naive", "naive"), ("flash1", "v1"), ("flash2", "v2")]
+            .iter()
+            .map(|(kind, key)| {
+                let vals = seqs
+                    .iter()
+                    .map(|&n| {
+                        rows.iter()
+                            .find(|x| {
+                                x["seq_len"].as_u64() == Some(n) && x["attn"].as_str() == Some(kind)
+                            })
+                            .and_then(|x| x["tokens_per_s"].as_f64())
+                    })
+                    .collect();
+                (key.to_string(), variant_label(key).to_string(), vals)
+            })
+            .collect();
+        let bars = Bars {
+            title: run.label.clone(),
+            y_desc: "training tokens/s",
+            groups: seqs.iter().map(|n| format!("seq {n}")).collect(),
+            series,
+        };
+        bar_chart(panel, &bars)?;
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+/// Writes every figure into `dir`; returns the files written.
+pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
+    font();
+    let mut written = Vec::new();
+    let mut go = |name: &str, f: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
+        let path = dir.join(name);
+        f(&path)?;
+        if path.exists() {
+            written.push(name.to_string());
+        }
+        Ok(())
+    };
+    go("speedup.png", &|p| speedup(r, p))?;
+    go("memory.png", &|p| memory(r, p))?;
+    go("fa2_fwd_bwd.png", &|p| fa2(r, p, Pass::FwdBwd))?;
+    go("fa2_fwd.png", &|p| fa2(r, p, Pass::Fwd))?;
+    go("fa2_bwd.png", &|p| fa2(r, p, Pass::Bwd))?;
+    go("e2e.png", &|p| e2e(r, p))?;
+    Ok(written)
+}
