@@ -43,6 +43,15 @@ impl NaiveMemory {
     }
 }
 
+/// Bytes in MB below a GB, else GB.
+pub fn bytes(b: f64) -> String {
+    if b < 1e9 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.2} GB", b / 1e9)
+    }
+}
+
 fn variant_key(v: Variant) -> &'static str {
     match v {
         Variant::V1 => "v1",
@@ -83,9 +92,9 @@ fn cell(
         let predicted = naive.predict(w);
         if predicted > budget as f64 {
             let why = format!(
-                "out of memory budget: predicted {:.1} GB > {:.1} GB",
-                predicted / 1e9,
-                budget as f64 / 1e9
+                "over the memory budget: predicted {} > {}",
+                bytes(predicted),
+                bytes(budget as f64)
             );
             println!("  {:>6} {:<12} skipped ({why})", w.n, v.name());
             return Ok(empty_row(v, w, reps, Some(why)));

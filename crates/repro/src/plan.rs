@@ -104,7 +104,7 @@ impl Plan {
                 t1_memory_lengths: vec![512],
                 dropout: 0.1,
                 // Small enough that naive "runs out" inside the quick range, so CI exercises it.
-                memory_budget: 8 << 20,
+                memory_budget: 24 << 20,
                 t2_tokens: 512,
                 t2_hidden: 128,
                 t2_lengths: vec![128, 256],

@@ -7,6 +7,7 @@ use std::sync::Once;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 
 use crate::paper;
@@ -60,37 +61,56 @@ fn line_chart(
     if pts().next().is_none() {
         return Ok(());
     }
-    let xmin = pts().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.3;
-    let xmax = pts().map(|p| p.0).fold(0.0, f64::max) * 1.3;
+    // x is drawn as log2(length) on a linear axis, so ticks land on powers of two.
+    let xmin = pts().map(|p| p.0.log2()).fold(f64::INFINITY, f64::min) - 0.3;
+    let xmax = pts().map(|p| p.0.log2()).fold(0.0, f64::max) + 0.3;
     let ymax = pts().map(|p| p.1).fold(0.0, f64::max);
     let ymin = pts().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let mut b = ChartBuilder::on(area);
-    b.caption(title, ("sans-serif", 22))
+    b.caption(title, ("sans-serif", 18))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70);
-    let lengths: Vec<f64> = {
-        let mut v: Vec<f64> = pts().map(|p| p.0).collect();
-        v.sort_by(f64::total_cmp);
-        v.dedup();
-        v
-    };
     let fmt_x = |x: &f64| {
-        if *x >= 1024.0 {
-            format!("{}K", (*x / 1024.0).round())
+        if (x - x.round()).abs() > 1e-6 {
+            return String::new();
+        }
+        let n = 2f64.powf(x.round());
+        if n >= 1024.0 {
+            format!("{}K", n / 1024.0)
         } else {
-            format!("{x:.0}")
+            format!("{n:.0}")
+        }
+    };
+    let fmt_y = |y: &f64| {
+        if *y >= 10.0 || *y == 0.0 {
+            format!("{y:.0}")
+        } else {
+            format!("{y:.1}")
         }
     };
     macro_rules! draw {
-        ($chart:expr) => {{
+        ($chart:expr, $ylow:expr) => {{
             let mut chart = $chart;
+            // Tick labels at the powers of two only (plotters' own key points are decimal).
+            let base = area.get_base_pixel();
+            for k in xmin.ceil() as i32..=xmax.floor() as i32 {
+                let (px, py) = chart.backend_coord(&(k as f64, $ylow));
+                let style = TextStyle::from(("sans-serif", 14).into_font())
+                    .pos(Pos::new(HPos::Center, VPos::Top));
+                area.draw(&Text::new(
+                    fmt_x(&(k as f64)),
+                    (px - base.0, py - base.1 + 6),
+                    style,
+                ))
+                .map_err(e)?;
+            }
             chart
                 .configure_mesh()
                 .x_desc("sequence length")
                 .y_desc(y_desc)
-                .x_labels(lengths.len() + 2)
-                .x_label_formatter(&fmt_x)
+                .x_labels(0)
+                .y_label_formatter(&fmt_y)
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(e)?;
@@ -103,9 +123,10 @@ fn line_chart(
             }
             for l in lines {
                 let c = l.colour;
+                let pts: Vec<(f64, f64)> = l.points.iter().map(|p| (p.0.log2(), p.1)).collect();
                 let w = if l.paper { 1 } else { 3 };
                 chart
-                    .draw_series(LineSeries::new(l.points.clone(), c.stroke_width(w)))
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(w)))
                     .map_err(e)?
                     .label(l.label.clone())
                     .legend(move |(x, y)| {
@@ -113,15 +134,11 @@ fn line_chart(
                     });
                 if l.paper {
                     chart
-                        .draw_series(
-                            l.points
-                                .iter()
-                                .map(|&p| Circle::new(p, 4, c.stroke_width(1))),
-                        )
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.stroke_width(1))))
                         .map_err(e)?;
                 } else {
                     chart
-                        .draw_series(l.points.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
                         .map_err(e)?;
                 }
             }
@@ -137,18 +154,15 @@ fn line_chart(
     }
     if log_y {
         let c = b
-            .build_cartesian_2d(
-                (xmin..xmax).log_scale(),
-                (ymin / 2.0..ymax * 3.0).log_scale(),
-            )
+            .build_cartesian_2d(xmin..xmax, (ymin / 2.0..ymax * 3.0).log_scale())
             .map_err(e)?;
-        draw!(c);
+        draw!(c, ymin / 2.0);
     } else {
         let top = if reference_one { ymax.max(1.0) } else { ymax };
         let c = b
-            .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..top * 1.25)
+            .build_cartesian_2d(xmin..xmax, 0.0..top * 1.25)
             .map_err(e)?;
-        draw!(c);
+        draw!(c, 0.0);
     }
     Ok(())
 }
@@ -179,7 +193,13 @@ fn speedup(r: &Results, out: &Path) -> Result<()> {
         let mut lines = Vec::new();
         for v in ["v1", "v2"] {
             lines.push(Line {
-                label: format!("ours: {}", variant_label(v)),
+                label: format!(
+                    "ours: {}, CPU f32, batch {} × {} heads, d {}",
+                    variant_label(v),
+                    s.batch,
+                    s.heads,
+                    s.d
+                ),
                 colour: colour(v),
                 points: speedup_line(&s.rows, v, &s.lengths, s.d, dropout),
                 paper: false,
@@ -201,15 +221,12 @@ fn speedup(r: &Results, out: &Path) -> Result<()> {
             paper: true,
         });
         let title = format!(
-            "fwd+bwd speedup over standard, {} (ours: batch {}, {} heads, d {})",
+            "fwd+bwd speedup over standard attention, {}",
             if dropout {
                 "dropout + mask"
             } else {
-                "no dropout/mask"
+                "no dropout, no mask"
             },
-            s.batch,
-            s.heads,
-            s.d
         );
         line_chart(panel, &title, "speedup (×)", &lines, false, true)?;
     }
@@ -269,11 +286,11 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
         })
         .collect();
     let title = format!(
-        "fwd+bwd peak memory, MB (ours: batch {}, {} heads, d {}; standard over {:.0} GB budget at {})",
+        "fwd+bwd peak memory (ours: CPU f32, batch {} × {} heads, d {}; standard over the {} budget at {})",
         s.batch,
         s.heads,
         s.d,
-        s.memory_budget_bytes as f64 / 1e9,
+        crate::measure::bytes(s.memory_budget_bytes as f64),
         if oom.is_empty() { "no length".to_string() } else { oom.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ") }
     );
     line_chart(&root, &title, "MB (log scale)", &lines, true, false)?;
@@ -303,6 +320,17 @@ struct Bars<'a> {
     groups: Vec<String>,
     /// (series key for the colour, label, value per group)
     series: Vec<(String, String, Vec<Option<f64>>)>,
+}
+
+/// A bar's value label: 2–3 significant digits.
+fn short(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 /// Grouped bars, one group per x label, values written above the bars (the papers' style).
@@ -344,7 +372,7 @@ fn bar_chart(area: &DrawingArea<BitMapBackend, Shift>, b: &Bars) -> Result<()> {
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
         let texts = vals.iter().enumerate().filter_map(|(g, v)| {
             let x = g as f64 + 0.1 + (si as f64 + 0.1) * width;
-            v.map(|v| Text::new(format!("{v:.0}"), (x, v + ymax * 0.02), ("sans-serif", 11)))
+            v.map(|v| Text::new(short(v), (x, v + ymax * 0.02), ("sans-serif", 11)))
         });
         chart.draw_series(texts).map_err(e)?;
         // Cells not measured (over the memory budget) are marked where the bar would be.
@@ -364,12 +392,8 @@ fn bar_chart(area: &DrawingArea<BitMapBackend, Shift>, b: &Bars) -> Result<()> {
     }
     for (g, label) in b.groups.iter().enumerate() {
         let (px, py) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
-        let style = TextStyle::from(("sans-serif", 14).into_font()).pos(
-            plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Center,
-                plotters::style::text_anchor::VPos::Top,
-            ),
-        );
+        let style =
+            TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
         area.draw(&Text::new(
             label.clone(),
             (

@@ -220,13 +220,13 @@ pub fn memory(r: &Results, s: &AttnSection) -> String {
     writeln!(
         o,
         "Ours: peak extra heap during forward+backward (counting allocator), {}, batch {}, {} heads, d {}, no dropout or mask. \
-Standard attention is not run where its predicted peak passes the memory budget of {:.1} GB (our \"out of memory\"); flash runs on. \
+Standard attention is not run where its predicted peak passes the memory budget of {} (our \"out of memory\"; predicted from its measured bytes per score element at the largest length it ran); flash runs on. \
 Paper: A100-40GB, fp16, batch 16, 8 heads, d 64, with dropout and masking; {}",
         device_words(r),
         s.batch,
         s.heads,
         s.d,
-        s.memory_budget_bytes as f64 / 1e9,
+        crate::measure::bytes(s.memory_budget_bytes as f64),
         paper::FA1_MEMORY_NOTE
     )
     .ok();
@@ -289,7 +289,7 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's fp32 matmul ceiling: {:.1
         for causal in [false, true] {
             writeln!(
                 o,
-                "\n### d {d}, {} ({} heads)\n",
+                "\n### d {d}, {}, {} head(s)\n",
                 if causal { "causal" } else { "non-causal" },
                 (s.hidden / d).max(1)
             )
