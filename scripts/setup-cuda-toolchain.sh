@@ -17,8 +17,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TC="${CUDA_TOOLCHAIN_DIR:-$ROOT/.cuda-toolchain}"
 CUDA="$TC/nvidia/cu13"
 CUDA_VER="${CUDA_WHEEL_VERSION:-13.0.*}"
-# cuobjdump has no 13.0 wheel (first is 13.2); it only reads cubins, so a newer one is fine.
+# cuobjdump (and nvdisasm, which `cuobjdump -sass` runs) have no 13.0 wheels (first: 13.2);
+# they only read cubins, so newer ones are fine.
 CUOBJDUMP_VER="${CUOBJDUMP_WHEEL_VERSION:-13.2.*}"
+PKGS=("nvidia-cuda-nvcc==$CUDA_VER" "nvidia-nvvm==$CUDA_VER" "nvidia-cuda-crt==$CUDA_VER"
+      "nvidia-cuda-runtime==$CUDA_VER" "nvidia-cuda-nvrtc==$CUDA_VER" "nvidia-cuda-cccl==$CUDA_VER"
+      "nvidia-cuda-cuobjdump==$CUOBJDUMP_VER" "nvidia-cuda-nvdisasm==$CUOBJDUMP_VER")
 
 print_env() {
   cat <<ENV
@@ -26,47 +30,41 @@ export CUDA_ROOT="$CUDA"
 export CUDA_PATH="$CUDA"
 export CUDA_HOME="$CUDA"
 export PATH="$CUDA/bin:\$PATH"
-export LD_LIBRARY_PATH="$CUDA/lib:$TC/stub:\${LD_LIBRARY_PATH:-}"
-export LIBRARY_PATH="$CUDA/lib:$TC/stub:\${LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$TC/stub:\${LD_LIBRARY_PATH:-}"
+export LIBRARY_PATH="$TC/stub:\${LIBRARY_PATH:-}"
+export FLASH_OPS_STUB_LINK=1
 export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-80}"
 ENV
 }
 
 if [[ "${1:-}" == "--env" ]]; then print_env; exit 0; fi
 
-if [[ ! -x "$CUDA/bin/nvcc" || ! -f "$CUDA/include/cuda_runtime.h" || ! -f "$TC/.complete" ]]; then
-  echo "[setup-cuda] installing CUDA $CUDA_VER wheels into $TC" >&2
+if [[ ! -x "$CUDA/bin/nvcc" || "$(cat "$TC/.complete" 2>/dev/null)" != "${PKGS[*]}" ]]; then
+  echo "[setup-cuda] installing ${PKGS[*]} into $TC" >&2
+  rm -rf "$TC/nvidia" "$TC/.complete"
   mkdir -p "$TC"
-  # One pip call: the wheels share the nvidia/ namespace folder.
+  # One pip call: the wheels share the nvidia/ namespace folder, and a second `pip --target`
+  # into an existing folder skips (or, with --upgrade, replaces) what is there.
   python3 -m pip install --quiet --disable-pip-version-check --no-deps --upgrade \
-    --target "$TC" \
-    "nvidia-cuda-nvcc==$CUDA_VER" "nvidia-nvvm==$CUDA_VER" "nvidia-cuda-crt==$CUDA_VER" \
-    "nvidia-cuda-runtime==$CUDA_VER" "nvidia-cuda-nvrtc==$CUDA_VER" \
-    "nvidia-cuda-cccl==$CUDA_VER" "nvidia-cuda-cuobjdump==$CUOBJDUMP_VER"
+    --target "$TC" "${PKGS[@]}"
 fi
 
 # nvcc looks for nvvm/ and the host-side crt headers relative to its bin dir.
 [[ -x "$CUDA/bin/nvcc" ]] || { echo "[setup-cuda] nvcc missing in $CUDA/bin" >&2; exit 1; }
 chmod +x "$CUDA"/bin/* "$CUDA"/nvvm/bin/* 2>/dev/null || true
 
-# Linkers want plain lib*.so; the wheels ship only versioned names (libcudart.so.13).
-mkdir -p "$CUDA/lib"
-for f in "$CUDA"/lib/lib*.so.*; do
-  [[ -e "$f" ]] || continue
-  base="${f##*/}"; plain="${base%%.so.*}.so"
-  [[ -e "$CUDA/lib/$plain" ]] || ln -s "$base" "$CUDA/lib/$plain"
-done
-# Some build scripts look in lib64.
-[[ -e "$CUDA/lib64" ]] || ln -s lib "$CUDA/lib64"
-
-# No wheel ships libcuda (it comes with the driver). A stub lets binaries link and
-# load; every call returns CUDA_ERROR_NO_DEVICE (100), so CUDA tests skip cleanly.
+# Link-time stubs. No wheel ships libcuda (it comes with the driver), and candle links cublas,
+# cublasLt, curand and nvrtc dynamically. The stubs are plain `lib*.so` with that SONAME, so a
+# test binary records unversioned NEEDED names: on a GPU machine scripts/gpu-check.sh points
+# them at whatever CUDA 12/13 libraries are there. Their symbols are left unresolved at link
+# time and bound lazily (build.rs of flash-ops adds the linker flags to the cuda tests when
+# FLASH_OPS_STUB_LINK=1); libcuda's stub answers cuInit with CUDA_ERROR_NO_DEVICE (100), so
+# Device::new_cuda fails cleanly and the CUDA tests skip on CPU machines.
 STUB="$TC/stub"
-if [[ ! -f "$STUB/libcuda.so.1" ]]; then
-  mkdir -p "$STUB"
+if [[ ! -f "$STUB/.v2" ]]; then
+  rm -rf "$STUB"; mkdir -p "$STUB"
   cat > "$STUB/cuda_stub.c" <<'C'
-/* Stub libcuda: any driver entry point reports "no device". cudarc loads
-   symbols dynamically by name, so a handful of symbols is enough. */
+/* Stub libcuda: the driver entry points candle/cudarc call first report "no device". */
 int cuInit(unsigned flags) { (void)flags; return 100; }
 int cuDriverGetVersion(int *v) { if (v) *v = 13000; return 0; }
 int cuDeviceGetCount(int *n) { if (n) *n = 0; return 100; }
@@ -74,10 +72,15 @@ int cuDeviceGet(int *d, int o) { (void)d; (void)o; return 100; }
 int cuGetErrorString(int e, const char **s) { (void)e; if (s) *s = "no CUDA device (stub libcuda)"; return 0; }
 int cuGetErrorName(int e, const char **s) { (void)e; if (s) *s = "CUDA_ERROR_NO_DEVICE"; return 0; }
 C
-  cc -shared -fPIC -O1 -o "$STUB/libcuda.so.1" "$STUB/cuda_stub.c"
+  cc -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so.1" "$STUB/cuda_stub.c"
   ln -sf libcuda.so.1 "$STUB/libcuda.so"
+  echo 'void flash_ops_link_stub(void) {}' > "$STUB/empty.c"
+  for lib in nvrtc cublas cublasLt curand; do
+    cc -shared -fPIC -O1 -Wl,-soname,lib$lib.so -o "$STUB/lib$lib.so" "$STUB/empty.c"
+  done
+  touch "$STUB/.v2"
 fi
 
-touch "$TC/.complete"
+echo "${PKGS[*]}" > "$TC/.complete"
 "$CUDA/bin/nvcc" --version | tail -2 >&2
 print_env

@@ -33,6 +33,8 @@
 pub mod bench;
 pub mod compat;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod dropout;
 pub mod mask;
 mod op;

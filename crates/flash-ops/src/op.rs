@@ -72,6 +72,21 @@ impl CustomOp3 for FlashAttnFwd {
         Ok((out, self.out_shape()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, stats, len) = crate::cuda::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
+        self.save_stats(Storage::Cuda(stats), len);
+        Ok((out, self.out_shape()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -150,6 +165,36 @@ impl CustomOp3 for FlashAttnBwd {
                 grad_out: d_o,
                 grad_offset: do_layout.start_offset(),
                 stats,
+            },
+        )?;
+        Ok((grads, Shape::from(self.packed_len())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (o, o_layout) = self.out.storage_and_layout();
+        let (d_o, do_layout) = self.grad_out.storage_and_layout();
+        let (st, st_layout) = self.stats.storage_and_layout();
+        let (Storage::Cuda(o), Storage::Cuda(d_o), Storage::Cuda(st)) = (&*o, &*d_o, &*st) else {
+            bail!("flash_attn backward: output, gradient and statistics must be on the gpu")
+        };
+        let grads = crate::cuda::backward(
+            &self.params,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            crate::cuda::BackwardInputs {
+                out: (o, o_layout.start_offset()),
+                grad_out: (d_o, do_layout.start_offset()),
+                stats: (st, st_layout.start_offset()),
             },
         )?;
         Ok((grads, Shape::from(self.packed_len())))

@@ -294,9 +294,29 @@ pub fn forward_launch(p: &AttnParams, dt: Dt) -> Launch {
 /// Rows per block of `bwd_pre` (one warp per row, 4 warps).
 const PRE_ROWS: usize = 4;
 
+/// True when backward computes dQ in `bwd_dq` (deterministic, no atomics): V2 with
+/// `deterministic`. The caller then passes `dq_accum = 0` and needs no accumulator.
+pub fn separate_dq(p: &AttnParams, deterministic: bool) -> bool {
+    deterministic && p.algorithm == Algorithm::V2
+}
+
+/// `DqCfg<T, D>` of bwd_dq.cu.
+pub fn dq_cfg(dt: Dt, d: usize) -> TileCfg {
+    let warps = if dt == Dt::F32 && d == 256 { 2 } else { 4 };
+    let (br, bc) = (16 * warps, fwd_cfg(dt, d).bc);
+    TileCfg {
+        threads: 32 * warps as u32,
+        smem: ((2 * br + 2 * bc) * pitch(dt, d) * dt.size()) as u32,
+        br,
+        bc,
+    }
+}
+
 /// Backward: `bwd_pre` (delta; V1 also lse from m, l), the main kernel (dK, dV; dQ into the
-/// zeroed f32 `dq_accum`), `bwd_post` (dQ to the dtype).
-pub fn backward_launches(p: &AttnParams, dt: Dt) -> Vec<Launch> {
+/// zeroed f32 `dq_accum`), `bwd_post` (dQ to the dtype). With [`separate_dq`], the main
+/// kernel skips dQ and `bwd_dq` writes it instead of `bwd_post`. V1 is deterministic as is
+/// (one block owns each dQ row).
+pub fn backward_launches(p: &AttnParams, dt: Dt, deterministic: bool) -> Vec<Launch> {
     let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
     let cfg = bwd_cfg(dt, d);
     let (max_q, max_k) = max_lens(p);
@@ -316,19 +336,58 @@ pub fn backward_launches(p: &AttnParams, dt: Dt) -> Vec<Launch> {
         },
     };
     let n = p.total_q * p.heads_q * p.head_dim;
-    vec![
+    let pre = Launch {
+        name: format!("flash_bwd_pre_{}", dt.name()),
+        grid: [max_q.div_ceil(PRE_ROWS).max(1) as u32, hq, b],
+        block: 32 * PRE_ROWS as u32,
+        smem: 0,
+    };
+    let last = if separate_dq(p, deterministic) {
+        let c = dq_cfg(dt, d);
         Launch {
-            name: format!("flash_bwd_pre_{}", dt.name()),
-            grid: [max_q.div_ceil(PRE_ROWS).max(1) as u32, hq, b],
-            block: 32 * PRE_ROWS as u32,
-            smem: 0,
-        },
-        main,
+            name: format!("flash_bwd_dq_{}_d{d}", dt.name()),
+            grid: [max_q.div_ceil(c.br).max(1) as u32, hq, b],
+            block: c.threads,
+            smem: c.smem,
+        }
+    } else {
         Launch {
             name: format!("flash_bwd_post_{}", dt.name()),
             grid: [n.div_ceil(256).clamp(1, 4096) as u32, 1, 1],
             block: 256,
             smem: 0,
-        },
-    ]
+        }
+    };
+    vec![pre, main, last]
+}
+
+/// `mma_probe.cu`: one warp multiplies two 16x16 tiles (A = `q`, B = `k`, in `dt`) through
+/// every operand path of `flash_mma.cuh`, writing 4 x 256 f32 to `dq_accum`.
+pub fn probe_launch(dt: Dt) -> Launch {
+    Launch {
+        name: format!("flash_mma_probe_{}", dt.name()),
+        grid: [1, 1, 1],
+        block: 32,
+        smem: (2 * 16 * pitch(dt, 16) * dt.size()) as u32,
+    }
+}
+
+/// What the probe must produce, from the f32 values of A and B (row-major 16x16) and a
+/// rounding function of `dt`: A·Bᵀ, A·B, Aᵀ·B, round(A·Bᵀ)·B.
+pub fn probe_expected(a: &[f32], b: &[f32], round: impl Fn(f32) -> f32) -> Vec<f32> {
+    let mm = |x: &dyn Fn(usize, usize) -> f32, y: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
+        (0..256)
+            .map(|e| {
+                (0..16)
+                    .map(|k| x(e / 16, k) as f64 * y(k, e % 16) as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    };
+    let c0 = mm(&|i, k| a[i * 16 + k], &|k, j| b[j * 16 + k]);
+    let c1 = mm(&|i, k| a[i * 16 + k], &|k, j| b[k * 16 + j]);
+    let c2 = mm(&|i, k| a[k * 16 + i], &|k, j| b[k * 16 + j]);
+    let r0: Vec<f32> = c0.iter().map(|&x| round(x)).collect();
+    let c3 = mm(&|i, k| r0[i * 16 + k], &|k, j| b[k * 16 + j]);
+    [c0, c1, c2, c3].concat()
 }

@@ -1,0 +1,254 @@
+// Platform layer and building blocks shared by every FlashAttention kernel.
+//
+// Everything that differs between the GPU and the CPU emulation harness (kernels/emu) is behind
+// a small set of device functions here (and in flash_mma.cuh): each has an inline-PTX path for
+// the GPU (`__CUDA_ARCH__`) and a path through the emulator's collectives otherwise. The kernel
+// sources themselves are identical for both.
+#pragma once
+
+#ifdef FLASH_EMU
+#include "cuda_shim.h"  // kernels/emu: threads as fibers, barriers, warp collectives
+#else
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#endif
+
+#include "flash_params.h"
+
+#define FLASH_DEV __device__ __forceinline__
+#ifndef FLASH_EMU
+#define FLASH_EMU_REGISTER(name)  // the emulator registers kernels by name; the GPU needs nothing
+// The block's dynamic shared memory (the emulator hands out a per-block buffer instead).
+#define FLASH_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+#define FLASH_INF __int_as_float(0x7f800000)
+
+namespace flash {
+
+// ---------------------------------------------------------------------------------------------
+// Element types. All arithmetic is f32; f16/bf16 are storage and tensor-core operand types.
+
+FLASH_DEV float to_f32(float x) { return x; }
+FLASH_DEV float to_f32(__half x) { return __half2float(x); }
+FLASH_DEV float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> FLASH_DEV T from_f32(float x);
+template <> FLASH_DEV float from_f32<float>(float x) { return x; }
+template <> FLASH_DEV __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> FLASH_DEV __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two values packed into one 32-bit register, low half first (the mma operand layout).
+template <typename T> FLASH_DEV uint32_t pack2(float lo, float hi) {
+    T a = from_f32<T>(lo), b = from_f32<T>(hi);
+    uint16_t ua, ub;
+    memcpy(&ua, &a, 2);
+    memcpy(&ub, &b, 2);
+    return (uint32_t)ua | ((uint32_t)ub << 16);
+}
+
+// Fast exponential: ex2.approx on the GPU (what FlashAttention uses), expf in emulation.
+FLASH_DEV float fexp(float x) {
+#ifdef __CUDA_ARCH__
+    return __expf(x);
+#else
+    return expf(x);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp reductions over the four lanes of a quad (lanes 4g..4g+3 hold one accumulator row).
+
+FLASH_DEV float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    return x;
+}
+FLASH_DEV float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous global->shared copies (cp.async, sm_80+). In emulation they are plain copies,
+// which is a legal (fully synchronous) schedule of the same program.
+
+FLASH_DEV void cp_async16(void* smem, const void* gmem) {
+#ifdef __CUDA_ARCH__
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+    memcpy(smem, gmem, 16);
+#endif
+}
+FLASH_DEV void cp_async_commit() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> FLASH_DEV void cp_async_wait() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// The launch must give at least the dynamic shared memory and exactly the block size the kernel
+// was written for; the Rust launch plan mirrors the configs, this catches a mismatch at once.
+FLASH_DEV void check_launch(unsigned smem_needed, unsigned threads) {
+#ifdef __CUDA_ARCH__
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < smem_needed || blockDim.x != threads) __trap();
+#else
+    simt::check_launch(smem_needed, threads);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading a tile of `nrows` rows x D columns into shared memory (row pitch `ld` elements).
+// Rows >= `valid_rows` and columns >= head_dim are zero-filled: padded keys then score 0 and
+// carry V = 0, so a masked probability can never multiply garbage (NaN * 0 = NaN).
+
+template <typename T, int D>
+FLASH_DEV void load_tile(T* smem, int ld, const T* gbase, long long tok_stride, int valid_rows,
+                         int nrows, int head_dim, bool vec, int tid, int nthreads) {
+    constexpr int kChunk = 16 / sizeof(T);  // elements per 16-byte copy
+    constexpr int kChunksPerRow = D / kChunk;
+    for (int idx = tid; idx < nrows * kChunksPerRow; idx += nthreads) {
+        int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * kChunk;
+        T* dst = smem + r * ld + c;
+        const T* src = gbase + (long long)r * tok_stride + c;
+        if (r < valid_rows && vec && c + kChunk <= head_dim) {
+            cp_async16(dst, src);
+        } else {
+#pragma unroll
+            for (int e = 0; e < kChunk; ++e)
+                dst[e] = (r < valid_rows && c + e < head_dim) ? src[e] : from_f32<T>(0.f);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One sequence of the batch, read from seq_info.
+struct Seq {
+    int q_len, k_len;
+    long long q_off, k_off, v_off, o_off, lse_off, dk_off;
+    FLASH_DEV Seq(const FlashParams& p, int s) {
+        const long long* si = p.seq_info + (long long)s * FLASH_SI_STRIDE;
+        q_len = (int)si[FLASH_SI_Q_LEN];
+        k_len = (int)si[FLASH_SI_K_LEN];
+        q_off = si[FLASH_SI_Q_OFF];
+        k_off = si[FLASH_SI_K_OFF];
+        v_off = si[FLASH_SI_V_OFF];
+        o_off = si[FLASH_SI_O_OFF];
+        lse_off = si[FLASH_SI_LSE_OFF];
+        dk_off = si[FLASH_SI_DK_OFF];
+    }
+};
+
+// Visibility and score modifiers of one (sequence, query head): the CUDA twin of
+// flash_ops::mask::ScoreMods. Query i sees keys [i + diag - wl, i + diag + wr] within [0, k_len),
+// diag = k_len - q_len (bottom-right alignment).
+struct Mods {
+    int q_len, k_len, diag, wl, wr;  // wl/wr < 0: unbounded
+    float softcap, slope;            // 0: off
+    FLASH_DEV Mods(const FlashParams& p, const Seq& sq, int s, int h) {
+        q_len = sq.q_len;
+        k_len = sq.k_len;
+        diag = sq.k_len - sq.q_len;
+        wl = p.window_left;
+        wr = p.window_right;
+        softcap = p.softcap;
+        slope = p.alibi ? p.alibi[(long long)s * p.heads_q + h] : 0.f;
+    }
+    FLASH_DEV bool has_mods() const { return softcap != 0.f || slope != 0.f; }
+    FLASH_DEV int key_lo(int i) const {
+        int lo = wl >= 0 ? max(i + diag - wl, 0) : 0;
+        return min(lo, k_len);
+    }
+    FLASH_DEV int key_hi(int i) const {
+        int hi = wr >= 0 ? min(i + diag + wr + 1, k_len) : k_len;
+        return max(hi, 0);
+    }
+    FLASH_DEV bool visible(int i, int j) const {
+        return j < k_len && (wl < 0 || j >= i + diag - wl) && (wr < 0 || j <= i + diag + wr);
+    }
+    // Keys visible to at least one row of [i0, i1); both bounds grow with i.
+    FLASH_DEV void key_range_rows(int i0, int i1, int& lo, int& hi) const {
+        lo = key_lo(i0);
+        hi = key_hi(i1 - 1);
+    }
+    // Query rows that see at least one key of [j0, j1).
+    FLASH_DEV void query_range_keys(int j0, int j1, int& lo, int& hi) const {
+        if (j0 >= k_len) { lo = hi = 0; return; }
+        j1 = min(j1, k_len);
+        lo = wr >= 0 ? max(j0 - diag - wr, 0) : 0;
+        hi = wl >= 0 ? min(j1 - diag + wl, q_len) : q_len;
+        lo = min(lo, q_len);
+        hi = max(hi, 0);
+    }
+    // Every (row, key) of the tile visible: the mask can be skipped.
+    FLASH_DEV bool tile_fully_visible(int i0, int i1, int j0, int j1) const {
+        return j1 <= k_len && key_lo(i1 - 1) <= j0 && key_hi(i0) >= j1;
+    }
+    // Softcap, then ALiBi, on an already scaled score (FlashAttention-2's order).
+    FLASH_DEV float modify(float x, int i, int j) const {
+        if (softcap != 0.f) x = softcap * tanhf(x / softcap);
+        if (slope != 0.f) x -= slope * (float)abs(i + diag - j);
+        return x;
+    }
+    // d cap(x) / dx = 1 - tanh^2(x / cap), for the backward pass.
+    FLASH_DEV float softcap_grad(float x) const {
+        if (softcap == 0.f) return 1.f;
+        float t = tanhf(x / softcap);
+        return 1.f - t * t;
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dropout: Philox4x32-10, bit-identical to flash_ops::dropout. Counter = [j/4, i, stream, 0],
+// key = seed; the draw of key j is word j % 4; kept iff draw >= threshold.
+
+FLASH_DEV uint4 philox(uint4 c, uint2 k) {
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        unsigned hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+        unsigned hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+        c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+        k.x += 0x9E3779B9u;
+        k.y += 0xBB67AE85u;
+    }
+    return c;
+}
+
+struct Dropout {
+    unsigned threshold, stream;
+    uint2 key;
+    float scale;
+    FLASH_DEV Dropout(const FlashParams& p, int s, int h) {
+        threshold = p.dropout_threshold;
+        stream = (unsigned)(s * p.heads_q + h);
+        key = make_uint2(p.seed_lo, p.seed_hi);
+        scale = p.dropout_scale;
+    }
+    FLASH_DEV static unsigned word(uint4 v, int w) {
+        return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+    }
+    // Factors (scale or 0) of keys j and j + 1 of row i; j is even, so one Philox call serves both.
+    FLASH_DEV void pair(int i, int j, float& f0, float& f1) const {
+        uint4 d = philox(make_uint4((unsigned)j >> 2, (unsigned)i, stream, 0u), key);
+        f0 = word(d, j & 3) >= threshold ? scale : 0.f;
+        f1 = word(d, (j + 1) & 3) >= threshold ? scale : 0.f;
+    }
+    FLASH_DEV float one(int i, int j) const {
+        uint4 d = philox(make_uint4((unsigned)j >> 2, (unsigned)i, stream, 0u), key);
+        return word(d, j & 3) >= threshold ? scale : 0.f;
+    }
+};
+
+// Head dimensions with kernels; the Rust side picks the smallest >= head_dim (padding with
+// zero-filled columns).
+FLASH_DEV constexpr int pad16(int bytes_per_elem) { return 16 / bytes_per_elem; }
+
+}  // namespace flash

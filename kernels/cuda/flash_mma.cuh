@@ -1,0 +1,184 @@
+// Warp-level matrix products for the attention tiles: one 16x8 f32 accumulator tile per
+// `mma`, k = 16. Fragment layouts are the PTX ISA's for mma.m16n8k16 (row.col), with
+// g = lane / 4 and c = lane % 4:
+//   A (16x16): a0 = (g, 2c..2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..)
+//   B (16x8):  b0 = (k = 2c..2c+1, n = g), b1 = (k = 2c+8.., n = g)
+//   C (16x8):  c0, c1 = (g, 2c..2c+1), c2, c3 = (g+8, 2c..2c+1)
+// The accumulator of two adjacent n-tiles is therefore exactly an A fragment (acc_to_a): the
+// probabilities P never leave registers between S = QK^T and O += PV (FlashAttention-2's trick).
+//
+// f16/bf16 use tensor cores (ldmatrix + mma.sync, sm_80+). f32 keeps the same fragment layout
+// (each 32-bit register holds one float instead of two halves) and multiplies with exact FMAs,
+// exchanging operands with warp shuffles, so the kernels are written once for all three types.
+// In the emulator (FLASH_EMU) ldmatrix and mma go through cuda_shim.h's warp collectives, which
+// implement the same documented layouts on the CPU.
+#pragma once
+#include "flash_common.cuh"
+
+namespace flash {
+
+template <typename T> struct Mma;
+
+// ---- f16 / bf16: tensor cores -----------------------------------------------------------------
+
+FLASH_DEV void ldsm_x4(uint32_t (&r)[4], const void* p) {
+#ifdef __CUDA_ARCH__
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#else
+    emu_ldmatrix_x4(r, p, false);
+#endif
+}
+FLASH_DEV void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+#ifdef __CUDA_ARCH__
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#else
+    emu_ldmatrix_x4(r, p, true);
+#endif
+}
+
+template <bool kBf16>
+FLASH_DEV void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef __CUDA_ARCH__
+    if constexpr (kBf16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#else
+    emu_mma_m16n8k16_16bit(c, a, b, kBf16);
+#endif
+}
+
+template <typename T, bool kBf16> struct Mma16 {
+    struct FragA { uint32_t r[4]; };
+    struct FragB { uint32_t r[2]; };
+
+    // A = 16x16 tile of row-major [m][k] storage at `base` (pitch ld).
+    static FLASH_DEV void load_a(FragA& a, const T* base, int ld, int lane) {
+        ldsm_x4(a.r, base + (lane & 15) * ld + (lane >> 4) * 8);
+    }
+    // A from transposed storage [k][m] (dS^T kept as [key][query]).
+    static FLASH_DEV void load_a_trans(FragA& a, const T* base, int ld, int lane) {
+        ldsm_x4_trans(a.r, base + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
+    }
+    // Two B tiles (n = 0..7, 8..15) of one k-step from [n][k] storage (K as the B of Q K^T).
+    static FLASH_DEV void load_b_nk2(FragB& b0, FragB& b1, const T* base, int ld, int lane) {
+        uint32_t r[4];
+        ldsm_x4(r, base + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
+        b0.r[0] = r[0]; b0.r[1] = r[1]; b1.r[0] = r[2]; b1.r[1] = r[3];
+    }
+    // Two B tiles from [k][n] storage (V as the B of P V): ldmatrix.trans.
+    static FLASH_DEV void load_b_kn2(FragB& b0, FragB& b1, const T* base, int ld, int lane) {
+        uint32_t r[4];
+        ldsm_x4_trans(r, base + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8);
+        b0.r[0] = r[0]; b0.r[1] = r[1]; b1.r[0] = r[2]; b1.r[1] = r[3];
+    }
+    // Accumulators of n-tiles 2t, 2t+1 as the A operand of k-step t (rounded to T).
+    static FLASH_DEV void acc_to_a(FragA& a, const float (&c0)[4], const float (&c1)[4]) {
+        a.r[0] = pack2<T>(c0[0], c0[1]);
+        a.r[1] = pack2<T>(c0[2], c0[3]);
+        a.r[2] = pack2<T>(c1[0], c1[1]);
+        a.r[3] = pack2<T>(c1[2], c1[3]);
+    }
+    static FLASH_DEV void mma(float (&c)[4], const FragA& a, const FragB& b) {
+        mma_16816<kBf16>(c, a.r, b.r);
+    }
+};
+template <> struct Mma<__half> : Mma16<__half, false> {};
+template <> struct Mma<__nv_bfloat16> : Mma16<__nv_bfloat16, true> {};
+
+// ---- f32: exact FMAs in the same fragment layout ------------------------------------------------
+// Register r[2*reg + half] holds what half `half` of 32-bit register `reg` holds above.
+
+template <> struct Mma<float> {
+    struct FragA { float r[8]; };
+    struct FragB { float r[4]; };
+
+    static FLASH_DEV void load_a(FragA& a, const float* base, int ld, int lane) {
+        int g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            int reg = i >> 1, half = i & 1;
+            a.r[i] = base[(g + 8 * (reg & 1)) * ld + 2 * c + half + 8 * (reg >> 1)];
+        }
+    }
+    static FLASH_DEV void load_a_trans(FragA& a, const float* base, int ld, int lane) {
+        int g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            int reg = i >> 1, half = i & 1;
+            a.r[i] = base[(2 * c + half + 8 * (reg >> 1)) * ld + g + 8 * (reg & 1)];
+        }
+    }
+    static FLASH_DEV void load_b_nk2(FragB& b0, FragB& b1, const float* base, int ld, int lane) {
+        int g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int k = 2 * c + (i & 1) + 8 * (i >> 1);
+            b0.r[i] = base[g * ld + k];
+            b1.r[i] = base[(g + 8) * ld + k];
+        }
+    }
+    static FLASH_DEV void load_b_kn2(FragB& b0, FragB& b1, const float* base, int ld, int lane) {
+        int g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int k = 2 * c + (i & 1) + 8 * (i >> 1);
+            b0.r[i] = base[k * ld + g];
+            b1.r[i] = base[k * ld + g + 8];
+        }
+    }
+    static FLASH_DEV void acc_to_a(FragA& a, const float (&c0)[4], const float (&c1)[4]) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            a.r[i] = c0[i];
+            a.r[4 + i] = c1[i];
+        }
+    }
+    // D += A B. Lane (g, c) owns rows g, g+8 and columns 2c, 2c+1; the k values are spread over
+    // the quad, so for each quad member c' fetch its slice of A's rows (lane 4g+c') and of B's
+    // columns (lanes 4(2c)+c', 4(2c+1)+c'): 16 shuffles and 16 FMAs per c'.
+    static FLASH_DEV void mma(float (&d)[4], const FragA& a, const FragB& b) {
+#ifdef FLASH_EMU_FAST_F32_MMA
+        // Optional emulator shortcut (one collective instead of 64 shuffles); off by default so
+        // the emulated tests run the shuffle code below, the code the GPU runs.
+        emu_mma_m16n8k16_f32(d, a.r, b.r);
+#else
+        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+        // Not unrolled: the body indexes registers by constants only, and unrolling every
+        // mma of a tile 4x makes the f32 kernels too large for ptxas to compile quickly.
+#pragma unroll 1
+        for (int cp = 0; cp < 4; ++cp) {
+            float av[8], b0[4], b1[4];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) av[i] = __shfl_sync(0xffffffffu, a.r[i], 4 * g + cp);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                b0[i] = __shfl_sync(0xffffffffu, b.r[i], 8 * c + cp);
+                b1[i] = __shfl_sync(0xffffffffu, b.r[i], 8 * c + 4 + cp);
+            }
+            // av: [0,1] (g, k0..k0+1) [2,3] (g+8, ..) [4,5] (g, k0+8..) [6,7] (g+8, k0+8..)
+            d[0] += av[0] * b0[0] + av[1] * b0[1] + av[4] * b0[2] + av[5] * b0[3];
+            d[1] += av[0] * b1[0] + av[1] * b1[1] + av[4] * b1[2] + av[5] * b1[3];
+            d[2] += av[2] * b0[0] + av[3] * b0[1] + av[6] * b0[2] + av[7] * b0[3];
+            d[3] += av[2] * b1[0] + av[3] * b1[1] + av[6] * b1[2] + av[7] * b1[3];
+        }
+#endif
+    }
+};
+
+}  // namespace flash

@@ -1,0 +1,194 @@
+// FlashAttention (V1) forward schedule (Dao et al. 2022, Algorithm 1): one block per
+// (sequence, query head). The outer loop runs over k/v tiles, the inner loop over the query
+// tiles that see them; after each (q tile, k/v tile) product the output rows, m and l are read
+// from global memory, rescaled and written back (an f32 accumulator, converted once at the
+// end). That traffic and the batch x heads parallelism are what FlashAttention-2 removed; this
+// kernel exists to reproduce the comparison. Saves m and l (m_l), like the CPU V1 path.
+#include "flash_config.cuh"
+#include "flash_mma.cuh"
+
+namespace flash {
+
+template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
+    using C = FwdCfg<T, D>;  // same tiles as V2; uses sQ + one K/V stage of its smem
+    using M = Mma<T>;
+    constexpr int kBr = C::kBr, kBc = C::kBc, kLd = C::kLd, kNT = kBc / 8, kDT = D / 8;
+    check_launch(C::kSmem, C::kThreads);
+
+    const int s = blockIdx.z, h = blockIdx.y;
+    const Seq sq(p, s);
+    const int hk = h / (p.heads_q / p.heads_k);
+    const Mods md(p, sq, s, h);
+    const Dropout dr(p, s, h);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    FLASH_DYNAMIC_SMEM(smem_raw);
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sK = sQ + kBr * kLd;
+    T* sV = sK + kBc * kLd;
+    const bool vec = p.vec_loads != 0;
+
+    const long long st = sq.lse_off + (long long)h * p.lse_head_stride;  // m at st + i
+    float* gm = p.m_l + st;
+    float* gl = p.m_l + p.lse_len + st;
+    float* gacc = p.o_accum + sq.o_off + (long long)h * p.head_dim;
+    for (int r = tid; r < sq.q_len; r += C::kThreads) {
+        gm[r] = -FLASH_INF;
+        gl[r] = 0.f;
+    }
+    for (long long e = tid; e < (long long)sq.q_len * p.head_dim; e += C::kThreads)
+        gacc[(e / p.head_dim) * p.o_tok_stride + e % p.head_dim] = 0.f;
+
+    for (int j0 = 0; j0 < sq.k_len; j0 += kBc) {
+        const int cols = min(kBc, sq.k_len - j0);
+        int q_lo, q_hi;
+        md.query_range_keys(j0, j0 + cols, q_lo, q_hi);
+        if (q_lo >= q_hi) continue;  // block skipping (uniform over the block)
+        __syncthreads();  // previous tile: sK/sV readers and m/l writers done
+        load_tile<T, D>(sK, kLd,
+                        static_cast<const T*>(p.k) + sq.k_off + hk * p.k_head_stride +
+                            (long long)j0 * p.k_tok_stride,
+                        p.k_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
+        load_tile<T, D>(sV, kLd,
+                        static_cast<const T*>(p.v) + sq.v_off + hk * p.v_head_stride +
+                            (long long)j0 * p.v_tok_stride,
+                        p.v_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
+        cp_async_commit();
+        for (int i0 = q_lo; i0 < q_hi; i0 += kBr) {
+            const int rows = min(kBr, q_hi - i0);
+            __syncthreads();
+            load_tile<T, D>(sQ, kLd,
+                            static_cast<const T*>(p.q) + sq.q_off + h * p.q_head_stride +
+                                (long long)i0 * p.q_tok_stride,
+                            p.q_tok_stride, rows, kBr, p.head_dim, vec, tid, C::kThreads);
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();
+
+            float sc[kNT][4];
+#pragma unroll
+            for (int n = 0; n < kNT; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                typename M::FragA a;
+                M::load_a(a, sQ + warp * 16 * kLd + kk * 16, kLd, lane);
+#pragma unroll
+                for (int n2 = 0; n2 < kNT / 2; ++n2) {
+                    typename M::FragB b0, b1;
+                    M::load_b_nk2(b0, b1, sK + n2 * 16 * kLd + kk * 16, kLd, lane);
+                    M::mma(sc[2 * n2], a, b0);
+                    M::mma(sc[2 * n2 + 1], a, b1);
+                }
+            }
+            const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+#pragma unroll
+            for (int n = 0; n < kNT; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = row[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
+                    const float x = sc[n][e] * p.scale;
+                    sc[n][e] = (j < j0 + cols && md.visible(i, j)) ? md.modify(x, i, j) : -FLASH_INF;
+                }
+            // Tile statistics m~, l~ and P~ = exp(S - m~) (Algorithm 1 line 10).
+            float mt[2], lt[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = -FLASH_INF;
+#pragma unroll
+                for (int n = 0; n < kNT; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
+                mt[r] = quad_max(mx);
+                const float base = mt[r] == -FLASH_INF ? 0.f : mt[r];
+                float sum = 0.f;
+#pragma unroll
+                for (int n = 0; n < kNT; ++n) {
+                    sc[n][2 * r] = fexp(sc[n][2 * r] - base);
+                    sc[n][2 * r + 1] = fexp(sc[n][2 * r + 1] - base);
+                    sum += sc[n][2 * r] + sc[n][2 * r + 1];
+                }
+                lt[r] = quad_sum(sum);
+            }
+            if (p.has_dropout) {
+#pragma unroll
+                for (int n = 0; n < kNT; ++n)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        float f0, f1;
+                        dr.pair(row[r], j0 + n * 8 + 2 * c, f0, f1);
+                        sc[n][2 * r] *= f0;
+                        sc[n][2 * r + 1] *= f1;
+                    }
+            }
+            float pv[kDT][4];
+#pragma unroll
+            for (int d = 0; d < kDT; ++d) pv[d][0] = pv[d][1] = pv[d][2] = pv[d][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < kBc / 16; ++kk) {
+                typename M::FragA a;
+                M::acc_to_a(a, sc[2 * kk], sc[2 * kk + 1]);
+#pragma unroll
+                for (int d2 = 0; d2 < D / 16; ++d2) {
+                    typename M::FragB b0, b1;
+                    M::load_b_kn2(b0, b1, sV + kk * 16 * kLd + d2 * 16, kLd, lane);
+                    M::mma(pv[2 * d2], a, b0);
+                    M::mma(pv[2 * d2 + 1], a, b1);
+                }
+            }
+            // O_i <- diag(l_new)^-1 (diag(l_i) e^{m_i - m_new} O_i + e^{m~ - m_new} P~ V_j),
+            // through global memory (Algorithm 1 lines 11-13).
+            float m_new[2], l_new[2];
+            bool upd[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = row[r];
+                upd[r] = i < i0 + rows && mt[r] != -FLASH_INF;
+                if (!upd[r]) continue;
+                const float m_old = gm[i], l_old = gl[i];
+                m_new[r] = fmaxf(m_old, mt[r]);
+                const float a = fexp(m_old - m_new[r]), b = fexp(mt[r] - m_new[r]);
+                l_new[r] = a * l_old + b * lt[r];
+                const float c_old = a * l_old / l_new[r], c_new = b / l_new[r];
+                float* orow = gacc + (long long)i * p.o_tok_stride;
+#pragma unroll
+                for (int d = 0; d < kDT; ++d) {
+                    const int col = d * 8 + 2 * c;
+                    if (col < p.head_dim) orow[col] = c_old * orow[col] + c_new * pv[d][2 * r];
+                    if (col + 1 < p.head_dim)
+                        orow[col + 1] = c_old * orow[col + 1] + c_new * pv[d][2 * r + 1];
+                }
+            }
+            __syncwarp();  // the whole quad has read m, l before lane 0 overwrites them
+            if (c == 0)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    if (upd[r]) {
+                        gm[row[r]] = m_new[r];
+                        gl[row[r]] = l_new[r];
+                    }
+        }
+    }
+    __syncthreads();
+    T* go = static_cast<T*>(p.o) + sq.o_off + (long long)h * p.head_dim;
+    for (long long e = tid; e < (long long)sq.q_len * p.head_dim; e += C::kThreads) {
+        const long long o = (e / p.head_dim) * p.o_tok_stride + e % p.head_dim;
+        go[o] = from_f32<T>(gacc[o]);
+    }
+}
+
+}  // namespace flash
+
+#define FLASH_FWD_V1(NAME, T, D)                                                              \
+    extern "C" __global__ void __launch_bounds__(flash::FwdCfg<T, D>::kThreads, 1)               \
+        NAME(const FlashParams p) {                                                           \
+        flash::fwd_v1<T, D>(p);                                                               \
+    }                                                                                         \
+    FLASH_EMU_REGISTER(NAME)
+
+#define FLASH_FWD_V1_ALL_D(DT, T)                  \
+    FLASH_FWD_V1(flash_fwd_v1_##DT##_d32, T, 32)   \
+    FLASH_FWD_V1(flash_fwd_v1_##DT##_d64, T, 64)   \
+    FLASH_FWD_V1(flash_fwd_v1_##DT##_d96, T, 96)   \
+    FLASH_FWD_V1(flash_fwd_v1_##DT##_d128, T, 128) \
+    FLASH_FWD_V1(flash_fwd_v1_##DT##_d256, T, 256)
+
+FLASH_FWD_V1_ALL_D(f32, float)
+FLASH_FWD_V1_ALL_D(f16, __half)
+FLASH_FWD_V1_ALL_D(bf16, __nv_bfloat16)
