@@ -72,6 +72,10 @@ struct RunArgs {
     /// Also time candle-nn's CPU flash_attn (forward only) in Table 2; slow.
     #[arg(long)]
     candle_nn: bool,
+    /// Python with torch: adds PyTorch's CPU scaled_dot_product_attention to Table 2
+    /// (scripts/repro_torch_sdpa.py).
+    #[arg(long)]
+    torch: Option<PathBuf>,
     /// Override the memory budget past which standard attention counts as out of memory (GB).
     #[arg(long)]
     memory_budget_gb: Option<f64>,
@@ -88,7 +92,14 @@ fn main() -> Result<()> {
             render_dir(&r, &dir)
         }
         Cmd::Plan { mode } => {
-            println!("{:#?}", Plan::new(mode));
+            let p = Plan::new(mode);
+            println!("{p:#?}");
+            let (t1, t2) = p.attention_flops();
+            println!(
+                "attention FLOPs executed (paper count, warm-ups and repeats included): Table 1 + memory {:.2} TFLOP, Table 2 {:.2} TFLOP",
+                t1 / 1e12,
+                t2 / 1e12
+            );
             Ok(())
         }
     }
@@ -247,7 +258,16 @@ fn run(a: RunArgs) -> Result<()> {
         if a.candle_nn {
             v.push(Variant::CandleNn);
         }
-        r.fa2 = Some(measure::fa2(&plan, &v)?);
+        let mut section = measure::fa2(&plan, &v)?;
+        if let Some(py) = &a.torch {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/repro_torch_sdpa.py");
+            println!("Table 2: PyTorch SDPA through {}", script.display());
+            let (rows, version) = measure::torch_sdpa(py, &script, &section.rows)?;
+            section.rows.extend(rows);
+            section.torch = Some(version);
+        }
+        r.fa2 = Some(section);
         r.meta
             .seconds
             .insert("fa2".into(), t.elapsed().as_secs_f64());

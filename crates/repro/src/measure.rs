@@ -152,9 +152,11 @@ pub fn attention(plan: &Plan, variants: &[Variant]) -> Result<AttnSection> {
         }
     }
     // Past naive's budget: flash alone, for the memory column (one repeat: these are the slowest).
-    println!("Memory table, flash only:");
+    // V1 is left out there: its memory is linear like V2's, and these cells are the slowest of
+    // the table (one forward+backward at 8K costs more than all lengths up to 2K together).
+    println!("Memory table, past standard attention's budget (flash V2 only):");
     for &n in &plan.t1_memory_lengths {
-        for &v in variants {
+        for &v in variants.iter().filter(|v| **v != Variant::V1) {
             let w = Workload::new(plan.t1_batch, plan.t1_heads, n, plan.t1_d, false);
             let v_reps = if v == Variant::Naive { plan.reps } else { 1 };
             rows.push(cell(v, &w, v_reps, plan.memory_budget, &mut plain_naive)?);
@@ -196,6 +198,7 @@ pub fn fa2(plan: &Plan, variants: &[Variant]) -> Result<Fa2Section> {
         head_dims: plan.t2_head_dims.clone(),
         memory_budget_bytes: plan.memory_budget,
         rows,
+        torch: None,
     })
 }
 
@@ -239,4 +242,61 @@ pub fn e2e(specs: &[E2eSpec], train_bin: &Path, dir: &Path) -> Result<E2eSection
         });
     }
     Ok(E2eSection { runs })
+}
+
+/// PyTorch's CPU `scaled_dot_product_attention` on the workloads of the flash V2 rows, through
+/// `scripts/repro_torch_sdpa.py` (the FlashAttention-2 figures' PyTorch column, where torch is
+/// installed). Memory is not measured there.
+pub fn torch_sdpa(
+    python: &Path,
+    script: &Path,
+    rows: &[AttnRow],
+) -> Result<(Vec<AttnRow>, String)> {
+    use std::io::Write;
+    let base: Vec<&AttnRow> = rows.iter().filter(|r| r.variant == "v2").collect();
+    let input: Vec<serde_json::Value> = base
+        .iter()
+        .map(|r| {
+            serde_json::json!({"batch": r.batch, "heads": r.heads, "n": r.n, "d": r.d,
+                "causal": r.causal, "reps": r.reps})
+        })
+        .collect();
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {} {}", python.display(), script.display()))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(serde_json::to_string(&input)?.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!("{} failed ({})", script.display(), out.status)
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let times = v["rows"]
+        .as_array()
+        .context("no rows from the torch script")?;
+    let version = format!(
+        "torch {} ({} threads)",
+        v["torch"].as_str().unwrap_or("?"),
+        v["threads"]
+    );
+    let rows = base
+        .iter()
+        .zip(times)
+        .map(|(r, t)| {
+            let mut x = (*r).clone();
+            x.variant = "torch-sdpa".into();
+            x.fwd_ms = t["fwd_ms"].as_f64();
+            x.fwd_bwd_ms = t["fwd_bwd_ms"].as_f64();
+            x.fwd_mem_bytes = None;
+            x.fwd_bwd_mem_bytes = None;
+            x
+        })
+        .collect();
+    Ok((rows, version))
 }

@@ -213,3 +213,35 @@ impl Plan {
         }
     }
 }
+
+impl Plan {
+    /// FLOPs the attention sections execute (warm-up and timed repeats, forward and
+    /// forward+backward, every variant, naive included even where it will be skipped): a size
+    /// to compare modes and machines by, not a time.
+    pub fn attention_flops(&self) -> (f64, f64) {
+        use flash_ops::bench::flops_fwd;
+        let per_cell = |f: f64, reps: usize| (1 + reps) as f64 * (f + 3.5 * f);
+        let mut t1 = 0.0;
+        for &n in &self.t1_lengths {
+            let f = self.t1_batch as f64 * flops_fwd(n, self.t1_d, self.t1_heads, false);
+            t1 += 2.0 * 3.0 * per_cell(f, self.reps);
+        }
+        for &n in &self.t1_memory_lengths {
+            t1 += per_cell(
+                self.t1_batch as f64 * flops_fwd(n, self.t1_d, self.t1_heads, false),
+                1,
+            );
+        }
+        let mut t2 = 0.0;
+        for &d in &self.t2_head_dims {
+            for causal in [false, true] {
+                for &n in &self.t2_lengths {
+                    let b = (self.t2_tokens / n).max(1) as f64;
+                    let h = (self.t2_hidden / d).max(1);
+                    t2 += 3.0 * per_cell(b * flops_fwd(n, d, h, causal), self.reps);
+                }
+            }
+        }
+        (t1, t2)
+    }
+}

@@ -34,6 +34,7 @@ fn colour(key: &str) -> RGBColor {
         "v1" => RGBColor(31, 119, 180),
         "v2" => RGBColor(214, 39, 40),
         "candle-nn" => RGBColor(44, 160, 44),
+        "torch-sdpa" => RGBColor(23, 190, 207),
         "paper" => RGBColor(255, 127, 14),
         "paper-fa" => RGBColor(148, 103, 189),
         _ => RGBColor(0, 0, 0),
@@ -430,6 +431,9 @@ fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
     let mut variants: Vec<&str> = vec!["naive", "v1", "v2"];
     if matches!(pass, Pass::Fwd) && s.rows.iter().any(|x| x.variant == "candle-nn") {
         variants.push("candle-nn");
+    }
+    if s.rows.iter().any(|x| x.variant == "torch-sdpa") {
+        variants.push("torch-sdpa");
     }
     let mut i = 0;
     for &d in &s.head_dims {

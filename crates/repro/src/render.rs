@@ -38,6 +38,7 @@ pub fn variant_label(v: &str) -> &str {
         "v2" => "flash V2",
         "naive" => "naive (standard)",
         "candle-nn" => "candle-nn flash_attn (fwd only)",
+        "torch-sdpa" => "PyTorch SDPA (CPU)",
         other => other,
     }
 }
@@ -220,7 +221,7 @@ pub fn memory(r: &Results, s: &AttnSection) -> String {
     writeln!(
         o,
         "Ours: peak extra heap during forward+backward (counting allocator), {}, batch {}, {} heads, d {}, no dropout or mask. \
-Standard attention is not run where its predicted peak passes the memory budget of {} (our \"out of memory\"; predicted from its measured bytes per score element at the largest length it ran); flash runs on. \
+Standard attention is not run where its predicted peak passes the memory budget of {} (our \"out of memory\"; predicted from its measured bytes per score element at the largest length it ran); flash runs on (V2 only past the table's lengths, to save time). \
 Paper: A100-40GB, fp16, batch 16, 8 heads, d 64, with dropout and masking; {}",
         device_words(r),
         s.batch,
@@ -285,6 +286,14 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's fp32 matmul ceiling: {:.1
     )
     .ok();
     let has_nn = s.rows.iter().any(|x| x.variant == "candle-nn");
+    let has_torch = s.rows.iter().any(|x| x.variant == "torch-sdpa");
+    if let Some(t) = &s.torch {
+        writeln!(
+            o,
+            "\nPyTorch SDPA column: {t}, the same shapes and protocol, f32 on the same CPU."
+        )
+        .ok();
+    }
     for &d in &s.head_dims {
         for causal in [false, true] {
             writeln!(
@@ -298,6 +307,9 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's fp32 matmul ceiling: {:.1
             if has_nn {
                 write!(o, " candle-nn fwd |").ok();
             }
+            if has_torch {
+                write!(o, " PyTorch SDPA fwd / bwd / fwd+bwd |").ok();
+            }
             writeln!(
                 o,
                 " V2/V1 fwd+bwd | paper A100 fwd+bwd TFLOP/s: PyTorch / FA1 / FA2 |"
@@ -305,8 +317,9 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's fp32 matmul ceiling: {:.1
             .ok();
             writeln!(
                 o,
-                "|---|---|---|---|---|{}---|---|",
-                if has_nn { "---|" } else { "" }
+                "|---|---|---|---|---|{}{}---|---|",
+                if has_nn { "---|" } else { "" },
+                if has_torch { "---|" } else { "" }
             )
             .ok();
             let paper = paper::fa2_paper(d, causal);
@@ -336,6 +349,9 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's fp32 matmul ceiling: {:.1
                     let g = find(&s.rows, "candle-nn", n, d, causal, false)
                         .and_then(|x| x.gflops_fwd());
                     write!(o, " {} |", opt(g, 1)).ok();
+                }
+                if has_torch {
+                    write!(o, " {} |", cell("torch-sdpa")).ok();
                 }
                 let v1 = find(&s.rows, "v1", n, d, causal, false).and_then(|x| x.gflops_fwd_bwd());
                 let v2 = find(&s.rows, "v2", n, d, causal, false).and_then(|x| x.gflops_fwd_bwd());

@@ -102,6 +102,9 @@ pub struct Fa2Section {
     pub head_dims: Vec<usize>,
     pub memory_budget_bytes: u64,
     pub rows: Vec<AttnRow>,
+    /// The PyTorch version of the `torch-sdpa` rows, when measured.
+    #[serde(default)]
+    pub torch: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

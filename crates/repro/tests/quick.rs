@@ -1,0 +1,119 @@
+//! `repro run --quick` end to end into a temporary folder: every file is written and parses, and
+//! `repro render` re-renders the folder from its JSON alone.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repro() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_repro"))
+}
+
+/// The `train` binary built beside ours (`cargo test --workspace` builds it); without it the
+/// end-to-end table is left out of this test rather than building another crate here.
+fn train_bin() -> Option<PathBuf> {
+    let me = PathBuf::from(env!("CARGO_BIN_EXE_repro"));
+    let t = me
+        .parent()?
+        .join(format!("train{}", std::env::consts::EXE_SUFFIX));
+    t.exists().then_some(t)
+}
+
+fn is_png(p: &Path) -> bool {
+    std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() > 1000)
+}
+
+#[test]
+fn quick_mode_writes_json_markdown_and_plots() {
+    let dir = std::env::temp_dir().join(format!("repro-quick-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cmd = repro();
+    cmd.args(["run", "--quick", "--out"]).arg(&dir);
+    let train = train_bin();
+    match &train {
+        Some(t) => {
+            cmd.arg("--train-bin").arg(t);
+        }
+        None => {
+            eprintln!("no train binary next to repro: skipping the end-to-end table");
+            cmd.args(["--only", "attention,fa2"]);
+        }
+    }
+    let out = cmd.output().expect("run repro");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "repro run --quick failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["meta"]["mode"], "quick");
+    let rows = json["attention"]["rows"].as_array().unwrap();
+    assert!(rows
+        .iter()
+        .any(|r| r["variant"] == "v2" && r["fwd_bwd_ms"].is_f64()));
+    // The quick budget is set so that standard attention "runs out" inside the quick range.
+    assert!(rows
+        .iter()
+        .any(|r| r["variant"] == "naive" && r["skipped"].is_string()));
+    assert!(rows
+        .iter()
+        .any(|r| r["variant"] == "naive" && r["fwd_bwd_mem_bytes"].is_u64()));
+    assert!(!json["fa2"]["rows"].as_array().unwrap().is_empty());
+
+    let md = std::fs::read_to_string(dir.join("tables.md")).unwrap();
+    for needle in [
+        "## Table 1",
+        "## Memory footprint",
+        "## Table 2",
+        "Quick mode",
+        "paper",
+    ] {
+        assert!(md.contains(needle), "tables.md lacks {needle:?}");
+    }
+    // What the command prints is what it wrote.
+    assert!(stdout.contains(md.trim()), "stdout differs from tables.md");
+    let mut pngs = vec![
+        "speedup.png",
+        "memory.png",
+        "fa2_fwd_bwd.png",
+        "fa2_fwd.png",
+        "fa2_bwd.png",
+    ];
+    if train.is_some() {
+        assert!(md.contains("## Table 3"));
+        let runs = json["e2e"]["runs"].as_array().unwrap();
+        assert!(
+            runs.iter().all(|r| r["report"]["rows"].is_array()),
+            "{runs:?}"
+        );
+        pngs.push("e2e.png");
+    }
+    for p in &pngs {
+        assert!(is_png(&dir.join(p)), "{p} missing or not a PNG");
+    }
+
+    // Re-render from the JSON alone.
+    for p in &pngs {
+        std::fs::remove_file(dir.join(p)).unwrap();
+    }
+    std::fs::remove_file(dir.join("tables.md")).unwrap();
+    let st = repro().arg("render").arg(&dir).status().unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read_to_string(dir.join("tables.md")).unwrap(), md);
+    for p in &pngs {
+        assert!(is_png(&dir.join(p)), "{p} not re-rendered");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn render_of_a_missing_folder_fails_cleanly() {
+    let out = repro()
+        .args(["render", "/nonexistent/repro-folder"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("results.json"));
+}
