@@ -21,7 +21,7 @@ step "compile gate (sm_80, sm_90)"
 scripts/cuda-compile-check.sh 80 90
 
 step "emulated kernels vs reference"
-CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" cargo test -p flash-emu --release -- --test-threads=2
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" cargo test -p flash-emu -- --test-threads=2
 
 if [[ -z "${CI_CUDA_SKIP_BUILD:-}" ]]; then
   step "cargo build --features cuda (CUDA_COMPUTE_CAP=80)"

@@ -156,6 +156,54 @@ fn varlen_matches_oracle() {
     }
 }
 
+/// FLASH_OPS_DETERMINISTIC=1: dQ by bwd_dq (no atomics), so two runs agree bit for bit.
+#[test]
+fn deterministic_backward_is_reproducible() {
+    let Some(dev) = gpu() else { return };
+    // Other tests may see the variable too; deterministic mode is correct for them as well.
+    std::env::set_var("FLASH_OPS_DETERMINISTIC", "1");
+    let mut rng = Rng(11);
+    let opts = AttnOptions::new().causal(true).dropout(0.1, 1);
+    let t = |r: &mut Rng, dims: &[usize]| {
+        r.tensor(dims)
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap()
+    };
+    let (q, k, v, g) = (
+        t(&mut rng, &[2, 500, 8, 128]),
+        t(&mut rng, &[2, 700, 2, 128]),
+        t(&mut rng, &[2, 700, 2, 128]),
+        t(&mut rng, &[2, 500, 8, 128]),
+    );
+    let grads = || -> Vec<Vec<f32>> {
+        let run = run_with_grads(
+            &q,
+            &k,
+            &v,
+            &g.to_dtype(DType::F64).unwrap(),
+            DType::BF16,
+            |q, k, v| flash_attn_with_lse(q, k, v, &opts),
+        )
+        .unwrap();
+        [run.dq, run.dk, run.dv]
+            .iter()
+            .map(|x| {
+                x.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (a, b) = (grads(), grads());
+    std::env::remove_var("FLASH_OPS_DETERMINISTIC");
+    assert!(a == b, "deterministic backward differs between two runs");
+}
+
 // ---- benchmark (run by scripts/gpu-check.sh: `--ignored --nocapture bench`) --------------------
 
 fn time_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {

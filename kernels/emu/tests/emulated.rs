@@ -220,12 +220,15 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
 }
 
 fn tol(dtype: DType) -> f64 {
+    // About 4x the largest error measured (f16 3.7e-4, bf16 3.0e-3, f32 3.3e-7): the output
+    // rounding of the dtype, so a layout or masking bug cannot hide under the bound.
     match dtype {
-        DType::F32 => 2e-5,
-        DType::F16 => 4e-3,
-        _ => 3e-2,
+        DType::F32 => 2e-6,
+        DType::F16 => 1.5e-3,
+        _ => 1.2e-2,
     }
 }
+
 
 fn check(name: &str, c: &Case) {
     let e = run(c, 0x5eed ^ name.len() as u64).unwrap();

@@ -220,11 +220,11 @@ pub fn base_params(
     let info = seq_info(p, q, k, v);
     let aligned = info
         .chunks(SEQ_INFO_STRIDE)
-        .all(|r| r[2..8].iter().all(|&o| o as usize % chunk == 0))
+        .all(|r| r[2..8].iter().all(|&o| (o as usize).is_multiple_of(chunk)))
         && [q, k, v]
             .iter()
-            .all(|l| l.tok_stride() % chunk == 0 && l.head_stride() % chunk == 0)
-        && p.head_dim % chunk == 0;
+            .all(|l| l.tok_stride().is_multiple_of(chunk) && l.head_stride().is_multiple_of(chunk))
+        && p.head_dim.is_multiple_of(chunk);
     let (has_dropout, threshold, dscale, seed) = match p.dropout {
         Some(dp) => (
             1,
