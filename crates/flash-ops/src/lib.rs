@@ -37,6 +37,8 @@ mod cpu;
 mod cuda;
 pub mod dropout;
 pub mod mask;
+#[cfg(all(feature = "metal", target_os = "macos"))]
+mod metal;
 mod op;
 mod options;
 pub mod params;

@@ -87,6 +87,22 @@ impl CustomOp3 for FlashAttnFwd {
         Ok((out, self.out_shape()))
     }
 
+    #[cfg(all(feature = "metal", target_os = "macos"))]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (out, stats) = crate::metal::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
+        let len = crate::metal::plan::stats_len(&self.params);
+        self.save_stats(Storage::Metal(stats), len);
+        Ok((out, self.out_shape()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -192,6 +208,39 @@ impl CustomOp3 for FlashAttnBwd {
             (s2, l2),
             (s3, l3),
             crate::cuda::BackwardInputs {
+                out: (o, o_layout.start_offset()),
+                grad_out: (d_o, do_layout.start_offset()),
+                stats: (st, st_layout.start_offset()),
+            },
+        )?;
+        Ok((grads, Shape::from(self.packed_len())))
+    }
+
+    #[cfg(all(feature = "metal", target_os = "macos"))]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (o, o_layout) = self.out.storage_and_layout();
+        let (d_o, do_layout) = self.grad_out.storage_and_layout();
+        let (st, st_layout) = self.stats.storage_and_layout();
+        let (Storage::Metal(o), Storage::Metal(d_o), Storage::Metal(st)) = (&*o, &*d_o, &*st)
+        else {
+            bail!(
+                "flash_attn backward: output, gradient and statistics must be on the metal device"
+            )
+        };
+        let grads = crate::metal::backward(
+            &self.params,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            crate::metal::BackwardInputs {
                 out: (o, o_layout.start_offset()),
                 grad_out: (d_o, do_layout.start_offset()),
                 stats: (st, st_layout.start_offset()),

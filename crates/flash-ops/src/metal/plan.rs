@@ -1,0 +1,299 @@
+//! The launch plan of the Metal kernels (kernels/metal): the `#[repr(C)]` mirror of
+//! `MetalFlashParams`, the per-sequence records, the tile sizes of `flash_metal.h`, and which
+//! kernels run with which grids. No Metal types here: the SIMT emulator crate
+//! (kernels/emu-metal) includes this file too, so the emulated tests run the plan the GPU
+//! backend runs.
+
+use super::{Algorithm, AttnParams};
+
+/// Mirror of `MetalFlashParams` in `kernels/metal/flash_metal.h` (same order; `long` is i64).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetalParams {
+    pub q_tok_stride: i64,
+    pub q_head_stride: i64,
+    pub k_tok_stride: i64,
+    pub k_head_stride: i64,
+    pub v_tok_stride: i64,
+    pub v_head_stride: i64,
+    pub o_tok_stride: i64,
+    pub dk_tok_stride: i64,
+    pub lse_head_stride: i64,
+    pub lse_len: i64,
+    pub batch: i32,
+    pub heads_q: i32,
+    pub heads_k: i32,
+    pub head_dim: i32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub has_alibi: i32,
+    pub stats_v1: i32,
+    pub scale: f32,
+    pub softcap: f32,
+    pub has_dropout: i32,
+    pub dropout_threshold: u32,
+    pub dropout_scale: f32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub pad: i32,
+}
+
+/// `sizeof(MetalFlashParams)`.
+pub const PARAMS_SIZE: usize = 144;
+const _: () = assert!(std::mem::size_of::<MetalParams>() == PARAMS_SIZE);
+
+/// i64 entries per sequence in `seq_info` (`SeqInfo` in flash_metal.h).
+pub const SEQ_INFO_STRIDE: usize = 8;
+
+/// Element type of q, k, v and the outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dt {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dt {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dt::F32 => "f32",
+            Dt::F16 => "f16",
+            Dt::Bf16 => "bf16",
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// Head dimensions with compiled kernels; a problem runs on the smallest one >= its head_dim
+/// (the extra columns are zero in threadgroup memory and never stored).
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+pub fn kernel_head_dim(d: usize) -> Option<usize> {
+    HEAD_DIMS.iter().copied().find(|&k| k >= d)
+}
+
+/// Threads per threadgroup of the tile kernels (4 simdgroups).
+pub const THREADS: u32 = 128;
+/// Query rows per forward / dQ threadgroup (`FLASH_BR`).
+pub const BR: usize = 32;
+/// Keys per dK/dV threadgroup (`FLASH_BK`).
+pub const BK: usize = 32;
+/// Rows per threadgroup of `flash_bwd_pre` (one simdgroup, a thread per row).
+pub const PRE_ROWS: usize = 32;
+
+/// Keys per forward / dQ tile (`FLASH_BC`).
+pub fn bc(d: usize) -> usize {
+    if d <= 128 {
+        32
+    } else {
+        16
+    }
+}
+
+/// Query rows per dK/dV tile (`FLASH_BQ`).
+pub fn bq(d: usize) -> usize {
+    match d {
+        0..=64 => 32,
+        65..=128 => 16,
+        _ => 8,
+    }
+}
+
+/// Threadgroup memory of each kernel, bytes (the `FLASH_CHECK_SMEM` expressions).
+pub fn fwd_smem(d: usize) -> usize {
+    (bc(d) * d + BR * bc(d) + 4 * 64) * 4
+}
+pub fn dq_smem(d: usize) -> usize {
+    (bc(d) * d + 2 * BR * bc(d) + 2 * BR) * 4
+}
+pub fn dkdv_smem(d: usize) -> usize {
+    (2 * bq(d) * d + 2 * BK * bq(d) + 2 * bq(d)) * 4
+}
+
+/// Where an input's rows are: start offset and strides in elements, as Candle's layout gives
+/// them. Rank 4 `(b, s, h, d)` or rank 3 `(t, h, d)`.
+#[derive(Debug, Clone)]
+pub struct InputLayout {
+    pub start: usize,
+    pub stride: Vec<usize>,
+}
+
+impl InputLayout {
+    fn tok_stride(&self) -> usize {
+        self.stride[self.stride.len() - 3]
+    }
+    fn head_stride(&self) -> usize {
+        self.stride[self.stride.len() - 2]
+    }
+    /// Element offset of row 0, head 0 of sequence `s`.
+    fn seq_base(&self, p: &AttnParams, s: usize, token_start: usize) -> usize {
+        match p.dense {
+            Some(_) => self.start + s * self.stride[0],
+            None => self.start + token_start * self.stride[0],
+        }
+    }
+}
+
+fn max_lens(p: &AttnParams) -> (usize, usize) {
+    p.seqs
+        .iter()
+        .fold((0, 0), |(a, b), s| (a.max(s.q_len), b.max(s.k_len)))
+}
+
+/// The per-sequence records: q_len, k_len, q/k/v input offsets, o/dq offset, statistics offset,
+/// dk/dv offset.
+pub fn seq_info(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> Vec<i64> {
+    let (hq, hk, d) = (p.heads_q, p.heads_k, p.head_dim);
+    let mut out = Vec::with_capacity(p.batch() * SEQ_INFO_STRIDE);
+    for (s, span) in p.seqs.iter().enumerate() {
+        let lse_off = match p.dense {
+            Some((sq, _)) => s * hq * sq,
+            None => span.q_start,
+        };
+        out.extend_from_slice(&[
+            span.q_len as i64,
+            span.k_len as i64,
+            q.seq_base(p, s, span.q_start) as i64,
+            k.seq_base(p, s, span.k_start) as i64,
+            v.seq_base(p, s, span.k_start) as i64,
+            (span.q_start * hq * d) as i64,
+            lse_off as i64,
+            (span.k_start * hk * d) as i64,
+        ]);
+    }
+    out
+}
+
+/// Window bounds as the kernels take them: -1 unbounded, otherwise clamped to 2^30 so that
+/// `i + diag + w + 1` cannot overflow an `int`.
+fn window(w: Option<usize>) -> i32 {
+    w.map_or(-1, |w| w.min(1 << 30) as i32)
+}
+
+/// The kernel parameters of a problem.
+pub fn params(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> MetalParams {
+    let (has_dropout, threshold, dscale, seed) = match p.dropout {
+        Some(dp) => (
+            1,
+            ((dp.p as f64) * 4_294_967_296.0).min(4_294_967_295.0) as u32,
+            1.0 / (1.0 - dp.p),
+            dp.seed,
+        ),
+        None => (0, 0, 1.0, 0),
+    };
+    MetalParams {
+        q_tok_stride: q.tok_stride() as i64,
+        q_head_stride: q.head_stride() as i64,
+        k_tok_stride: k.tok_stride() as i64,
+        k_head_stride: k.head_stride() as i64,
+        v_tok_stride: v.tok_stride() as i64,
+        v_head_stride: v.head_stride() as i64,
+        o_tok_stride: (p.heads_q * p.head_dim) as i64,
+        dk_tok_stride: (p.heads_k * p.head_dim) as i64,
+        lse_head_stride: match p.dense {
+            Some((sq, _)) => sq,
+            None => p.total_q,
+        } as i64,
+        lse_len: p.lse_len() as i64,
+        batch: p.batch() as i32,
+        heads_q: p.heads_q as i32,
+        heads_k: p.heads_k as i32,
+        head_dim: p.head_dim as i32,
+        window_left: window(p.window_left),
+        window_right: window(p.window_right),
+        has_alibi: p.alibi.is_some() as i32,
+        stats_v1: (p.algorithm == Algorithm::V1) as i32,
+        scale: p.scale,
+        softcap: p.softcap.unwrap_or(0.0),
+        has_dropout,
+        dropout_threshold: threshold,
+        dropout_scale: dscale,
+        seed_lo: seed as u32,
+        seed_hi: (seed >> 32) as u32,
+        pad: 0,
+    }
+}
+
+/// Length of the saved statistics: the log-sum-exp (V2) or m ‖ l (V1).
+pub fn stats_len(p: &AttnParams) -> usize {
+    match p.algorithm {
+        Algorithm::V2 => p.lse_len(),
+        Algorithm::V1 => 2 * p.lse_len(),
+    }
+}
+
+/// One kernel dispatch: 1-D threadgroups of `threads`, `smem` bytes of threadgroup memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub name: String,
+    pub grid: [u32; 3],
+    pub threads: u32,
+    pub smem: usize,
+}
+
+/// The forward kernel: buffers params, seq_info, alibi, q, k, v, o, stats.
+pub fn forward_launch(p: &AttnParams, dt: Dt) -> Launch {
+    let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
+    let (max_q, _) = max_lens(p);
+    Launch {
+        name: format!("flash_fwd_{}_d{d}", dt.name()),
+        grid: [
+            max_q.div_ceil(BR).max(1) as u32,
+            p.heads_q as u32,
+            p.batch() as u32,
+        ],
+        threads: THREADS,
+        smem: fwd_smem(d),
+    }
+}
+
+/// Backward, in order: `flash_bwd_pre` (params, seq_info, o, d_o, stats, lse, delta), then
+/// `flash_bwd_dq` (params, seq_info, alibi, q, k, v, d_o, lse, delta, dq) and `flash_bwd_dkdv`
+/// (the same, then dk, dv). The last two are independent of each other.
+pub fn backward_launches(p: &AttnParams, dt: Dt) -> [Launch; 3] {
+    let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
+    let (max_q, max_k) = max_lens(p);
+    let (b, hq, hk) = (p.batch() as u32, p.heads_q as u32, p.heads_k as u32);
+    [
+        Launch {
+            name: format!("flash_bwd_pre_{}", dt.name()),
+            grid: [max_q.div_ceil(PRE_ROWS).max(1) as u32, hq, b],
+            threads: PRE_ROWS as u32,
+            // Metal wants a non-empty threadgroup buffer where a kernel declares one.
+            smem: 16,
+        },
+        Launch {
+            name: format!("flash_bwd_dq_{}_d{d}", dt.name()),
+            grid: [max_q.div_ceil(BR).max(1) as u32, hq, b],
+            threads: THREADS,
+            smem: dq_smem(d),
+        },
+        Launch {
+            name: format!("flash_bwd_dkdv_{}_d{d}", dt.name()),
+            grid: [max_k.div_ceil(BK).max(1) as u32, hk, b],
+            threads: THREADS,
+            smem: dkdv_smem(d),
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_apple_threadgroup_memory() {
+        for d in HEAD_DIMS {
+            for s in [fwd_smem(d), dq_smem(d), dkdv_smem(d)] {
+                assert!(s <= 32 * 1024, "d={d}: {s} bytes");
+            }
+            assert_eq!(BR % bc(d), 0);
+            assert_eq!(bq(d) % 8, 0);
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The Metal kernels as one MSL source string. `newLibraryWithSource` has no include path, so
+//! the shared header and the kernel files (one kernel per file, each including the header for
+//! the emulator's sake) are concatenated, their local `#include "..."` and `#pragma once`
+//! lines dropped.
+
+const FILES: [(&str, &str); 5] = [
+    (
+        "flash_metal.h",
+        include_str!("../../../../kernels/metal/flash_metal.h"),
+    ),
+    (
+        "fwd.metal",
+        include_str!("../../../../kernels/metal/fwd.metal"),
+    ),
+    (
+        "bwd_pre.metal",
+        include_str!("../../../../kernels/metal/bwd_pre.metal"),
+    ),
+    (
+        "bwd_dq.metal",
+        include_str!("../../../../kernels/metal/bwd_dq.metal"),
+    ),
+    (
+        "bwd_dkdv.metal",
+        include_str!("../../../../kernels/metal/bwd_dkdv.metal"),
+    ),
+];
+
+/// The whole library source.
+pub fn msl_source() -> String {
+    let mut out = String::new();
+    for (name, text) in FILES {
+        out.push_str(&format!("// ---- kernels/metal/{name}\n"));
+        for line in text.lines() {
+            let t = line.trim_start();
+            if t.starts_with("#include \"") || t.starts_with("#pragma once") {
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
