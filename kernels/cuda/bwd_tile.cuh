@@ -177,6 +177,10 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
         }
     }
 
+    // A tile that no query sees never waited for its K/V copies; they must land before the
+    // next tile (bwd_v1) reuses the buffers.
+    cp_async_wait<0>();
+
     // dK (scaled) and dV of this warp's 16 keys and head-dim slice.
     T* gdk = static_cast<T*>(p.dk) + sq.dk_off + (long long)hk * p.head_dim;
     T* gdv = static_cast<T*>(p.dv) + sq.dk_off + (long long)hk * p.head_dim;
