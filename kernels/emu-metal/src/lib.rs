@@ -20,6 +20,10 @@ use flash_ops::Algorithm;
 #[path = "../../../crates/flash-ops/src/metal/plan.rs"]
 pub mod plan;
 
+#[allow(dead_code)]
+#[path = "../../../crates/flash-ops/src/metal/source.rs"]
+pub mod source;
+
 use plan::{Dt, InputLayout, Launch, MetalParams};
 
 extern "C" {
