@@ -22,6 +22,8 @@ fi
 
 if [[ -z "${CI_METAL_SKIP_EMU:-}" ]]; then
   step "emulated Metal kernels vs reference"
-  cargo test -p flash-emu-metal --release -- --test-threads=2
+  # Dev profile on purpose: the workspace optimises dependencies there and build.rs compiles
+  # the kernels with -O2 anyway, so this shares the build of `cargo test --workspace`.
+  cargo test -p flash-emu-metal -- --test-threads=2
 fi
 step "done"
