@@ -24,7 +24,10 @@ pub const FORMAT: &str = "flash-ops-train/1";
 
 /// Writes `bytes` to `path` atomically (sibling temp file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
@@ -97,15 +100,26 @@ pub fn save(
     std::fs::create_dir_all(&tmp)?;
     let write = || -> Result<()> {
         let model_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(params.iter(), Some(model_meta), &tmp.join("model.safetensors"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        safetensors::serialize_to_file(
+            params.iter(),
+            Some(model_meta),
+            &tmp.join("model.safetensors"),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         let opt_meta = HashMap::from([
             ("format".to_string(), "pt".to_string()),
             ("train_state".to_string(), serde_json::to_string(state)?),
         ]);
-        safetensors::serialize_to_file(optimizer.iter(), Some(opt_meta), &tmp.join("optimizer.safetensors"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)?)?;
+        safetensors::serialize_to_file(
+            optimizer.iter(),
+            Some(opt_meta),
+            &tmp.join("optimizer.safetensors"),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::write(
+            tmp.join("config.json"),
+            serde_json::to_string_pretty(config)?,
+        )?;
         tokenizer
             .save(tmp.join("tokenizer.json"), false)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -198,7 +212,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
     let p = dir.join("config.json");
     let s = std::fs::read_to_string(&p).with_context(|| {
-        format!("reading {}; the checkpoint is incomplete, pick another one", p.display())
+        format!(
+            "reading {}; the checkpoint is incomplete, pick another one",
+            p.display()
+        )
     })?;
     serde_json::from_str(&s).with_context(|| format!("parsing {}", p.display()))
 }
@@ -215,7 +232,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         .map_err(|e| corrupt(e.to_string()))?;
     let opt_path = dir.join("optimizer.safetensors");
     let bytes = std::fs::read(&opt_path).map_err(|e| corrupt(e.to_string()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let state_json = meta
         .metadata()
         .as_ref()
@@ -229,8 +247,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
             state.format
         )
     }
-    let optimizer =
-        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| corrupt(e.to_string()))?;
+    let optimizer = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| corrupt(e.to_string()))?;
     Ok(Checkpoint {
         params,
         optimizer,
@@ -261,21 +279,43 @@ mod tests {
                 format: FORMAT.into(),
                 step,
                 tokens_seen: step * 100,
-                data_pos: DataPos { epoch: 1, cursor: step },
+                data_pos: DataPos {
+                    epoch: 1,
+                    cursor: step,
+                },
                 seed: 5,
                 loss_scale: 1.0,
                 elapsed_s: 1.5,
                 settings: serde_json::json!({"x": 1}),
             };
-            save(&root.join("checkpoints"), &p, &o, &st, &serde_json::json!({"n": 1}), &tok, 2).unwrap();
+            save(
+                &root.join("checkpoints"),
+                &p,
+                &o,
+                &st,
+                &serde_json::json!({"n": 1}),
+                &tok,
+                2,
+            )
+            .unwrap();
         }
-        let steps: Vec<u64> = list(&root.join("checkpoints")).unwrap().iter().map(|x| x.0).collect();
+        let steps: Vec<u64> = list(&root.join("checkpoints"))
+            .unwrap()
+            .iter()
+            .map(|x| x.0)
+            .collect();
         assert_eq!(steps, vec![20, 30]);
         let dir = resolve(&root).unwrap();
         assert!(dir.ends_with("step-00000030"));
         let c = load(&dir, &Device::Cpu).unwrap();
         assert_eq!(c.state.step, 30);
-        assert_eq!(c.state.data_pos, DataPos { epoch: 1, cursor: 30 });
+        assert_eq!(
+            c.state.data_pos,
+            DataPos {
+                epoch: 1,
+                cursor: 30
+            }
+        );
         assert_eq!(
             c.params["a.weight"].to_vec2::<f32>().unwrap(),
             vec![vec![1., 2.], vec![3., 4.]]

@@ -276,7 +276,9 @@ impl<'a> Batches<'a> {
 
     fn shuffle(&mut self) {
         let mut order: Vec<u32> = (0..self.windows() as u32).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         order.shuffle(&mut rng);
         self.order = order;
     }
@@ -353,13 +355,29 @@ mod tests {
     #[test]
     fn batches_cover_each_window_once_per_epoch_and_resume() {
         let t: Vec<u32> = (0..1001).collect();
-        let mut b = Batches::new(&t, 10, 7, DataPos { epoch: 0, cursor: 0 });
+        let mut b = Batches::new(
+            &t,
+            10,
+            7,
+            DataPos {
+                epoch: 0,
+                cursor: 0,
+            },
+        );
         assert_eq!(b.windows(), 100);
         let mut firsts: Vec<u32> = (0..100).map(|_| b.next_window()[0]).collect();
         firsts.sort();
         assert_eq!(firsts, (0..100).map(|i| i * 10).collect::<Vec<_>>());
         // Resuming from a saved position continues the same sequence.
-        let mut a = Batches::new(&t, 10, 7, DataPos { epoch: 0, cursor: 0 });
+        let mut a = Batches::new(
+            &t,
+            10,
+            7,
+            DataPos {
+                epoch: 0,
+                cursor: 0,
+            },
+        );
         for _ in 0..137 {
             a.next_window();
         }

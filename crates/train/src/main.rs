@@ -22,7 +22,11 @@ use flash_ops_models::AttentionKind;
 use model::Preset;
 
 #[derive(Parser, Debug)]
-#[command(name = "train", version, about = "Pretrain GPT-2 and BERT with FlashAttention (Candle)")]
+#[command(
+    name = "train",
+    version,
+    about = "Pretrain GPT-2 and BERT with FlashAttention (Candle)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -152,7 +156,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub val_every: Option<u64>,
     /// Validation tokens per evaluation.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 4096)]
     pub val_tokens: usize,
     /// Checkpoint every N steps (and at the end and on Ctrl-C).
     #[arg(long)]
@@ -280,7 +284,10 @@ pub fn device(d: DeviceArg) -> Result<candle_core::Device> {
 
 fn run_tokenizer(a: TokenizerArgs) -> Result<()> {
     if a.vocab_size < 300 {
-        bail!("--vocab-size {} is too small; use at least 300 (byte-level BPE alone needs 257)", a.vocab_size)
+        bail!(
+            "--vocab-size {} is too small; use at least 300 (byte-level BPE alone needs 257)",
+            a.vocab_size
+        )
     }
     let tmp;
     let files: Vec<String> = if a.data.is_empty() {
@@ -293,7 +300,10 @@ fn run_tokenizer(a: TokenizerArgs) -> Result<()> {
                 bail!("{name} is a token file; `train tokenizer` needs text files")
             }
         }
-        a.data.iter().map(|p| p.to_string_lossy().into_owned()).collect()
+        a.data
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect()
     };
     let t0 = std::time::Instant::now();
     let tok = tokenizer::train_new(a.kind, a.vocab_size, &files)?;

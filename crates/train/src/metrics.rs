@@ -43,13 +43,18 @@ impl Metrics {
         let path = Self::path(out);
         match keep_until {
             None => {
-                std::fs::write(&path, b"").with_context(|| format!("creating {}", path.display()))?;
+                std::fs::write(&path, b"")
+                    .with_context(|| format!("creating {}", path.display()))?;
             }
             Some(step) => {
                 let kept: Vec<serde_json::Value> = read(&path)
                     .unwrap_or_default()
                     .into_iter()
-                    .filter(|r| r.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= step))
+                    .filter(|r| {
+                        r.get("step")
+                            .and_then(|s| s.as_u64())
+                            .is_some_and(|s| s <= step)
+                    })
                     .collect();
                 let mut text = String::new();
                 for r in kept {

@@ -13,7 +13,9 @@ pub enum ModelKind {
 }
 
 /// `--preset`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// CPU-sized: 4 layers, 4 heads, width 128 (GPT-2 or BERT).
@@ -57,7 +59,7 @@ pub fn model_config(
         None => tokenizer_vocab,
     };
     let check_heads = |embd: usize, heads: usize| -> Result<()> {
-        if heads == 0 || embd % heads != 0 {
+        if heads == 0 || !embd.is_multiple_of(heads) {
             bail!("model width {embd} is not a multiple of the head count {heads}; pick --n-embd divisible by --n-head")
         }
         Ok(())
@@ -221,11 +223,13 @@ impl Net {
         let vb = VarBuilder::from_varmap(varmap, dtype, device);
         Ok(match kind_of(config)? {
             ModelKind::Gpt2 => {
-                let c: Gpt2Config = serde_json::from_value(config.clone()).context("config.json")?;
+                let c: Gpt2Config =
+                    serde_json::from_value(config.clone()).context("config.json")?;
                 Net::Gpt2(Gpt2::new(&c, vb, attn)?)
             }
             ModelKind::Bert => {
-                let c: BertConfig = serde_json::from_value(config.clone()).context("config.json")?;
+                let c: BertConfig =
+                    serde_json::from_value(config.clone()).context("config.json")?;
                 Net::Bert(BertForMaskedLM::new(&c, vb, attn)?)
             }
         })
@@ -252,7 +256,10 @@ impl Net {
                 let logits = m.forward(inputs, train)?;
                 let (b, t, v) = logits.dims3()?;
                 let logits = logits.reshape((b * t, v))?.to_dtype(DType::F32)?;
-                Ok(candle_nn::loss::cross_entropy(&logits, &targets.flatten_all()?)?)
+                Ok(candle_nn::loss::cross_entropy(
+                    &logits,
+                    &targets.flatten_all()?,
+                )?)
             }
             (
                 Net::Bert(m),
@@ -266,7 +273,10 @@ impl Net {
                 let logits = m.forward(inputs, lengths, train)?;
                 let (b, t, v) = logits.dims3()?;
                 let picked = logits.reshape((b * t, v))?.index_select(positions, 0)?;
-                Ok(candle_nn::loss::cross_entropy(&picked.to_dtype(DType::F32)?, labels)?)
+                Ok(candle_nn::loss::cross_entropy(
+                    &picked.to_dtype(DType::F32)?,
+                    labels,
+                )?)
             }
             _ => bail!("internal: batch kind does not match the model"),
         }

@@ -25,7 +25,11 @@ pub fn decays(name: &str, rank: usize) -> bool {
 }
 
 fn is_norm(name: &str) -> bool {
-    name.contains(".ln_") || name.starts_with("ln_") || name.contains("ln_f") || name.contains("LayerNorm") || name.contains("layer_norm")
+    name.contains(".ln_")
+        || name.starts_with("ln_")
+        || name.contains("ln_f")
+        || name.contains("LayerNorm")
+        || name.contains("layer_norm")
 }
 
 fn name_seed(seed: u64, name: &str) -> u64 {
@@ -42,7 +46,12 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 /// Re-initialises every parameter from `seed` (candle's CPU RNG cannot be seeded): GPT-2/BERT
 /// init, N(0, 0.02) for matrices and embeddings, N(0, 0.02/sqrt(2·layers)) for the projections
 /// into the residual stream (GPT-2 paper), zero biases, unit norm gains.
-pub fn init_params(varmap: &VarMap, seed: u64, n_layer: usize, residual_scaled: bool) -> Result<()> {
+pub fn init_params(
+    varmap: &VarMap,
+    seed: u64,
+    n_layer: usize,
+    residual_scaled: bool,
+) -> Result<()> {
     let data = varmap.data().lock().expect("varmap lock");
     for (name, var) in data.iter() {
         let shape = var.shape().clone();
@@ -178,8 +187,8 @@ impl AdamW {
             };
             p.m = (p.m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
             p.v = (p.v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
-            let update = (p.m.affine(1.0 / bc1, 0.0)?
-                / (p.v.affine(1.0 / bc2, 0.0)?.sqrt()? + eps)?)?;
+            let update =
+                (p.m.affine(1.0 / bc1, 0.0)? / (p.v.affine(1.0 / bc2, 0.0)?.sqrt()? + eps)?)?;
             let theta = match &p.master {
                 Some(m) => m.clone(),
                 None => p.var.as_tensor().clone(),
@@ -303,7 +312,9 @@ mod tests {
         let w = vb
             .get_with_hints((1, 2), "w", candle_nn::Init::Const(1.0))
             .unwrap();
-        let b = vb.get_with_hints(2, "b", candle_nn::Init::Const(1.0)).unwrap();
+        let b = vb
+            .get_with_hints(2, "b", candle_nn::Init::Const(1.0))
+            .unwrap();
         let cfg = AdamWConfig {
             beta1: 0.9,
             beta2: 0.95,
@@ -313,11 +324,17 @@ mod tests {
         let mut opt = AdamW::new(&vm, cfg).unwrap();
         let loss = ((w.sum_all().unwrap() * 3.0).unwrap() + b.sum_all().unwrap()).unwrap();
         let mut acc = Grads::new();
-        opt.accumulate(&mut acc, &loss.backward().unwrap(), 1.0).unwrap();
+        opt.accumulate(&mut acc, &loss.backward().unwrap(), 1.0)
+            .unwrap();
         assert!((AdamW::grad_norm(&acc).unwrap() - (9.0f64 * 2.0 + 2.0).sqrt()).abs() < 1e-6);
         opt.step(&acc, 0.01, 1.0).unwrap();
         let data = vm.data().lock().unwrap();
-        let w1 = data["w"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w1 = data["w"]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let b1 = data["b"].as_tensor().to_vec1::<f32>().unwrap();
         // First step: m̂ = g, v̂ = g², update = g/(|g|+eps) ≈ 1.
         let want_w = 1.0 * (1.0 - 0.01 * 0.1) - 0.01;
@@ -336,7 +353,12 @@ mod tests {
             init_params(&vm, seed, 2, true).unwrap();
             let d = vm.data().lock().unwrap();
             (
-                d["h.0.mlp.c_fc.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                d["h.0.mlp.c_fc.weight"]
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
                 d["h.0.ln_1.weight"].as_tensor().to_vec1::<f32>().unwrap(),
             )
         };

@@ -54,7 +54,11 @@ fn load(run: &Path) -> Result<Series> {
         .and_then(|s| serde_json::from_str(&s).ok());
     let label = settings
         .as_ref()
-        .and_then(|s| s["attn"].as_str().map(|a| format!("{} ({a})", run.display())))
+        .and_then(|s| {
+            s["attn"]
+                .as_str()
+                .map(|a| format!("{} ({a})", run.display()))
+        })
         .unwrap_or_else(|| run.display().to_string());
     Ok(Series {
         label,
@@ -112,7 +116,10 @@ pub fn render_runs(runs: &[PathBuf], out: &Path) -> Result<()> {
         let c = Palette99::pick(i).to_rgba();
         let label = s.label.clone();
         chart
-            .draw_series(LineSeries::new(s.train.clone(), c.mix(0.45).stroke_width(1)))
+            .draw_series(LineSeries::new(
+                s.train.clone(),
+                c.mix(0.45).stroke_width(1),
+            ))
             .map_err(|e| err(&e))?
             .label(format!("{label} train"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.mix(0.45)));
@@ -137,6 +144,7 @@ pub fn render_runs(runs: &[PathBuf], out: &Path) -> Result<()> {
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))

@@ -149,7 +149,10 @@ pub fn encode_text(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     let encs = tok
         .encode_batch(pieces, false)
         .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-    Ok(encs.into_iter().flat_map(|e| e.get_ids().to_vec()).collect())
+    Ok(encs
+        .into_iter()
+        .flat_map(|e| e.get_ids().to_vec())
+        .collect())
 }
 
 /// Which kind of tokenizer `train tokenizer` trains.
@@ -183,13 +186,18 @@ pub fn train_new(kind: TokenizerKind, vocab_size: usize, files: &[String]) -> Re
         TokenizerKind::Wordpiece => {
             let mut tok = Tokenizer::new(WordPiece::default());
             tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             tok.with_pre_tokenizer(Some(BertPreTokenizer));
             let trainer = WordPieceTrainer::builder()
                 .vocab_size(vocab_size)
                 .min_frequency(2)
                 .show_progress(false)
-                .special_tokens(BERT_SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
+                .special_tokens(
+                    BERT_SPECIALS
+                        .iter()
+                        .map(|s| AddedToken::from(*s, true))
+                        .collect(),
+                )
                 .build();
             let mut trainer: TrainerWrapper = trainer.into();
             tok.train_from_files(&mut trainer, files.to_vec())
@@ -199,7 +207,11 @@ pub fn train_new(kind: TokenizerKind, vocab_size: usize, files: &[String]) -> Re
             let trained: Tokenizer = json.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
             let vocab = trained.get_vocab(false);
             let wp = WordPiece::builder()
-                .vocab(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>())
+                .vocab(
+                    vocab
+                        .into_iter()
+                        .collect::<tokenizers::models::bpe::Vocab>(),
+                )
                 .unk_token("[UNK]".into())
                 .build()
                 .map_err(|e| anyhow::anyhow!("building WordPiece: {e}"))?;

@@ -32,7 +32,16 @@ fn small_text(dir: &Path) -> PathBuf {
 }
 
 const TINY: &[&str] = &[
-    "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "2",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "32",
+    "--n-head",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
 ];
 
 fn train(args: &[&str]) -> Output {
@@ -63,7 +72,13 @@ fn s(p: &Path) -> &str {
 #[test]
 fn missing_and_empty_data() {
     let d = tmpdir("baddata");
-    let o = train(&["gpt2", "--out", s(&d.join("o1")), "--data", "/nonexistent/x.txt"]);
+    let o = train(&[
+        "gpt2",
+        "--out",
+        s(&d.join("o1")),
+        "--data",
+        "/nonexistent/x.txt",
+    ]);
     assert_clean_error(&o, &["/nonexistent/x.txt", "does not exist", "--data"]);
     let empty = d.join("empty.txt");
     std::fs::write(&empty, "").unwrap();
@@ -81,7 +96,15 @@ fn seq_len_above_positions() {
     let d = tmpdir("seqlen");
     let txt = small_text(&d);
     let o = train(&[
-        "gpt2", "--out", s(&d.join("o")), "--data", s(&txt), "--n-positions", "64", "--seq-len", "128",
+        "gpt2",
+        "--out",
+        s(&d.join("o")),
+        "--data",
+        s(&txt),
+        "--n-positions",
+        "64",
+        "--seq-len",
+        "128",
     ]);
     assert_clean_error(&o, &["--seq-len 128", "64 positions", "--n-positions"]);
     std::fs::remove_dir_all(&d).ok();
@@ -107,9 +130,27 @@ fn tokenizer_vocab_mismatch() {
     let o = train(&["encode", "--data", s(&txt), "--out", s(&toks)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let tj = d.join("tok.json");
-    let o = train(&["tokenizer", "--kind", "bpe", "--vocab-size", "500", "--data", s(&txt), "--out", s(&tj)]);
+    let o = train(&[
+        "tokenizer",
+        "--kind",
+        "bpe",
+        "--vocab-size",
+        "500",
+        "--data",
+        s(&txt),
+        "--out",
+        s(&tj),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = train(&["gpt2", "--out", s(&d.join("o")), "--data", s(&toks), "--tokenizer", s(&tj)]);
+    let o = train(&[
+        "gpt2",
+        "--out",
+        s(&d.join("o")),
+        "--data",
+        s(&toks),
+        "--tokenizer",
+        s(&tj),
+    ]);
     assert_clean_error(&o, &["token id", "500 entries", "--tokenizer"]);
     // A checkpoint trained with GPT-2's tokenizer, evaluated with a 500-token one.
     let run = d.join("run");
@@ -117,7 +158,17 @@ fn tokenizer_vocab_mismatch() {
     a.extend_from_slice(TINY);
     let o = train(&a);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = train(&["eval", "--checkpoint", s(&d.join("run")), "--data", s(&txt), "--tokenizer", s(&tj), "--seq-len", "32"]);
+    let o = train(&[
+        "eval",
+        "--checkpoint",
+        s(&d.join("run")),
+        "--data",
+        s(&txt),
+        "--tokenizer",
+        s(&tj),
+        "--seq-len",
+        "32",
+    ]);
     assert_clean_error(&o, &["500 tokens", "50257", "tokenizer"]);
     std::fs::remove_dir_all(&d).ok();
 }
@@ -132,17 +183,39 @@ fn checkpoint_from_different_config() {
     let o = train(&a);
     assert!(o.status.success(), "{}", stderr(&o));
     let ckpts = out.join("checkpoints");
-    let before: Vec<_> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let before: Vec<_> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     // Same folder, two layers instead of one.
     let o = train(&[
-        "gpt2", "--out", s(&out), "--data", s(&txt), "--steps", "4", "--resume", "--n-layer", "2",
-        "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "2",
+        "gpt2",
+        "--out",
+        s(&out),
+        "--data",
+        s(&txt),
+        "--steps",
+        "4",
+        "--resume",
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
     ]);
     assert_clean_error(&o, &["different model config", "n_layer: 1 vs 2"]);
     // Starting over in a folder that holds a run is refused too, and nothing was touched.
     let o = train(&a);
     assert_clean_error(&o, &["already holds a run", "--resume"]);
-    let after: Vec<_> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let after: Vec<_> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(before, after);
     std::fs::remove_dir_all(&d).ok();
 }
@@ -175,8 +248,21 @@ fn sigkill_then_resume_matches_uninterrupted() {
     let txt = small_text(&d);
     let common = |out: &Path| -> Vec<String> {
         let mut v: Vec<String> = [
-            "gpt2", "--data", s(&txt), "--steps", "12", "--ckpt-every", "4", "--val-every", "6",
-            "--lr", "1e-2", "--warmup-steps", "2", "--out", s(out),
+            "gpt2",
+            "--data",
+            s(&txt),
+            "--steps",
+            "12",
+            "--ckpt-every",
+            "4",
+            "--val-every",
+            "6",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "2",
+            "--out",
+            s(out),
         ]
         .iter()
         .map(|x| x.to_string())
@@ -202,8 +288,14 @@ fn sigkill_then_resume_matches_uninterrupted() {
         if std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() == "step-00000008") {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "no step-8 checkpoint");
-        assert!(child.try_wait().unwrap().is_none(), "run B ended before it was killed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no step-8 checkpoint"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run B ended before it was killed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
@@ -219,9 +311,15 @@ fn sigkill_then_resume_matches_uninterrupted() {
 
     let (la, lb) = (train_losses(&a), train_losses(&b));
     assert_eq!(la.len(), 12);
-    assert_eq!(la.iter().map(|x| x.0).collect::<Vec<_>>(), lb.iter().map(|x| x.0).collect::<Vec<_>>());
+    assert_eq!(
+        la.iter().map(|x| x.0).collect::<Vec<_>>(),
+        lb.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
     for ((s, x), (_, y)) in la.iter().zip(&lb) {
-        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "step {s}: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "step {s}: {x} vs {y}"
+        );
     }
     let (va, vb) = (val_losses(&a), val_losses(&b));
     assert_eq!(va.len(), vb.len());
@@ -238,7 +336,17 @@ fn sample_eval_plot_bench_bert() {
     let d = tmpdir("smoke");
     let txt = small_text(&d);
     let out = d.join("run");
-    let mut a = vec!["gpt2", "--out", s(&out), "--data", s(&txt), "--steps", "3", "--attn", "naive"];
+    let mut a = vec![
+        "gpt2",
+        "--out",
+        s(&out),
+        "--data",
+        s(&txt),
+        "--steps",
+        "3",
+        "--attn",
+        "naive",
+    ];
     a.extend_from_slice(TINY);
     let o = train(&a);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -246,15 +354,36 @@ fn sample_eval_plot_bench_bert() {
     assert!(stdout.contains("unigram entropy"), "{stdout}");
     assert!(out.join("loss.png").exists());
     let ck = out.join("checkpoints/step-00000003");
-    for f in ["model.safetensors", "optimizer.safetensors", "config.json", "tokenizer.json"] {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.json",
+        "tokenizer.json",
+    ] {
         assert!(ck.join(f).exists(), "{f}");
     }
 
-    let o = train(&["sample", "--checkpoint", s(&out), "--prompt", "The whale", "--max-new-tokens", "5"]);
+    let o = train(&[
+        "sample",
+        "--checkpoint",
+        s(&out),
+        "--prompt",
+        "The whale",
+        "--max-new-tokens",
+        "5",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("The whale"));
 
-    let o = train(&["eval", "--checkpoint", s(&ck), "--data", s(&txt), "--seq-len", "32"]);
+    let o = train(&[
+        "eval",
+        "--checkpoint",
+        s(&ck),
+        "--data",
+        s(&txt),
+        "--seq-len",
+        "32",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"));
 
@@ -265,23 +394,58 @@ fn sample_eval_plot_bench_bert() {
 
     let bj = d.join("bench.json");
     let o = train(&[
-        "bench", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-lens", "16,32",
-        "--tokens-per-step", "64", "--steps", "1", "--warmup", "0", "--out", s(&bj),
+        "bench",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--seq-lens",
+        "16,32",
+        "--tokens-per-step",
+        "64",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        s(&bj),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&bj).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bj).unwrap()).unwrap();
     assert_eq!(j["rows"].as_array().unwrap().len(), 6);
     // Same weights and batch: the three attention kinds agree on the loss.
     let probes: Vec<f64> = j["rows"].as_array().unwrap()[..3]
         .iter()
         .map(|r| r["probe_loss"].as_f64().unwrap())
         .collect();
-    assert!(probes.iter().all(|p| (p - probes[0]).abs() < 1e-3), "{probes:?}");
+    assert!(
+        probes.iter().all(|p| (p - probes[0]).abs() < 1e-3),
+        "{probes:?}"
+    );
 
     let bout = d.join("bert");
     let o = train(&[
-        "bert", "--out", s(&bout), "--data", s(&txt), "--steps", "2", "--whole-word", "--n-layer", "1",
-        "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "2",
+        "bert",
+        "--out",
+        s(&bout),
+        "--data",
+        s(&txt),
+        "--steps",
+        "2",
+        "--whole-word",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = train(&["sample", "--checkpoint", s(&bout)]);
