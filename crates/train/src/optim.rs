@@ -145,7 +145,9 @@ impl AdamW {
             let Some(g) = store.get(p.var.as_tensor()) else {
                 continue;
             };
-            let g = (g.to_dtype(DType::F32)? / div)?;
+            // Detached: gradients carry the backward graph (which holds the step's activations),
+            // and the moments built from them would otherwise chain every step's graph together.
+            let g = (g.detach().to_dtype(DType::F32)? / div)?;
             let sum = match acc.remove(&p.name) {
                 Some(prev) => (prev + g)?,
                 None => g,
@@ -194,7 +196,9 @@ impl AdamW {
                 None => p.var.as_tensor().clone(),
             };
             let decay = if p.decay { lr * weight_decay } else { 0.0 };
-            let new = (theta.affine(1.0 - decay, 0.0)? - update.affine(lr, 0.0)?)?;
+            let new = (theta.affine(1.0 - decay, 0.0)? - update.affine(lr, 0.0)?)?.detach();
+            p.m = p.m.detach();
+            p.v = p.v.detach();
             match &mut p.master {
                 Some(m) => {
                     p.var.set(&new.to_dtype(p.var.dtype())?)?;
@@ -328,6 +332,12 @@ mod tests {
             .unwrap();
         assert!((AdamW::grad_norm(&acc).unwrap() - (9.0f64 * 2.0 + 2.0).sqrt()).abs() < 1e-6);
         opt.step(&acc, 0.01, 1.0).unwrap();
+        // Nothing the optimizer keeps may hold on to the step's autograd graph (a memory leak).
+        assert!(opt
+            .params
+            .iter()
+            .all(|p| !p.m.track_op() && !p.v.track_op()));
+        assert!(acc.values().all(|g| !g.track_op()));
         let data = vm.data().lock().unwrap();
         let w1 = data["w"]
             .as_tensor()
