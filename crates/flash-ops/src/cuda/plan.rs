@@ -55,6 +55,7 @@ pub struct FlashParams {
 
 /// `sizeof(FlashParams)` in C; the emulator checks it at every launch.
 pub const FLASH_PARAMS_SIZE: usize = 272;
+const _: () = assert!(std::mem::size_of::<FlashParams>() == FLASH_PARAMS_SIZE);
 /// int64 entries per sequence in `seq_info` (`FLASH_SI_STRIDE`).
 pub const SEQ_INFO_STRIDE: usize = 8;
 
@@ -362,7 +363,9 @@ pub fn backward_launches(p: &AttnParams, dt: Dt, deterministic: bool) -> Vec<Lau
 }
 
 /// `mma_probe.cu`: one warp multiplies two 16x16 tiles (A = `q`, B = `k`, in `dt`) through
-/// every operand path of `flash_mma.cuh`, writing 4 x 256 f32 to `dq_accum`.
+/// every operand path of `flash_mma.cuh`, writing 4 x 256 f32 to `dq_accum`. Used by the
+/// probe tests (the backend's unit test on a GPU, kernels/emu on the CPU).
+#[allow(dead_code)]
 pub fn probe_launch(dt: Dt) -> Launch {
     Launch {
         name: format!("flash_mma_probe_{}", dt.name()),
@@ -374,6 +377,7 @@ pub fn probe_launch(dt: Dt) -> Launch {
 
 /// What the probe must produce, from the f32 values of A and B (row-major 16x16) and a
 /// rounding function of `dt`: A·Bᵀ, A·B, Aᵀ·B, round(A·Bᵀ)·B.
+#[allow(dead_code)]
 pub fn probe_expected(a: &[f32], b: &[f32], round: impl Fn(f32) -> f32) -> Vec<f32> {
     let mm = |x: &dyn Fn(usize, usize) -> f32, y: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
         (0..256)
