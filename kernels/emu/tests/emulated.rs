@@ -229,7 +229,6 @@ fn tol(dtype: DType) -> f64 {
     }
 }
 
-
 fn check(name: &str, c: &Case) {
     let e = run(c, 0x5eed ^ name.len() as u64).unwrap();
     println!(
