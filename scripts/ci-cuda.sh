@@ -7,7 +7,8 @@
 #   3. the emulated kernels against the f64 reference on every option (kernels/emu tests)
 #   4. `cargo build -p flash-ops --features cuda` and the CUDA tests linked against the stub
 #      driver, run to show they skip cleanly without a device
-# Env: CI_CUDA_SKIP_BUILD=1 skips step 4 (the slowest: candle's own kernels, ~15 min).
+# Env: CI_CUDA_SKIP_BUILD=1 skips step 4 (the slowest: candle's own kernels, ~15 min);
+#      CI_CUDA_SKIP_EMU=1 skips step 3 (when `cargo test --workspace` already ran it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -20,8 +21,10 @@ eval "$(scripts/setup-cuda-toolchain.sh)"
 step "compile gate (sm_80, sm_90)"
 scripts/cuda-compile-check.sh 80 90
 
-step "emulated kernels vs reference"
-CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" cargo test -p flash-emu -- --test-threads=2
+if [[ -z "${CI_CUDA_SKIP_EMU:-}" ]]; then
+  step "emulated kernels vs reference"
+  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" cargo test -p flash-emu -- --test-threads=2
+fi
 
 if [[ -z "${CI_CUDA_SKIP_BUILD:-}" ]]; then
   step "cargo build --features cuda (CUDA_COMPUTE_CAP=80)"
