@@ -44,7 +44,6 @@ mod options;
 pub mod params;
 pub mod reference;
 
-pub use cpu::tile::exp as fast_exp;
 pub use options::{Algorithm, AttnOptions, Dropout};
 
 use candle_core::{bail, DType, Result, Tensor};

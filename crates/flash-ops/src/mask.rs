@@ -78,11 +78,6 @@ impl ScoreMods {
         lo_last <= j0 && hi_first >= j1
     }
 
-    pub fn is_visible(&self, i: usize, j: usize) -> bool {
-        let (lo, hi) = self.key_range(i);
-        j >= lo && j < hi
-    }
-
     /// Modifies an already scaled score: softcap first, then ALiBi (FlashAttention-2's order).
     #[inline(always)]
     pub fn modify(&self, s: f32, i: usize, j: usize) -> f32 {
