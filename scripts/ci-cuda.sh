@@ -7,7 +7,7 @@
 #   3. the emulated kernels against the f64 reference on every option (kernels/emu tests)
 #   4. `cargo build -p flash-ops --features cuda` and the CUDA tests linked against the stub
 #      driver, run to show they skip cleanly without a device
-# Env: CI_CUDA_SKIP_BUILD=1 skips step 4 (the slowest: candle's own kernels, ~15 min);
+# Env: CI_CUDA_SKIP_BUILD=1 skips step 4 (the slowest: candle's own kernels, ~10 min cold);
 #      CI_CUDA_SKIP_EMU=1 skips step 3 (when `cargo test --workspace` already ran it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +31,10 @@ if [[ -z "${CI_CUDA_SKIP_BUILD:-}" ]]; then
   export CUDA_COMPUTE_CAP=80 CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
   cargo build -p flash-ops --features cuda
   step "CUDA tests without a device (must skip cleanly)"
+  bins=$(cargo test -p flash-ops --features cuda --test cuda --lib --no-run --message-format=json |
+    python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]')
+  # shellcheck disable=SC2086
+  scripts/setup-cuda-toolchain.sh --stubs-for $bins
   cargo test -p flash-ops --features cuda --test cuda --lib -- mma_probe dense_options varlen
 fi
 step "done"

@@ -3,13 +3,15 @@
 # machine has no Rust toolchain and no network and a call carries at most 64 MiB:
 #
 #   scripts/gpu-check.sh build   # here: CUDA 13.0 wheels, CUDA_COMPUTE_CAP=90 (H100/H200),
-#                                # builds the CUDA test + bench binaries, strips them (~35 MB)
-#                                # into gpu-carry/ (gitignored) with the SDPA script and, if it
-#                                # fits, compute-sanitizer
+#                                # builds the CUDA test + bench binaries and the `repro` binary,
+#                                # strips them into gpu-carry/ (gitignored) with the SDPA script
+#                                # and, if it fits, compute-sanitizer
 #   device run: command "bash scripts/gpu-check.sh run", carry ["gpu-carry"], timeout_s 540
 #                                # there: probe, CUDA test suite, compute-sanitizer memcheck and
 #                                # racecheck on a small case, benchmark (ours V2/V1, candle naive,
-#                                # PyTorch SDPA flash), report results/<date>-<gpu>.md
+#                                # PyTorch SDPA flash), report results/<date>-<gpu>.md, then the
+#                                # papers' attention tables at GPU sizes (`repro run --gpu --only
+#                                # attention,fa2`, issue 7) into results/repro-gpu/
 #
 # The report comes back under $OUT (the device tool's output folder) and is copied into
 # results/ on the GPU machine's work tree; commit the returned file from $OUT's copy.
@@ -25,7 +27,9 @@ build() {
   export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
   local json; json="$(mktemp)"
   (cd "$ROOT" && cargo test -p flash-ops --features cuda --release --no-run --message-format=json >"$json")
+  (cd "$ROOT" && cargo build -p repro --features flash-ops/cuda --release)
   rm -rf "$CARRY"; mkdir -p "$CARRY/bin"
+  strip -o "$CARRY/bin/repro" "$CARGO_TARGET_DIR/release/repro"
   python3 - "$json" "$CARRY/bin" <<'PY'
 import json, shutil, subprocess, sys
 found = {}
@@ -59,13 +63,13 @@ PY
 }
 
 # Point the binaries' unversioned NEEDED names (libcublas.so, libcublasLt.so, libcurand.so,
-# libnvrtc.so; see setup-cuda-toolchain.sh) at the machine's own CUDA libraries.
+# libnvrtc.so, libcudart.so; see setup-cuda-toolchain.sh) at the machine's own CUDA libraries.
 link_machine_libs() {
   local dir=/tmp/flash-ops-libs; mkdir -p "$dir"
   local roots=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu)
   local site; site="$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)"
   for s in $site; do roots+=("$s/nvidia" "$s/torch/lib"); done
-  for lib in cublas cublasLt curand nvrtc; do
+  for lib in cublas cublasLt curand nvrtc cudart; do
     local f; f="$(find "${roots[@]}" -name "lib$lib.so.[0-9]*" 2>/dev/null | sort -V | tail -1 || true)"
     if [[ -n "$f" ]]; then ln -sf "$f" "$dir/lib$lib.so"; echo "lib$lib.so -> $f"
     else echo "gpu-check: lib$lib not found on this machine" >&2; fi
@@ -135,6 +139,10 @@ if ours:
 PY
   cp "$report" "$ROOT/results/" 2>/dev/null || true
   cat "$report"
+  # The reproduction's attention tables at the papers' sizes (bf16), PyTorch SDPA beside them.
+  echo "## repro run --gpu --only attention,fa2" | tee -a "$log"
+  (cd "$ROOT" && timeout "${GPU_CHECK_REPRO_TIMEOUT:-240}" "$bin/repro" run --gpu --only attention,fa2 \
+      --torch python3 --out "$out/repro-gpu") 2>&1 | tail -60 | tee -a "$log" || echo "repro --gpu failed" | tee -a "$log"
   return $status
 }
 

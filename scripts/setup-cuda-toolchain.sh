@@ -61,7 +61,7 @@ chmod +x "$CUDA"/bin/* "$CUDA"/nvvm/bin/* 2>/dev/null || true
 # FLASH_OPS_STUB_LINK=1); libcuda's stub answers cuInit with CUDA_ERROR_NO_DEVICE (100), so
 # Device::new_cuda fails cleanly and the CUDA tests skip on CPU machines.
 STUB="$TC/stub"
-if [[ ! -f "$STUB/.v2" ]]; then
+if [[ ! -f "$STUB/.v3" ]]; then
   rm -rf "$STUB"; mkdir -p "$STUB"
   cat > "$STUB/cuda_stub.c" <<'C'
 /* Stub libcuda: the driver entry points candle/cudarc call first report "no device". */
@@ -75,10 +75,32 @@ C
   cc -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so.1" "$STUB/cuda_stub.c"
   ln -sf libcuda.so.1 "$STUB/libcuda.so"
   echo 'void flash_ops_link_stub(void) {}' > "$STUB/empty.c"
-  for lib in nvrtc cublas cublasLt curand; do
+  # cudart: candle-kernels 0.11 links it for its MoE kernels (libmoe.a), which we never call.
+  for lib in nvrtc cublas cublasLt curand cudart; do
     cc -shared -fPIC -O1 -Wl,-soname,lib$lib.so -o "$STUB/lib$lib.so" "$STUB/empty.c"
   done
-  touch "$STUB/.v2"
+  touch "$STUB/.v3"
+fi
+
+# --stubs-for BIN...: rebuild the stub libcuda so that it also defines every CUDA-library symbol
+# those binaries import (as "return CUDA_ERROR_NO_DEVICE"). Functions called directly bind
+# lazily and never run, but cudarc also takes some as function pointers, and the loader must
+# resolve those when the binary starts. The symbol set depends on the candle/cudarc versions,
+# so it is read from the binaries rather than written down. The loader searches every loaded
+# library, so one stub library can define them all.
+if [[ "${1:-}" == "--stubs-for" ]]; then
+  shift
+  {
+    cat "$STUB/cuda_stub.c"
+    for b in "$@"; do nm -D --undefined-only "$b"; done | awk '{print $NF}' | sed 's/@.*//' |
+      grep -E '^(cu[A-Z]|cublas|curand|nvrtc|cuda|__cuda)' | sort -u |
+      while read -r s; do
+        grep -q "^int $s(" "$STUB/cuda_stub.c" || echo "int $s(void) { return 100; }"
+      done
+  } > "$STUB/cuda_all.c"
+  cc -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so.1" "$STUB/cuda_all.c"
+  echo "[setup-cuda] stub libcuda: $(grep -c '^int ' "$STUB/cuda_all.c") symbols" >&2
+  exit 0
 fi
 
 echo "${PKGS[*]}" > "$TC/.complete"

@@ -21,9 +21,8 @@ fn main() {
             "-Wl,--unresolved-symbols=ignore-in-object-files",
             "-Wl,-z,lazy",
         ] {
-            println!("cargo:rustc-link-arg-tests={arg}");
-            println!("cargo:rustc-link-arg-examples={arg}");
-            println!("cargo:rustc-link-arg-benches={arg}");
+            // Every linked target: unit tests, integration tests, binaries, benches, examples.
+            println!("cargo:rustc-link-arg={arg}");
         }
     }
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

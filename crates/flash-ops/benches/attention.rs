@@ -7,7 +7,7 @@
 //!   [--variants v1,v2,naive,candle-nn] [--reps 3] [--max-naive-n 4096] [--json FILE]
 //!   [--linear-memory-n 16384]`
 
-use candle_core::{DType, Result};
+use candle_core::{DType, Device, Result};
 use flash_ops::bench::{gemm_ceiling, measure, PeakAlloc, Row, Variant, Workload};
 
 #[global_allocator]
@@ -52,7 +52,7 @@ fn main() -> Result<()> {
     );
     println!(
         "fp32 GEMM ceiling in this run (candle matmul 2048³): {:.1} GFLOP/s\n",
-        gemm_ceiling(reps)?
+        gemm_ceiling(reps, &Device::Cpu, DType::F32)?
     );
     println!("| N | d | causal | variant | fwd ms | fwd GFLOP/s | bwd ms | fwd+bwd ms | fwd+bwd GFLOP/s | peak mem fwd | peak mem fwd+bwd |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
@@ -65,7 +65,7 @@ fn main() -> Result<()> {
                         continue;
                     }
                     let w = Workload::new(1, h, n, d, causal);
-                    let r = measure(v, &w, reps)?;
+                    let r = measure(v, &w, reps, &Device::Cpu, DType::F32)?;
                     let f = w.fwd_flops();
                     let bwd = r.bwd_ms();
                     let opt =
@@ -79,7 +79,7 @@ fn main() -> Result<()> {
                         opt(bwd, &|t| format!("{t:.1}")),
                         opt(r.fwd_bwd_ms, &|t| format!("{t:.1}")),
                         opt(r.fwd_bwd_ms, &|t| format!("{:.1}", 3.5 * f / t / 1e6)),
-                        mb(r.fwd_mem),
+                        r.fwd_mem.map(mb).unwrap_or("–".into()),
                         r.fwd_bwd_mem.map(mb).unwrap_or("–".into()),
                     );
                     rows.push(r);
@@ -140,7 +140,7 @@ fn main() -> Result<()> {
                     r.variant.name(),
                     r.fwd_ms,
                     r.fwd_bwd_ms.map(|t| format!("{t:.3}")).unwrap_or("null".into()),
-                    r.fwd_mem,
+                    r.fwd_mem.map(|m| m.to_string()).unwrap_or("null".into()),
                     r.fwd_bwd_mem.map(|m| m.to_string()).unwrap_or("null".into()),
                 )
             })
@@ -155,7 +155,13 @@ fn main() -> Result<()> {
 /// fit: measured peak next to the size of one naive score matrix.
 fn linear_memory(n: usize, h: usize) -> Result<()> {
     let d = 64;
-    let r = measure(Variant::V2, &Workload::new(1, h, n, d, true), 1)?;
+    let r = measure(
+        Variant::V2,
+        &Workload::new(1, h, n, d, true),
+        1,
+        &Device::Cpu,
+        DType::F32,
+    )?;
     let inputs = 4 * n * h * d * 4;
     let one_scores = n * n * h * DType::F32.size_in_bytes();
     println!(

@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::{flash_attn, reference::naive_attention, Algorithm, AttnOptions};
 
@@ -147,7 +147,8 @@ pub struct Row {
     pub fwd_ms: f64,
     /// `None` for forward-only variants.
     pub fwd_bwd_ms: Option<f64>,
-    pub fwd_mem: usize,
+    /// Peak bytes above what was live before; `None` where the device has no counter (Metal).
+    pub fwd_mem: Option<usize>,
     pub fwd_bwd_mem: Option<usize>,
 }
 
@@ -157,25 +158,56 @@ impl Row {
     }
 }
 
-pub fn measure(v: Variant, w: &Workload, reps: usize) -> Result<Row> {
-    let dev = Device::Cpu;
+/// Runs `f` once and returns the peak bytes it added on `dev` above what was live before: heap
+/// bytes on the CPU (needs [`PeakAlloc`] installed), the high-water mark of the stream-ordered
+/// memory pool Candle allocates from on CUDA, `None` on Metal.
+pub fn peak_extra_on<T>(dev: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, Option<usize>)> {
+    match dev {
+        Device::Cpu => {
+            let (out, peak) = peak_extra(f);
+            Ok((out?, Some(peak)))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            dev.synchronize()?;
+            let base = crate::cuda::pool_memory::reset_peak(d)?;
+            let out = f()?;
+            dev.synchronize()?;
+            let peak = crate::cuda::pool_memory::peak(d)?;
+            Ok((out, Some(peak.saturating_sub(base) as usize)))
+        }
+        _ => Ok((f()?, None)),
+    }
+}
+
+/// Wall time of `f` in ms, waiting for the device's queued work before and after.
+fn time_ms(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    dev.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Times one variant on `dev` with inputs of `dtype` (the papers' GPU runs: bf16/f16; CPU: f32).
+pub fn measure(v: Variant, w: &Workload, reps: usize, dev: &Device, dtype: DType) -> Result<Row> {
+    if v == Variant::CandleNn && (!dev.is_cpu() || dtype != DType::F32) {
+        candle_core::bail!("candle-nn flash_attn is measured on the CPU in f32 only")
+    }
     let shape = (w.batch, w.n, w.heads, w.d);
-    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
-    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
-    let val = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
-    let d_out = Tensor::randn(0f32, 1.0, shape, &dev)?;
+    let input = || Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype);
+    let q = Var::from_tensor(&input()?)?;
+    let k = Var::from_tensor(&input()?)?;
+    let val = Var::from_tensor(&input()?)?;
+    let d_out = input()?;
     let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), val.as_tensor());
     // Forward only: detached inputs, so no graph is kept.
     let (qd, kd, vd) = (qt.detach(), kt.detach(), vt.detach());
-    let (warm, fwd_mem) = peak_extra(|| forward(v, &qd, &kd, &vd, w).map(|o| o.dims().to_vec()));
-    warm?;
-    let mut fwd = Vec::new();
-    for _ in 0..reps {
-        let t = Instant::now();
-        let o = forward(v, &qd, &kd, &vd, w)?;
-        fwd.push(t.elapsed().as_secs_f64() * 1e3);
-        drop(o);
-    }
+    let fwd_once = || forward(v, &qd, &kd, &vd, w).map(drop);
+    let ((), fwd_mem) = peak_extra_on(dev, fwd_once)?;
+    let fwd = (0..reps)
+        .map(|_| time_ms(dev, fwd_once))
+        .collect::<Result<Vec<_>>>()?;
     let (fwd_bwd_ms, fwd_bwd_mem) = if v == Variant::CandleNn {
         (None, None)
     } else {
@@ -187,15 +219,11 @@ pub fn measure(v: Variant, w: &Workload, reps: usize) -> Result<Row> {
             }
             Ok(())
         };
-        let (r, mem) = peak_extra(step);
-        r?;
-        let mut times = Vec::new();
-        for _ in 0..reps {
-            let t = Instant::now();
-            step()?;
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        (Some(median(times)), Some(mem))
+        let ((), mem) = peak_extra_on(dev, step)?;
+        let times = (0..reps)
+            .map(|_| time_ms(dev, step))
+            .collect::<Result<Vec<_>>>()?;
+        (Some(median(times)), mem)
     };
     Ok(Row {
         workload: *w,
@@ -207,19 +235,26 @@ pub fn measure(v: Variant, w: &Workload, reps: usize) -> Result<Row> {
     })
 }
 
-/// What a large plain matmul reaches on this machine now: the roof the tiled kernels aim at.
-pub fn gemm_ceiling(reps: usize) -> Result<f64> {
-    let n = 2048;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    a.matmul(&b)?;
-    let mut ts = Vec::new();
-    for _ in 0..reps {
-        let t = Instant::now();
-        a.matmul(&b)?;
-        ts.push(t.elapsed().as_secs_f64());
+/// The matmul size of [`gemm_ceiling`]: large enough to reach the device's matmul peak.
+pub fn gemm_ceiling_n(dev: &Device) -> usize {
+    if dev.is_cpu() {
+        2048
+    } else {
+        8192
     }
-    Ok(2.0 * (n as f64).powi(3) / median(ts) / 1e9)
+}
+
+/// What a large plain matmul in `dtype` reaches on `dev` now (GFLOP/s): the roof the tiled
+/// kernels aim at.
+pub fn gemm_ceiling(reps: usize, dev: &Device, dtype: DType) -> Result<f64> {
+    let n = gemm_ceiling_n(dev);
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    time_ms(dev, || a.matmul(&b).map(drop))?;
+    let ts = (0..reps)
+        .map(|_| time_ms(dev, || a.matmul(&b).map(drop)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(2.0 * (n as f64).powi(3) / median(ts) / 1e6)
 }
 
 pub fn flops_fwd(n: usize, d: usize, h: usize, causal: bool) -> f64 {

@@ -36,6 +36,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod dropout;
+pub mod gpu_layout;
 pub mod mask;
 #[cfg(all(feature = "metal", target_os = "macos"))]
 mod metal;

@@ -54,6 +54,11 @@ pub struct AttnOptions {
     pub key_lengths: Option<Vec<usize>>,
     pub dropout: Option<Dropout>,
     pub algorithm: Algorithm,
+    /// Bit-reproducible backward. The CPU and Metal backends always are (dQ is reduced in a fixed
+    /// order); the CUDA V2 backward by default accumulates dQ with f32 atomics (FlashAttention-2 §3.2)
+    /// and with this set computes dQ in a separate query-stationary kernel instead (more work:
+    /// the scores are recomputed once more).
+    pub deterministic: bool,
 }
 
 impl AttnOptions {
@@ -91,6 +96,10 @@ impl AttnOptions {
     }
     pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
         self.algorithm = algorithm;
+        self
+    }
+    pub fn deterministic(mut self, deterministic: bool) -> Self {
+        self.deterministic = deterministic;
         self
     }
 }

@@ -51,6 +51,7 @@ pub struct AttnParams {
     pub alibi: Option<Vec<f32>>,
     pub dropout: Option<Dropout>,
     pub algorithm: crate::Algorithm,
+    pub deterministic: bool,
 }
 
 /// The error for an input on another device than `q` (a function so it can be tested on a
@@ -281,6 +282,7 @@ impl AttnParams {
             alibi,
             dropout,
             algorithm: opts.algorithm,
+            deterministic: opts.deterministic,
         })
     }
 

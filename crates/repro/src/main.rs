@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use flash_ops::bench::{gemm_ceiling, Variant};
 
+use measure::Target;
 use plan::{Mode, Plan};
 use results::{Meta, Results};
 
@@ -199,11 +201,20 @@ fn run(a: RunArgs) -> Result<()> {
         }
     }
     let wants = |s: &str| a.only.iter().any(|x| x == s);
-    if mode == Mode::Gpu && (wants("attention") || wants("fa2")) {
-        // flash_ops::bench::measure builds its tensors on Device::Cpu; the CUDA backend plugs in
-        // here once it takes a device. Until then only the end-to-end table runs on a GPU.
-        bail!("--gpu: the attention tables need flash_ops::bench::measure to take a Device (it is CPU-only today); run `repro run --gpu --only e2e` for the end-to-end table")
-    }
+    // The papers time half precision on the GPU; the CPU kernels' fast path is f32.
+    let target = if mode == Mode::Gpu {
+        let device = Device::new_cuda(0)
+            .context("--gpu needs a CUDA device and a build with --features flash-ops/cuda")?;
+        Target {
+            device,
+            dtype: DType::BF16,
+        }
+    } else {
+        Target {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    };
     let cpu = cpu_model();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let machine = a
@@ -223,17 +234,29 @@ fn run(a: RunArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("repro {} → {}", mode.name(), dir.display());
     let t0 = Instant::now();
-    let gemm = gemm_ceiling(if mode == Mode::Quick { 1 } else { 3 })?;
-    println!("fp32 GEMM ceiling (2048³ matmul): {gemm:.1} GFLOP/s");
+    let gemm = gemm_ceiling(
+        if mode == Mode::Quick { 1 } else { 3 },
+        &target.device,
+        target.dtype,
+    )?;
+    println!(
+        "{} GEMM ceiling (matmul {}³): {gemm:.1} GFLOP/s",
+        target.dtype.as_str(),
+        flash_ops::bench::gemm_ceiling_n(&target.device)
+    );
     let mut r = Results {
         meta: Meta {
             mode: mode.name().into(),
             machine,
             date,
-            device: if mode == Mode::Gpu { "cuda" } else { "cpu" }.into(),
+            device: if mode == Mode::Gpu {
+                gpu_name().map_or("cuda".into(), |g| format!("cuda: {g}"))
+            } else {
+                "cpu".into()
+            },
             cpu,
             threads,
-            dtype: "f32".into(),
+            dtype: target.dtype.as_str().into(),
             gemm_gflops: gemm,
             git_commit: git_commit(),
             command: std::env::args().collect(),
@@ -246,7 +269,7 @@ fn run(a: RunArgs) -> Result<()> {
     let variants = [Variant::V1, Variant::V2, Variant::Naive];
     if wants("attention") {
         let t = Instant::now();
-        r.attention = Some(measure::attention(&plan, &variants)?);
+        r.attention = Some(measure::attention(&plan, &variants, &target)?);
         r.meta
             .seconds
             .insert("attention".into(), t.elapsed().as_secs_f64());
@@ -258,12 +281,12 @@ fn run(a: RunArgs) -> Result<()> {
         if a.candle_nn {
             v.push(Variant::CandleNn);
         }
-        let mut section = measure::fa2(&plan, &v)?;
+        let mut section = measure::fa2(&plan, &v, &target)?;
         if let Some(py) = &a.torch {
             let script =
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/repro_torch_sdpa.py");
             println!("Table 2: PyTorch SDPA through {}", script.display());
-            let (rows, version) = measure::torch_sdpa(py, &script, &section.rows)?;
+            let (rows, version) = measure::torch_sdpa(py, &script, &section.rows, &target)?;
             section.rows.extend(rows);
             section.torch = Some(version);
         }
@@ -294,6 +317,16 @@ fn run(a: RunArgs) -> Result<()> {
         bail!("{failed} end-to-end run(s) failed; the other tables were written (see tables.md)")
     }
     Ok(())
+}
+
+/// The GPU's name from `nvidia-smi`, where it is installed.
+fn gpu_name() -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", "--id=0"])
+        .output()
+        .ok()?;
+    let name = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !name.is_empty()).then_some(name)
 }
 
 fn render_dir(r: &Results, dir: &Path) -> Result<()> {

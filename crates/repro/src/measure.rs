@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use candle_core::{DType, Device};
 use flash_ops::bench::{measure, Variant, Workload};
 
 use crate::plan::{E2eSpec, Plan};
@@ -41,6 +42,12 @@ impl NaiveMemory {
             self.learned_at = scores;
         }
     }
+}
+
+/// Where the attention tables run: the CPU in f32, or a GPU in the papers' half precision.
+pub struct Target {
+    pub device: Device,
+    pub dtype: DType,
 }
 
 /// Bytes in MB below a GB, else GB.
@@ -87,6 +94,7 @@ fn cell(
     reps: usize,
     budget: u64,
     naive: &mut NaiveMemory,
+    target: &Target,
 ) -> Result<AttnRow> {
     if v == Variant::Naive {
         let predicted = naive.predict(w);
@@ -101,7 +109,17 @@ fn cell(
         }
     }
     let t = Instant::now();
-    let r = measure(v, w, reps).with_context(|| format!("{} at {w:?}", v.name()))?;
+    let r = match measure(v, w, reps, &target.device, target.dtype) {
+        Ok(r) => r,
+        // Standard attention running out of (device) memory before the budget predicted it is
+        // the papers' "OOM" cell, not a failed reproduction.
+        Err(e) if v == Variant::Naive => {
+            let why = format!("failed: {e}");
+            println!("  {:>6} {:<12} {why}", w.n, v.name());
+            return Ok(empty_row(v, w, reps, Some(why)));
+        }
+        Err(e) => return Err(e).with_context(|| format!("{} at {w:?}", v.name())),
+    };
     if v == Variant::Naive {
         if let Some(m) = r.fwd_bwd_mem {
             naive.learn(w, m as u64);
@@ -110,22 +128,24 @@ fn cell(
     let mut row = empty_row(v, w, reps, None);
     row.fwd_ms = Some(r.fwd_ms);
     row.fwd_bwd_ms = r.fwd_bwd_ms;
-    row.fwd_mem_bytes = Some(r.fwd_mem as u64);
+    row.fwd_mem_bytes = r.fwd_mem.map(|m| m as u64);
     row.fwd_bwd_mem_bytes = r.fwd_bwd_mem.map(|m| m as u64);
     println!(
-        "  {:>6} {:<12} fwd {:>9.2} ms  fwd+bwd {:>9} ms  peak {:>8.1} MB  ({:.0} s)",
+        "  {:>6} {:<12} fwd {:>9.2} ms  fwd+bwd {:>9} ms  peak {:>8} MB  ({:.0} s)",
         w.n,
         v.name(),
         r.fwd_ms,
         r.fwd_bwd_ms.map_or("-".into(), |t| format!("{t:.2}")),
-        r.fwd_bwd_mem.unwrap_or(r.fwd_mem) as f64 / 1e6,
+        r.fwd_bwd_mem
+            .or(r.fwd_mem)
+            .map_or("-".into(), |m| format!("{:.1}", m as f64 / 1e6)),
         t.elapsed().as_secs_f64()
     );
     Ok(row)
 }
 
 /// Table 1 and the memory table: FlashAttention (2022) §4.3 / Appendix E.
-pub fn attention(plan: &Plan, variants: &[Variant]) -> Result<AttnSection> {
+pub fn attention(plan: &Plan, variants: &[Variant], target: &Target) -> Result<AttnSection> {
     let mut rows = Vec::new();
     let mut plain_naive = NaiveMemory::new();
     for dropout in [None, Some(plan.dropout)] {
@@ -147,7 +167,7 @@ pub fn attention(plan: &Plan, variants: &[Variant]) -> Result<AttnSection> {
             for &v in variants {
                 let mut w = Workload::new(plan.t1_batch, plan.t1_heads, n, plan.t1_d, false);
                 w.dropout_and_padding = dropout;
-                rows.push(cell(v, &w, plan.reps, plan.memory_budget, naive)?);
+                rows.push(cell(v, &w, plan.reps, plan.memory_budget, naive, target)?);
             }
         }
     }
@@ -159,7 +179,14 @@ pub fn attention(plan: &Plan, variants: &[Variant]) -> Result<AttnSection> {
         for &v in variants.iter().filter(|v| **v != Variant::V1) {
             let w = Workload::new(plan.t1_batch, plan.t1_heads, n, plan.t1_d, false);
             let v_reps = if v == Variant::Naive { plan.reps } else { 1 };
-            rows.push(cell(v, &w, v_reps, plan.memory_budget, &mut plain_naive)?);
+            rows.push(cell(
+                v,
+                &w,
+                v_reps,
+                plan.memory_budget,
+                &mut plain_naive,
+                target,
+            )?);
         }
     }
     Ok(AttnSection {
@@ -175,7 +202,7 @@ pub fn attention(plan: &Plan, variants: &[Variant]) -> Result<AttnSection> {
 }
 
 /// Table 2: FlashAttention-2 Fig. 4–6 (fixed batch×seq and hidden size).
-pub fn fa2(plan: &Plan, variants: &[Variant]) -> Result<Fa2Section> {
+pub fn fa2(plan: &Plan, variants: &[Variant], target: &Target) -> Result<Fa2Section> {
     let mut rows = Vec::new();
     for &d in &plan.t2_head_dims {
         for causal in [false, true] {
@@ -186,7 +213,14 @@ pub fn fa2(plan: &Plan, variants: &[Variant]) -> Result<Fa2Section> {
                 let heads = (plan.t2_hidden / d).max(1);
                 let w = Workload::new(batch, heads, n, d, causal);
                 for &v in variants {
-                    rows.push(cell(v, &w, plan.reps, plan.memory_budget, &mut naive)?);
+                    rows.push(cell(
+                        v,
+                        &w,
+                        plan.reps,
+                        plan.memory_budget,
+                        &mut naive,
+                        target,
+                    )?);
                 }
             }
         }
@@ -251,14 +285,21 @@ pub fn torch_sdpa(
     python: &Path,
     script: &Path,
     rows: &[AttnRow],
+    target: &Target,
 ) -> Result<(Vec<AttnRow>, String)> {
+    let device = if target.device.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    let dtype = target.dtype.as_str();
     use std::io::Write;
     let base: Vec<&AttnRow> = rows.iter().filter(|r| r.variant == "v2").collect();
     let input: Vec<serde_json::Value> = base
         .iter()
         .map(|r| {
             serde_json::json!({"batch": r.batch, "heads": r.heads, "n": r.n, "d": r.d,
-                "causal": r.causal, "reps": r.reps})
+                "causal": r.causal, "reps": r.reps, "device": device, "dtype": dtype})
         })
         .collect();
     let mut child = Command::new(python)
@@ -281,9 +322,9 @@ pub fn torch_sdpa(
         .as_array()
         .context("no rows from the torch script")?;
     let version = format!(
-        "torch {} ({} threads)",
+        "torch {} ({device}, {dtype}, {})",
         v["torch"].as_str().unwrap_or("?"),
-        v["threads"]
+        v["backend"].as_str().unwrap_or("?")
     );
     let rows = base
         .iter()

@@ -277,11 +277,12 @@ pub fn table2(r: &Results, s: &Fa2Section) -> String {
         "Ours: {}, batch×seq = {} tokens, hidden {} (heads = hidden/d), median of {reps}. \
 FLOPs: forward 4·seq²·d·heads per sequence (halved for causal), backward 2.5× forward, forward+backward 3.5×; naive is credited with the same FLOPs. \
 Paper: A100-80GB SXM4, fp16, 16384 tokens, hidden 2048, TFLOP/s (1 TFLOP/s = 1000 GFLOP/s). \
-Scale-down: {:.0}× fewer FLOPs per length. This run's fp32 matmul ceiling: {:.1} GFLOP/s.",
+Scale-down: {:.0}× fewer FLOPs per length. This run's {} matmul ceiling: {:.1} GFLOP/s.",
         device_words(r),
         s.tokens,
         s.hidden,
         (16384.0 * 2048.0) / (s.tokens as f64 * s.hidden as f64),
+        r.meta.dtype,
         r.meta.gemm_gflops
     )
     .ok();
@@ -290,7 +291,7 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's fp32 matmul ceiling: {:.1
     if let Some(t) = &s.torch {
         writeln!(
             o,
-            "\nPyTorch SDPA column: {t}, the same shapes and protocol, f32 on the same CPU."
+            "\nPyTorch SDPA column: {t}, the same shapes, protocol and device."
         )
         .ok();
     }
@@ -469,8 +470,9 @@ pub fn document(r: &Results) -> String {
     o.push_str(quick_warning(r));
     writeln!(
         o,
-        "\nMachine: {}; fp32 matmul ceiling {:.1} GFLOP/s measured at the start of the run. Commit {}. Command: `{}`. Wall-clock: {}.\n",
+        "\nMachine: {}; {} matmul ceiling {:.1} GFLOP/s measured at the start of the run. Commit {}. Command: `{}`. Wall-clock: {}.\n",
         device_words(r),
+        r.meta.dtype,
         r.meta.gemm_gflops,
         r.meta.git_commit.as_deref().unwrap_or("unknown"),
         r.meta.command.join(" "),

@@ -14,7 +14,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 pub use flash_ops::params::AttnParams;
-use flash_ops::Algorithm;
+use flash_ops::{gpu_layout, Algorithm};
 
 #[allow(dead_code)]
 #[path = "../../../crates/flash-ops/src/metal/plan.rs"]
@@ -134,13 +134,7 @@ pub fn host_input(t: &Tensor) -> Result<(Buf, InputLayout)> {
         CpuStorage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
         _ => candle_core::bail!("emulator: unsupported dtype"),
     };
-    Ok((
-        Buf::from_bytes(&bytes),
-        InputLayout {
-            start: l.start_offset(),
-            stride: l.stride().to_vec(),
-        },
-    ))
+    Ok((Buf::from_bytes(&bytes), InputLayout::from(l)))
 }
 
 /// The inputs and the problem's constant buffers (params, seq_info, alibi).

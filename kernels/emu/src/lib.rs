@@ -16,7 +16,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 pub use flash_ops::params::AttnParams;
-use flash_ops::Algorithm;
+use flash_ops::{gpu_layout, Algorithm};
 
 #[allow(dead_code)]
 #[path = "../../../crates/flash-ops/src/cuda/plan.rs"]
@@ -133,13 +133,7 @@ pub fn host_input(t: &Tensor) -> Result<(Buf, InputLayout)> {
         CpuStorage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
         _ => candle_core::bail!("emulator: unsupported dtype"),
     };
-    Ok((
-        Buf::from_bytes(&bytes),
-        InputLayout {
-            start: l.start_offset(),
-            stride: l.stride().to_vec(),
-        },
-    ))
+    Ok((Buf::from_bytes(&bytes), InputLayout::from(l)))
 }
 
 /// Forward results: output (f32-widened, contiguous `(total_q, hq, d)`), the raw output
@@ -236,7 +230,6 @@ pub fn backward(
     inp: &mut Inputs,
     fwd: &mut Forward,
     d_out: &mut Buf,
-    deterministic: bool,
 ) -> Result<Grads> {
     let dt = inp.dt;
     let (mut fp, _si, _alibi) = inp.params(p);
@@ -262,13 +255,13 @@ pub fn backward(
         }
     }
     fp.delta = delta.ptr();
-    if !plan::separate_dq(p, deterministic) {
+    if !plan::separate_dq(p) {
         fp.dq_accum = dq_accum.ptr();
     }
     fp.dq = dq.ptr();
     fp.dk = dk.ptr();
     fp.dv = dv.ptr();
-    for l in plan::backward_launches(p, dt, deterministic) {
+    for l in plan::backward_launches(p, dt) {
         launch(&l, &fp)?;
     }
     Ok(Grads {

@@ -15,6 +15,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
+use crate::gpu_layout;
 use crate::params::AttnParams;
 use crate::Algorithm;
 
@@ -74,13 +75,6 @@ fn dt_of(d: DType) -> Result<Dt> {
     })
 }
 
-fn input_layout(l: &Layout) -> InputLayout {
-    InputLayout {
-        start: l.start_offset(),
-        stride: l.stride().to_vec(),
-    }
-}
-
 /// Raw device address of a storage's buffer, plus `offset` elements.
 fn addr(s: &CudaStorage, offset: usize) -> Result<u64> {
     fn go<T: CudaDType>(s: &CudaStorage, offset: usize) -> Result<u64> {
@@ -135,7 +129,11 @@ fn common(
             )
         }
     }
-    let (il_q, il_k, il_v) = (input_layout(lq), input_layout(lk), input_layout(lv));
+    let (il_q, il_k, il_v) = (
+        InputLayout::from(lq),
+        InputLayout::from(lk),
+        InputLayout::from(lv),
+    );
     let mut fp = plan::base_params(p, dt, &il_q, &il_k, &il_v);
     let info = plan::seq_info(p, &il_q, &il_k, &il_v);
     let info = i64::wrap_cuda_slice(dev.clone_htod(&info)?, dev.clone());
@@ -237,18 +235,70 @@ pub fn backward(
         }
     };
     fp.delta = addr(&delta, 0)?;
-    // FLASH_OPS_DETERMINISTIC=1: dQ without atomics (bit-reproducible), see plan::separate_dq.
-    let deterministic = std::env::var("FLASH_OPS_DETERMINISTIC").is_ok_and(|v| v == "1");
-    if !plan::separate_dq(p, deterministic) {
+    if !plan::separate_dq(p) {
         fp.dq_accum = addr(&dq_accum, 0)?;
     }
     fp.dq = addr(&grads, 0)?;
     fp.dk = addr(&grads, nq)?;
     fp.dv = addr(&grads, nq + nk)?;
-    for l in plan::backward_launches(p, dt, deterministic) {
+    for l in plan::backward_launches(p, dt) {
         launch(&dev, &l, &fp)?;
     }
     Ok(grads)
+}
+
+/// Peak device memory for the benchmarks (`flash_ops::bench`): Candle allocates through
+/// cudarc's stream-ordered `cuMemAllocAsync` from the device's current memory pool where the
+/// device supports pools, and the pool's high-water mark counts every byte in use at once.
+pub mod pool_memory {
+    use std::ffi::c_void;
+
+    use candle_core::cuda_backend::cudarc::driver::result::{device, mem_pool};
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUmemPool_attribute as Attr, CUmemoryPool,
+    };
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::{bail, Result};
+
+    fn pool(dev: &CudaDevice) -> Result<CUmemoryPool> {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        if !ctx.has_async_alloc() {
+            bail!("peak device memory needs memory pools (cuMemAllocAsync); this device has none")
+        }
+        ctx.bind_to_thread().w()?;
+        // SAFETY: the device handle comes from the live context.
+        unsafe { device::get_mem_pool(ctx.cu_device()) }.w()
+    }
+
+    fn get(pool: CUmemoryPool, attr: Attr) -> Result<u64> {
+        let mut v = 0u64;
+        // SAFETY: both attributes read here are cuuint64_t.
+        unsafe { mem_pool::get_attribute(pool, attr, &mut v as *mut u64 as *mut c_void) }.w()?;
+        Ok(v)
+    }
+
+    /// Resets the pool's high-water mark (the driver only allows zero) and returns the bytes in
+    /// use now: the baseline to subtract from [`peak`].
+    pub fn reset_peak(dev: &CudaDevice) -> Result<u64> {
+        let p = pool(dev)?;
+        let mut zero = 0u64;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t.
+        unsafe {
+            mem_pool::set_attribute(
+                p,
+                Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut c_void,
+            )
+        }
+        .w()?;
+        get(p, Attr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    /// The most bytes in use at once since [`reset_peak`].
+    pub fn peak(dev: &CudaDevice) -> Result<u64> {
+        get(pool(dev)?, Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+    }
 }
 
 #[cfg(test)]

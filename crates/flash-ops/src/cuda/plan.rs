@@ -3,6 +3,8 @@
 //! which grids for a problem. No CUDA types here: the CPU emulation harness (kernels/emu)
 //! includes this file too, so the emulated tests exercise the very plan the GPU backend uses.
 
+use super::gpu_layout::{max_lens, window_bound};
+pub use super::gpu_layout::{seq_info, InputLayout, SEQ_INFO_STRIDE};
 use super::{Algorithm, AttnParams};
 
 /// Mirror of `FlashParams` in `kernels/cuda/flash_params.h` (same order, pointers as `u64`).
@@ -56,8 +58,6 @@ pub struct FlashParams {
 /// `sizeof(FlashParams)` in C; the emulator checks it at every launch.
 pub const FLASH_PARAMS_SIZE: usize = 272;
 const _: () = assert!(std::mem::size_of::<FlashParams>() == FLASH_PARAMS_SIZE);
-/// int64 entries per sequence in `seq_info` (`FLASH_SI_STRIDE`).
-pub const SEQ_INFO_STRIDE: usize = 8;
 
 /// Element type of q, k, v and the outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,60 +151,6 @@ pub struct Launch {
     pub smem: u32,
 }
 
-/// Where an input's rows are: start offset and strides in elements, as Candle's layout gives
-/// them. Rank 4 `(b, s, h, d)` or rank 3 `(t, h, d)`.
-#[derive(Debug, Clone)]
-pub struct InputLayout {
-    pub start: usize,
-    pub stride: Vec<usize>,
-}
-
-impl InputLayout {
-    fn tok_stride(&self) -> usize {
-        self.stride[self.stride.len() - 3]
-    }
-    fn head_stride(&self) -> usize {
-        self.stride[self.stride.len() - 2]
-    }
-    /// Element offset of row 0, head 0 of sequence `s` (dense: batch-strided; varlen: the
-    /// sequence's first token).
-    fn seq_base(&self, p: &AttnParams, s: usize, token_start: usize) -> usize {
-        match p.dense {
-            Some(_) => self.start + s * self.stride[0],
-            None => self.start + token_start * self.stride[0],
-        }
-    }
-}
-
-fn max_lens(p: &AttnParams) -> (usize, usize) {
-    p.seqs
-        .iter()
-        .fold((0, 0), |(a, b), s| (a.max(s.q_len), b.max(s.k_len)))
-}
-
-/// The per-sequence records (`seq_info`).
-pub fn seq_info(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> Vec<i64> {
-    let (hq, hk, d) = (p.heads_q, p.heads_k, p.head_dim);
-    let mut out = Vec::with_capacity(p.batch() * SEQ_INFO_STRIDE);
-    for (s, span) in p.seqs.iter().enumerate() {
-        let lse_off = match p.dense {
-            Some((sq, _)) => s * hq * sq,
-            None => span.q_start,
-        };
-        out.extend_from_slice(&[
-            span.q_len as i64,
-            span.k_len as i64,
-            q.seq_base(p, s, span.q_start) as i64,
-            k.seq_base(p, s, span.k_start) as i64,
-            v.seq_base(p, s, span.k_start) as i64,
-            (span.q_start * hq * d) as i64,
-            lse_off as i64,
-            (span.k_start * hk * d) as i64,
-        ]);
-    }
-    out
-}
-
 /// The scalar part of the parameters (pointers left 0 for the caller to fill in).
 pub fn base_params(
     p: &AttnParams,
@@ -257,12 +203,8 @@ pub fn base_params(
         head_dim: p.head_dim as i32,
         max_q_len: max_q as i32,
         max_k_len: max_k as i32,
-        window_left: p
-            .window_left
-            .map_or(-1, |w| w.min(i32::MAX as usize) as i32),
-        window_right: p
-            .window_right
-            .map_or(-1, |w| w.min(i32::MAX as usize) as i32),
+        window_left: window_bound(p.window_left),
+        window_right: window_bound(p.window_right),
         has_dropout,
         vec_loads: aligned as i32,
         scale: p.scale,
@@ -296,9 +238,9 @@ pub fn forward_launch(p: &AttnParams, dt: Dt) -> Launch {
 const PRE_ROWS: usize = 4;
 
 /// True when backward computes dQ in `bwd_dq` (deterministic, no atomics): V2 with
-/// `deterministic`. The caller then passes `dq_accum = 0` and needs no accumulator.
-pub fn separate_dq(p: &AttnParams, deterministic: bool) -> bool {
-    deterministic && p.algorithm == Algorithm::V2
+/// `AttnOptions::deterministic`. The caller then passes `dq_accum = 0` and needs no accumulator.
+pub fn separate_dq(p: &AttnParams) -> bool {
+    p.deterministic && p.algorithm == Algorithm::V2
 }
 
 /// `DqCfg<T, D>` of bwd_dq.cu.
@@ -317,7 +259,7 @@ pub fn dq_cfg(dt: Dt, d: usize) -> TileCfg {
 /// zeroed f32 `dq_accum`), `bwd_post` (dQ to the dtype). With [`separate_dq`], the main
 /// kernel skips dQ and `bwd_dq` writes it instead of `bwd_post`. V1 is deterministic as is
 /// (one block owns each dQ row).
-pub fn backward_launches(p: &AttnParams, dt: Dt, deterministic: bool) -> Vec<Launch> {
+pub fn backward_launches(p: &AttnParams, dt: Dt) -> Vec<Launch> {
     let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
     let cfg = bwd_cfg(dt, d);
     let (max_q, max_k) = max_lens(p);
@@ -343,7 +285,7 @@ pub fn backward_launches(p: &AttnParams, dt: Dt, deterministic: bool) -> Vec<Lau
         block: 32 * PRE_ROWS as u32,
         smem: 0,
     };
-    let last = if separate_dq(p, deterministic) {
+    let last = if separate_dq(p) {
         let c = dq_cfg(dt, d);
         Launch {
             name: format!("flash_bwd_dq_{}_d{d}", dt.name()),

@@ -90,13 +90,6 @@ fn dt_of(d: DType) -> Result<Dt> {
     })
 }
 
-fn input_layout(l: &Layout) -> InputLayout {
-    InputLayout {
-        start: l.start_offset(),
-        stride: l.stride().to_vec(),
-    }
-}
-
 /// The problem's constant buffers: parameters (bytes), per-sequence records, ALiBi slopes
 /// (a one-element stand-in when off: every declared buffer is bound).
 struct Constants {
@@ -106,7 +99,11 @@ struct Constants {
 }
 
 fn constants(p: &AttnParams, dev: &MetalDevice, l: [&Layout; 3]) -> Result<Constants> {
-    let (q, k, v) = (input_layout(l[0]), input_layout(l[1]), input_layout(l[2]));
+    let (q, k, v) = (
+        InputLayout::from(l[0]),
+        InputLayout::from(l[1]),
+        InputLayout::from(l[2]),
+    );
     let slopes = p.alibi.clone().unwrap_or_else(|| vec![0.0]);
     Ok(Constants {
         params: plan::params(p, &q, &k, &v),

@@ -16,5 +16,6 @@ pub mod source;
 
 pub use backend::{backward, forward, BackwardInputs};
 
+use crate::gpu_layout;
 use crate::params::AttnParams;
 use crate::Algorithm;

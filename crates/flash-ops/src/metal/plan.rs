@@ -4,6 +4,8 @@
 //! (kernels/emu-metal) includes this file too, so the emulated tests run the plan the GPU
 //! backend runs.
 
+use super::gpu_layout::{max_lens, window_bound};
+pub use super::gpu_layout::{seq_info, InputLayout};
 use super::{Algorithm, AttnParams};
 
 /// Mirror of `MetalFlashParams` in `kernels/metal/flash_metal.h` (same order; `long` is i64).
@@ -41,9 +43,6 @@ pub struct MetalParams {
 /// `sizeof(MetalFlashParams)`.
 pub const PARAMS_SIZE: usize = 144;
 const _: () = assert!(std::mem::size_of::<MetalParams>() == PARAMS_SIZE);
-
-/// i64 entries per sequence in `seq_info` (`SeqInfo` in flash_metal.h).
-pub const SEQ_INFO_STRIDE: usize = 8;
 
 /// Element type of q, k, v and the outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,66 +114,6 @@ pub fn dkdv_smem(d: usize) -> usize {
     (2 * bq(d) * d + 2 * BK * bq(d) + 2 * bq(d)) * 4
 }
 
-/// Where an input's rows are: start offset and strides in elements, as Candle's layout gives
-/// them. Rank 4 `(b, s, h, d)` or rank 3 `(t, h, d)`.
-#[derive(Debug, Clone)]
-pub struct InputLayout {
-    pub start: usize,
-    pub stride: Vec<usize>,
-}
-
-impl InputLayout {
-    fn tok_stride(&self) -> usize {
-        self.stride[self.stride.len() - 3]
-    }
-    fn head_stride(&self) -> usize {
-        self.stride[self.stride.len() - 2]
-    }
-    /// Element offset of row 0, head 0 of sequence `s`.
-    fn seq_base(&self, p: &AttnParams, s: usize, token_start: usize) -> usize {
-        match p.dense {
-            Some(_) => self.start + s * self.stride[0],
-            None => self.start + token_start * self.stride[0],
-        }
-    }
-}
-
-fn max_lens(p: &AttnParams) -> (usize, usize) {
-    p.seqs
-        .iter()
-        .fold((0, 0), |(a, b), s| (a.max(s.q_len), b.max(s.k_len)))
-}
-
-/// The per-sequence records: q_len, k_len, q/k/v input offsets, o/dq offset, statistics offset,
-/// dk/dv offset.
-pub fn seq_info(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> Vec<i64> {
-    let (hq, hk, d) = (p.heads_q, p.heads_k, p.head_dim);
-    let mut out = Vec::with_capacity(p.batch() * SEQ_INFO_STRIDE);
-    for (s, span) in p.seqs.iter().enumerate() {
-        let lse_off = match p.dense {
-            Some((sq, _)) => s * hq * sq,
-            None => span.q_start,
-        };
-        out.extend_from_slice(&[
-            span.q_len as i64,
-            span.k_len as i64,
-            q.seq_base(p, s, span.q_start) as i64,
-            k.seq_base(p, s, span.k_start) as i64,
-            v.seq_base(p, s, span.k_start) as i64,
-            (span.q_start * hq * d) as i64,
-            lse_off as i64,
-            (span.k_start * hk * d) as i64,
-        ]);
-    }
-    out
-}
-
-/// Window bounds as the kernels take them: -1 unbounded, otherwise clamped to 2^30 so that
-/// `i + diag + w + 1` cannot overflow an `int`.
-fn window(w: Option<usize>) -> i32 {
-    w.map_or(-1, |w| w.min(1 << 30) as i32)
-}
-
 /// The kernel parameters of a problem.
 pub fn params(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> MetalParams {
     let (has_dropout, threshold, dscale, seed) = match p.dropout {
@@ -204,8 +143,8 @@ pub fn params(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout)
         heads_q: p.heads_q as i32,
         heads_k: p.heads_k as i32,
         head_dim: p.head_dim as i32,
-        window_left: window(p.window_left),
-        window_right: window(p.window_right),
+        window_left: window_bound(p.window_left),
+        window_right: window_bound(p.window_right),
         has_alibi: p.alibi.is_some() as i32,
         stats_v1: (p.algorithm == Algorithm::V1) as i32,
         scale: p.scale,
