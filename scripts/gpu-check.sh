@@ -60,7 +60,7 @@ PY
     python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$tc" \
       "nvidia-cuda-sanitizer-api==13.0.*" || true
   fi
-  local san; san="$(find "$tc" -name compute-sanitizer -type f 2>/dev/null | head -1)"
+  local san; san="$(find "$tc" -name compute-sanitizer -type f 2>/dev/null | head -1 || true)"
   if [[ -n "$san" ]]; then
     local dir; dir="$(dirname "$san")"
     local have want; have=$(du -sm "$CARRY" | cut -f1); want=$(du -sm "$dir" | cut -f1)
@@ -92,7 +92,8 @@ run() {
   local gpu; gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' /' '--')"
   local date; date="$(date -u +%Y-%m-%d)"
   local log="$out/gpu-check.log"; : >"$log"
-  link_machine_libs | tee -a "$log"
+  # Not in a pipe: its LD_LIBRARY_PATH export must reach this shell.
+  link_machine_libs > >(tee -a "$log")
   nvidia-smi | tee -a "$log"
   local bin=/tmp/flash-ops-carry/bin status=0
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \

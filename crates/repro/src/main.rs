@@ -74,7 +74,7 @@ struct RunArgs {
     /// Also time candle-nn's CPU flash_attn (forward only) in Table 2; slow.
     #[arg(long)]
     candle_nn: bool,
-    /// Python with torch: adds PyTorch's CPU scaled_dot_product_attention to Table 2
+    /// Python with torch: adds PyTorch's scaled_dot_product_attention (same device) to Table 2
     /// (scripts/repro_torch_sdpa.py).
     #[arg(long)]
     torch: Option<PathBuf>,

@@ -195,8 +195,9 @@ fn speedup(r: &Results, out: &Path) -> Result<()> {
         for v in ["v1", "v2"] {
             lines.push(Line {
                 label: format!(
-                    "ours: {}, CPU f32, batch {} × {} heads, d {}",
+                    "ours: {}, {}, batch {} × {} heads, d {}",
                     variant_label(v),
+                    crate::render::device_short(r),
                     s.batch,
                     s.heads,
                     s.d
@@ -287,7 +288,8 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
         })
         .collect();
     let title = format!(
-        "fwd+bwd peak memory (ours: CPU f32, batch {} × {} heads, d {}; standard over the {} budget at {})",
+        "fwd+bwd peak memory (ours: {}, batch {} × {} heads, d {}; standard over the {} budget at {})",
+        crate::render::device_short(r),
         s.batch,
         s.heads,
         s.d,

@@ -38,7 +38,7 @@ pub fn variant_label(v: &str) -> &str {
         "v2" => "flash V2",
         "naive" => "naive (standard)",
         "candle-nn" => "candle-nn flash_attn (fwd only)",
-        "torch-sdpa" => "PyTorch SDPA (CPU)",
+        "torch-sdpa" => "PyTorch SDPA",
         other => other,
     }
 }
@@ -91,6 +91,25 @@ pub fn device_words(r: &Results) -> String {
         )
     } else {
         format!("{} ({}), {}", r.meta.device, r.meta.cpu, r.meta.dtype)
+    }
+}
+
+/// "CPU f32" / "CUDA bf16": the device and dtype in a plot legend's few words.
+pub fn device_short(r: &Results) -> String {
+    let dev = if r.meta.device == "cpu" {
+        "CPU"
+    } else {
+        "CUDA"
+    };
+    format!("{dev} {}", r.meta.dtype)
+}
+
+/// What the memory columns count: heap bytes on the CPU, the memory pool on CUDA.
+fn memory_words(r: &Results) -> &'static str {
+    if r.meta.device == "cpu" {
+        "peak extra heap during forward+backward (counting allocator)"
+    } else {
+        "peak extra device memory during forward+backward (CUDA memory pool high-water mark)"
     }
 }
 
@@ -220,9 +239,10 @@ pub fn memory(r: &Results, s: &AttnSection) -> String {
     .ok();
     writeln!(
         o,
-        "Ours: peak extra heap during forward+backward (counting allocator), {}, batch {}, {} heads, d {}, no dropout or mask. \
+        "Ours: {}, {}, batch {}, {} heads, d {}, no dropout or mask. \
 Standard attention is not run where its predicted peak passes the memory budget of {} (our \"out of memory\"; predicted from its measured bytes per score element at the largest length it ran); flash runs on (V2 only past the table's lengths, to save time). \
 Paper: A100-40GB, fp16, batch 16, 8 heads, d 64, with dropout and masking; {}",
+        memory_words(r),
         device_words(r),
         s.batch,
         s.heads,

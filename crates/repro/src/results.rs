@@ -30,7 +30,8 @@ pub struct Meta {
     pub cpu: String,
     pub threads: usize,
     pub dtype: String,
-    /// Dense f32 matmul (2048³) measured at the start of the run: the roof for GFLOP/s.
+    /// A large dense matmul in `dtype` on the device (`flash_ops::bench::gemm_ceiling`),
+    /// measured at the start of the run: the roof for GFLOP/s.
     pub gemm_gflops: f64,
     pub git_commit: Option<String>,
     pub command: Vec<String>,

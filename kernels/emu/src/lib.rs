@@ -169,7 +169,12 @@ impl Inputs {
     }
 
     fn params(&mut self, p: &AttnParams) -> (FlashParams, Buf, Option<Buf>) {
-        let mut fp = plan::base_params(p, self.dt, &self.q.1, &self.k.1, &self.v.1);
+        let mut fp = plan::base_params(
+            p,
+            self.dt,
+            [&self.q.1, &self.k.1, &self.v.1],
+            &self.seq_info,
+        );
         let mut si = Buf::from_bytes(
             &self
                 .seq_info

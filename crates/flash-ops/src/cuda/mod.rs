@@ -134,8 +134,8 @@ fn common(
         InputLayout::from(lk),
         InputLayout::from(lv),
     );
-    let mut fp = plan::base_params(p, dt, &il_q, &il_k, &il_v);
     let info = plan::seq_info(p, &il_q, &il_k, &il_v);
+    let mut fp = plan::base_params(p, dt, [&il_q, &il_k, &il_v], &info);
     let info = i64::wrap_cuda_slice(dev.clone_htod(&info)?, dev.clone());
     fp.seq_info = addr(&info, 0)?;
     let mut keep = vec![info];
@@ -217,7 +217,6 @@ pub fn backward(
     let nk = p.total_k * p.heads_k * p.head_dim;
     let n = p.lse_len();
     let grads = zeros(&dev, q.0.dtype(), nq + 2 * nk)?;
-    let dq_accum = zeros(&dev, DType::F32, nq)?;
     let delta = zeros(&dev, DType::F32, n)?;
     fp.o = addr(bi.out.0, bi.out.1)?;
     fp.d_o = addr(bi.grad_out.0, bi.grad_out.1)?;
@@ -235,9 +234,14 @@ pub fn backward(
         }
     };
     fp.delta = addr(&delta, 0)?;
-    if !plan::separate_dq(p) {
-        fp.dq_accum = addr(&dq_accum, 0)?;
-    }
+    // Kept alive until the launches below are queued; none when bwd_dq writes dQ itself.
+    let _dq_accum = if plan::separate_dq(p) {
+        None
+    } else {
+        let acc = zeros(&dev, DType::F32, nq)?;
+        fp.dq_accum = addr(&acc, 0)?;
+        Some(acc)
+    };
     fp.dq = addr(&grads, 0)?;
     fp.dk = addr(&grads, nq)?;
     fp.dv = addr(&grads, nq + nk)?;

@@ -151,23 +151,23 @@ pub struct Launch {
     pub smem: u32,
 }
 
-/// The scalar part of the parameters (pointers left 0 for the caller to fill in).
+/// The scalar part of the parameters (pointers left 0 for the caller to fill in); `info` is
+/// [`seq_info`] of the same layouts, which the caller also uploads.
 pub fn base_params(
     p: &AttnParams,
     dt: Dt,
-    q: &InputLayout,
-    k: &InputLayout,
-    v: &InputLayout,
+    [q, k, v]: [&InputLayout; 3],
+    info: &[i64],
 ) -> FlashParams {
     let (max_q, max_k) = max_lens(p);
     let chunk = 16 / dt.size();
-    // cp.async moves 16-byte chunks: every row start must be 16-byte aligned. Buffers are
-    // (at least) 16-byte aligned, so it is enough that all offsets and strides are multiples
-    // of a chunk.
-    let info = seq_info(p, q, k, v);
+    // cp.async moves 16-byte chunks: every row start it loads must be 16-byte aligned. Buffers
+    // are (at least) 16-byte aligned, so it is enough that the offsets of the tiled operands
+    // (q, k, v and o/dO: records 2..6) and the strides are multiples of a chunk. The
+    // statistics offset (record 6) counts f32 values read one at a time: not a condition.
     let aligned = info
         .chunks(SEQ_INFO_STRIDE)
-        .all(|r| r[2..8].iter().all(|&o| (o as usize).is_multiple_of(chunk)))
+        .all(|r| r[2..6].iter().all(|&o| (o as usize).is_multiple_of(chunk)))
         && [q, k, v]
             .iter()
             .all(|l| l.tok_stride().is_multiple_of(chunk) && l.head_stride().is_multiple_of(chunk))
