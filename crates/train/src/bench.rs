@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use candle_nn::VarMap;
 use clap::Args;
 use flash_ops_models::AttentionKind;
@@ -74,26 +74,6 @@ fn peak_rss() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// Dense matmul throughput (FLOP/s) in `dtype`, the MFU denominator when none is given.
-fn measured_peak(dev: &Device, dtype: DType) -> Result<f64> {
-    let n = if dev.is_cpu() { 1024 } else { 8192 };
-    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
-    a.matmul(&b)?
-        .sum_all()?
-        .to_dtype(DType::F32)?
-        .to_scalar::<f32>()?;
-    let reps = 5;
-    let t0 = Instant::now();
-    for _ in 0..reps {
-        a.matmul(&b)?
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-    }
-    Ok(2.0 * (n as f64).powi(3) * reps as f64 / t0.elapsed().as_secs_f64())
 }
 
 fn median(xs: &mut [f64]) -> f64 {
@@ -168,7 +148,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let peak = match a.peak_tflops {
         Some(t) => t * 1e12,
-        None => measured_peak(&dev, dtype)?,
+        // The same matmul ceiling as the attention tables of `repro` (GFLOP/s → FLOP/s).
+        None => flash_ops::bench::gemm_ceiling(5, &dev, dtype)? * 1e9,
     };
     let peak_src = if a.peak_tflops.is_some() {
         "--peak-tflops"
