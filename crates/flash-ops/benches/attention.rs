@@ -8,7 +8,9 @@
 //!   [--linear-memory-n 16384]`
 
 use candle_core::{DType, Device, Result};
-use flash_ops::bench::{gemm_ceiling, measure, PeakAlloc, Row, Variant, Workload};
+use flash_ops::bench::{
+    gemm_ceiling, measure, PeakAlloc, Row, Variant, Workload, BWD_PER_FWD_FLOPS,
+};
 
 #[global_allocator]
 static GLOBAL: PeakAlloc = PeakAlloc;
@@ -78,7 +80,9 @@ fn main() -> Result<()> {
                         f / r.fwd_ms / 1e6,
                         opt(bwd, &|t| format!("{t:.1}")),
                         opt(r.fwd_bwd_ms, &|t| format!("{t:.1}")),
-                        opt(r.fwd_bwd_ms, &|t| format!("{:.1}", 3.5 * f / t / 1e6)),
+                        opt(r.fwd_bwd_ms, &|t| {
+                            format!("{:.1}", (1.0 + BWD_PER_FWD_FLOPS) * f / t / 1e6)
+                        }),
                         r.fwd_mem.map(mb).unwrap_or("–".into()),
                         r.fwd_bwd_mem.map(mb).unwrap_or("–".into()),
                     );

@@ -65,14 +65,19 @@ impl Variant {
             Variant::CandleNn => "candle-nn flash_attn",
         }
     }
+    pub const ALL: [Variant; 4] = [Variant::V1, Variant::V2, Variant::Naive, Variant::CandleNn];
+
+    /// The short name used on command lines and in result files.
+    pub fn key(self) -> &'static str {
+        match self {
+            Variant::V1 => "v1",
+            Variant::V2 => "v2",
+            Variant::Naive => "naive",
+            Variant::CandleNn => "candle-nn",
+        }
+    }
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "v1" => Variant::V1,
-            "v2" => Variant::V2,
-            "naive" => Variant::Naive,
-            "candle-nn" => Variant::CandleNn,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|v| v.key() == s)
     }
 }
 
@@ -256,6 +261,10 @@ pub fn gemm_ceiling(reps: usize, dev: &Device, dtype: DType) -> Result<f64> {
         .collect::<Result<Vec<_>>>()?;
     Ok(2.0 * (n as f64).powi(3) / median(ts) / 1e6)
 }
+
+/// Backward FLOPs per forward FLOP in the FlashAttention-2 paper's count (2 matmuls forward, 5
+/// backward); forward+backward is `1 + BWD_PER_FWD_FLOPS`.
+pub const BWD_PER_FWD_FLOPS: f64 = 2.5;
 
 pub fn flops_fwd(n: usize, d: usize, h: usize, causal: bool) -> f64 {
     let f = 4.0 * (n * n) as f64 * d as f64 * h as f64;

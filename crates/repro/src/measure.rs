@@ -59,18 +59,9 @@ pub fn bytes(b: f64) -> String {
     }
 }
 
-fn variant_key(v: Variant) -> &'static str {
-    match v {
-        Variant::V1 => "v1",
-        Variant::V2 => "v2",
-        Variant::Naive => "naive",
-        Variant::CandleNn => "candle-nn",
-    }
-}
-
 fn empty_row(v: Variant, w: &Workload, reps: usize, skipped: Option<String>) -> AttnRow {
     AttnRow {
-        variant: variant_key(v).into(),
+        variant: v.key().into(),
         batch: w.batch,
         heads: w.heads,
         n: w.n,

@@ -221,8 +221,9 @@ impl Plan {
     /// forward+backward, every variant, naive included even where it will be skipped): a size
     /// to compare modes and machines by, not a time.
     pub fn attention_flops(&self) -> (f64, f64) {
-        use flash_ops::bench::flops_fwd;
-        let per_cell = |f: f64, reps: usize| (1 + reps) as f64 * (f + 3.5 * f);
+        use flash_ops::bench::{flops_fwd, BWD_PER_FWD_FLOPS};
+        let per_cell =
+            |f: f64, reps: usize| (1 + reps) as f64 * (f + (1.0 + BWD_PER_FWD_FLOPS) * f);
         let mut t1 = 0.0;
         for &n in &self.t1_lengths {
             let f = self.t1_batch as f64 * flops_fwd(n, self.t1_d, self.t1_heads, false);

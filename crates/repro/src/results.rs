@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use flash_ops::bench::BWD_PER_FWD_FLOPS;
 use serde::{Deserialize, Serialize};
 
 pub const FILE: &str = "results.json";
@@ -73,10 +74,12 @@ impl AttnRow {
         self.fwd_ms.map(|t| self.fwd_flops / t / 1e6)
     }
     pub fn gflops_bwd(&self) -> Option<f64> {
-        self.bwd_ms().map(|t| 2.5 * self.fwd_flops / t / 1e6)
+        self.bwd_ms()
+            .map(|t| BWD_PER_FWD_FLOPS * self.fwd_flops / t / 1e6)
     }
     pub fn gflops_fwd_bwd(&self) -> Option<f64> {
-        self.fwd_bwd_ms.map(|t| 3.5 * self.fwd_flops / t / 1e6)
+        self.fwd_bwd_ms
+            .map(|t| (1.0 + BWD_PER_FWD_FLOPS) * self.fwd_flops / t / 1e6)
     }
 }
 
