@@ -4,7 +4,7 @@
 #      .cuda-toolchain/)
 #   2. the compile gate: every kernel for sm_80 and sm_90, no spills / stack frames, tensor
 #      cores in the SASS (scripts/cuda-compile-check.sh)
-#   3. the emulated kernels against the f64 reference on every option (kernels/emu tests)
+#   3. the emulated kernels against the f64 reference on every option (flash-emu tests)
 #   4. `cargo build -p flash-ops --features cuda` and the CUDA tests linked against the stub
 #      driver, run to show they skip cleanly without a device
 # Env: CI_CUDA_SKIP_BUILD=1 skips step 4 (the slowest: candle's own kernels, ~10 min cold);
@@ -23,7 +23,7 @@ scripts/cuda-compile-check.sh 80 90
 
 if [[ -z "${CI_CUDA_SKIP_EMU:-}" ]]; then
   step "emulated kernels vs reference"
-  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" cargo test -p flash-emu -- --test-threads=2
+  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" cargo test -p flash-emu --test cuda -- --test-threads=2
 fi
 
 if [[ -z "${CI_CUDA_SKIP_BUILD:-}" ]]; then

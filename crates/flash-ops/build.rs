@@ -1,6 +1,7 @@
-//! With the `cuda` feature: compiles each `kernels/cuda/*.cu` to PTX with nvcc (for
-//! `CUDA_COMPUTE_CAP`), the way candle builds its own kernels, and writes `flash_kernels.rs`
-//! listing them for `include_str!`. Without it: nothing.
+//! With the `cuda` feature: compiles each `kernels/cuda/*.cu` (inside this crate, so a packaged
+//! flash-ops builds too) to PTX with nvcc (for `CUDA_COMPUTE_CAP`), the way candle builds its
+//! own kernels, and writes `flash_kernels.rs` listing them for `include_str!`. Without it:
+//! nothing.
 //!
 //! Why nvcc at build time rather than NVRTC at run time: compile errors surface when building,
 //! not at the first call on a GPU; no NVRTC library is needed where the code runs (the GPU
@@ -26,7 +27,7 @@ fn main() {
         }
     }
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let kdir = manifest.join("../../kernels/cuda");
+    let kdir = manifest.join("kernels/cuda");
     println!("cargo:rerun-if-changed={}", kdir.display());
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");

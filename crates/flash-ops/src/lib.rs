@@ -36,13 +36,14 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod dropout;
-pub mod gpu_layout;
 pub mod mask;
 #[cfg(all(feature = "metal", target_os = "macos"))]
 mod metal;
 mod op;
 mod options;
-pub mod params;
+mod params;
+#[doc(hidden)]
+pub mod plan;
 pub mod reference;
 
 pub use options::{Algorithm, AttnOptions, Dropout};

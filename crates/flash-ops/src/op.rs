@@ -98,7 +98,7 @@ impl CustomOp3 for FlashAttnFwd {
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let (out, stats) = crate::metal::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
-        let len = crate::metal::plan::stats_len(&self.params);
+        let len = crate::plan::metal::stats_len(&self.params);
         self.save_stats(Storage::Metal(stats), len);
         Ok((out, self.out_shape()))
     }

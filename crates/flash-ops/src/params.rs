@@ -339,3 +339,18 @@ fn read_alibi(slopes: &Tensor, batch: usize, heads_q: usize) -> Result<Vec<f32>>
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_mismatch_message_names_both_devices() {
+        use candle_core::DeviceLocation;
+        let e = device_mismatch("k", DeviceLocation::Cuda { gpu_id: 0 }, DeviceLocation::Cpu);
+        let msg = e.to_string();
+        for n in ["`k`", "Cuda", "Cpu", "share one device"] {
+            assert!(msg.contains(n), "{msg}");
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! The kernels are compiled to PTX by nvcc in `build.rs` and loaded once per device through
 //! `CudaDevice::get_or_load_custom_func`. Which kernels run, with which grids and parameters,
-//! is decided in [`plan`], which has no CUDA types so the CPU emulation harness (kernels/emu)
+//! is decided in `crate::plan::cuda`, which has no CUDA types so the SIMT emulator (`flash-emu`)
 //! runs the very same plan.
 
 use candle_core::backend::BackendStorage;
@@ -15,13 +15,11 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-use crate::gpu_layout;
 use crate::params::AttnParams;
+use crate::plan::{cuda as plan, Dt, InputLayout};
 use crate::Algorithm;
 
-pub mod plan;
-
-use plan::{Dt, FlashParams, InputLayout, Launch};
+use plan::{FlashParams, Launch};
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/flash_kernels.rs"));
@@ -67,12 +65,7 @@ fn launch(dev: &CudaDevice, l: &Launch, p: &FlashParams) -> Result<()> {
 }
 
 fn dt_of(d: DType) -> Result<Dt> {
-    Ok(match d {
-        DType::F32 => Dt::F32,
-        DType::F16 => Dt::F16,
-        DType::BF16 => Dt::Bf16,
-        d => bail!("flash_attn: CUDA kernels take f32, f16 or bf16, got {d:?}"),
-    })
+    Dt::of(d, "the CUDA kernels")
 }
 
 /// Raw device address of a storage's buffer, plus `offset` elements.
@@ -311,7 +304,7 @@ mod tests {
     use candle_core::{Device, Storage, Tensor};
 
     /// The hardware's ldmatrix / mma.sync (and the f32 shuffle path) against plain matrix
-    /// products, through the probe kernel the emulator runs too (kernels/emu tests): if both
+    /// products, through the probe kernel the emulator runs too (flash-emu tests): if both
     /// match the same products, the emulated fragment layouts are the hardware's.
     #[test]
     fn mma_probe_matches_matmul() -> Result<()> {

@@ -10,9 +10,10 @@ use candle_core::{bail, DType, Layout, MetalDevice, MetalError, MetalStorage, Re
 use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline, Library};
 use objc2_metal::MTLSize;
 
-use super::plan::{self, Dt, InputLayout, Launch, MetalParams};
-use super::source::msl_source;
 use crate::params::AttnParams;
+use crate::plan::metal::{self as plan, Launch, MetalParams};
+use crate::plan::metal_source::msl_source;
+use crate::plan::{Dt, InputLayout};
 
 /// The compiled library of one device and its pipelines by kernel name.
 struct DeviceKernels {
@@ -82,12 +83,7 @@ fn pipeline(dev: &MetalDevice, name: &str) -> Result<ComputePipeline> {
 }
 
 fn dt_of(d: DType) -> Result<Dt> {
-    Ok(match d {
-        DType::F32 => Dt::F32,
-        DType::F16 => Dt::F16,
-        DType::BF16 => Dt::Bf16,
-        d => bail!("flash_attn: the Metal backend takes f32, f16 or bf16, got {d:?}"),
-    })
+    Dt::of(d, "the Metal backend")
 }
 
 /// The problem's constant buffers: parameters (bytes), per-sequence records, ALiBi slopes

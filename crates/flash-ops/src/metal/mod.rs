@@ -1,9 +1,9 @@
 //! Metal backend (feature `metal`, macOS only): the kernels of `kernels/metal` compiled at run
 //! time with the device's `newLibraryWithSource` and dispatched on Candle's command encoder.
 //!
-//! * [`plan`]: parameter struct, tile sizes and grids, free of Metal types (the SIMT emulator
-//!   crate `kernels/emu-metal` includes it to test the very plan the GPU runs).
-//! * [`source`]: the one MSL source string assembled from the kernel files.
+//! * `crate::plan::metal`: parameter struct, tile sizes and grids, free of Metal types (the SIMT
+//!   emulator `flash-emu` runs the very plan the GPU runs).
+//! * `crate::plan::metal_source`: the one MSL source string assembled from the kernel files.
 //! * `backend`: library and pipeline cache, buffer allocation and dispatch.
 //!
 //! One schedule serves both algorithms: FlashAttention-2's forward (q tile resident, k/v tiles
@@ -11,11 +11,8 @@
 //! the saved statistics to V1's `m ‖ l`, so the op's contract holds on every backend.
 
 mod backend;
-pub mod plan;
-pub mod source;
 
 pub use backend::{backward, forward, BackwardInputs};
 
-use crate::gpu_layout;
 use crate::params::AttnParams;
 use crate::Algorithm;

@@ -6,23 +6,20 @@
 const FILES: [(&str, &str); 5] = [
     (
         "flash_metal.h",
-        include_str!("../../../../kernels/metal/flash_metal.h"),
+        include_str!("../../kernels/metal/flash_metal.h"),
     ),
-    (
-        "fwd.metal",
-        include_str!("../../../../kernels/metal/fwd.metal"),
-    ),
+    ("fwd.metal", include_str!("../../kernels/metal/fwd.metal")),
     (
         "bwd_pre.metal",
-        include_str!("../../../../kernels/metal/bwd_pre.metal"),
+        include_str!("../../kernels/metal/bwd_pre.metal"),
     ),
     (
         "bwd_dq.metal",
-        include_str!("../../../../kernels/metal/bwd_dq.metal"),
+        include_str!("../../kernels/metal/bwd_dq.metal"),
     ),
     (
         "bwd_dkdv.metal",
-        include_str!("../../../../kernels/metal/bwd_dkdv.metal"),
+        include_str!("../../kernels/metal/bwd_dkdv.metal"),
     ),
 ];
 

@@ -1,8 +1,8 @@
-//! The emulated kernels' test cases, shared by the CUDA (kernels/emu/tests/emulated.rs) and
-//! Metal (kernels/emu-metal/tests/metal_emulated.rs) suites: small ragged shapes with every
+//! The emulated kernels' test cases, shared by the CUDA (`tests/cuda.rs`) and Metal
+//! (`tests/metal.rs`) suites: small ragged shapes with every
 //! option, against the f64 reference (output, log-sum-exp, dQ, dK, dV). Inputs are rounded to the
 //! kernel dtype first, so the errors measure the kernels alone. The including test file names the
-//! emulator crate `emu` (both expose the same API) and defines the tolerances `tol(dtype)`.
+//! emulator module `emu` (both dialects expose the same API) and defines the tolerances `tol(dtype)`.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use flash_ops::{reference, Algorithm, AttnOptions};

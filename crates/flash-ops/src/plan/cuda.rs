@@ -1,11 +1,10 @@
-//! The launch plan of the CUDA kernels (kernels/cuda): the `#[repr(C)]` mirror of
+//! The launch plan of the CUDA kernels (`kernels/cuda`): the `#[repr(C)]` mirror of
 //! `FlashParams`, the tile configurations of `flash_config.cuh`, and which kernels run with
-//! which grids for a problem. No CUDA types here: the CPU emulation harness (kernels/emu)
-//! includes this file too, so the emulated tests exercise the very plan the GPU backend uses.
+//! which grids for a problem.
 
-use super::gpu_layout::{max_lens, window_bound};
-pub use super::gpu_layout::{seq_info, InputLayout, SEQ_INFO_STRIDE};
-use super::{Algorithm, AttnParams};
+use super::{max_lens, window_bound, AttnParams};
+pub use super::{seq_info, Dt, InputLayout, SEQ_INFO_STRIDE};
+use crate::Algorithm;
 
 /// Mirror of `FlashParams` in `kernels/cuda/flash_params.h` (same order, pointers as `u64`).
 #[repr(C)]
@@ -58,30 +57,6 @@ pub struct FlashParams {
 /// `sizeof(FlashParams)` in C; the emulator checks it at every launch.
 pub const FLASH_PARAMS_SIZE: usize = 272;
 const _: () = assert!(std::mem::size_of::<FlashParams>() == FLASH_PARAMS_SIZE);
-
-/// Element type of q, k, v and the outputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dt {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Dt {
-    pub fn name(self) -> &'static str {
-        match self {
-            Dt::F32 => "f32",
-            Dt::F16 => "f16",
-            Dt::Bf16 => "bf16",
-        }
-    }
-    pub fn size(self) -> usize {
-        match self {
-            Dt::F32 => 4,
-            _ => 2,
-        }
-    }
-}
 
 /// Head dimensions with compiled kernels; a problem runs on the smallest one >= its head_dim
 /// (the extra columns are zero-filled in shared memory and never stored).
@@ -306,7 +281,7 @@ pub fn backward_launches(p: &AttnParams, dt: Dt) -> Vec<Launch> {
 
 /// `mma_probe.cu`: one warp multiplies two 16x16 tiles (A = `q`, B = `k`, in `dt`) through
 /// every operand path of `flash_mma.cuh`, writing 4 x 256 f32 to `dq_accum`. Used by the
-/// probe tests (the backend's unit test on a GPU, kernels/emu on the CPU).
+/// probe tests (the backend's unit test on a GPU, flash-emu on the CPU).
 #[allow(dead_code)]
 pub fn probe_launch(dt: Dt) -> Launch {
     Launch {

@@ -1,14 +1,13 @@
 //! The CUDA kernels, run by the SIMT emulator against the f64 reference: the shared cases of
-//! `shared/cases.rs`, plus what only the CUDA backend has (deterministic dQ, the mma probe).
+//! `shared/mod.rs`, plus what only the CUDA backend has (deterministic dQ, the mma probe).
 
 use candle_core::{DType, Device, Tensor};
-use flash_emu as emu;
+use flash_emu::cuda as emu;
 use flash_ops::AttnOptions;
 
-#[path = "shared/cases.rs"]
-mod cases;
-use cases::{case, check, Rng, DTYPES};
-use emu::{host_input, plan::Dt};
+mod shared;
+use emu::{host_input, Dt};
+use shared::{case, check, Rng, DTYPES};
 
 pub fn tol(dtype: DType) -> f64 {
     // About 4x the largest error measured (f16 3.7e-4, bf16 3.0e-3, f32 3.3e-7): the output
@@ -60,9 +59,9 @@ fn mma_probe_matches_matmul() {
         let (mut bb, _) = host_input(&b).unwrap();
         let mut out = Buf::zeros(4 * 4 * 256);
         let fp = plan::FlashParams {
-            q: ab.ptr(),
-            k: bb.ptr(),
-            dq_accum: out.ptr(),
+            q: ab.addr(),
+            k: bb.addr(),
+            dq_accum: out.addr(),
             ..Default::default()
         };
         launch(&plan::probe_launch(dt), &fp).unwrap();

@@ -1,12 +1,11 @@
 //! The Metal kernels (kernels/metal/*.metal), run by the SIMT emulator through the MSL shim
 //! against the f64 reference: the same cases as the CUDA kernels' emulated tests
-//! (kernels/emu/tests/shared/cases.rs), with tolerances of their own.
+//! (`shared/mod.rs`), with tolerances of their own.
 
 use candle_core::DType;
-use flash_emu_metal as emu;
+use flash_emu::metal as emu;
 
-#[path = "../../emu/tests/shared/cases.rs"]
-mod cases;
+mod shared;
 
 pub fn tol(dtype: DType) -> f64 {
     match dtype {

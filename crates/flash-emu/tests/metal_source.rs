@@ -1,11 +1,12 @@
-//! The one MSL string the Metal backend compiles (`crates/flash-ops/src/metal/source.rs`): no
+//! The one MSL string the Metal backend compiles (`flash_ops::plan::metal_source`): no
 //! local includes left, every kernel file in it, and — compiled as C++ against the MSL shim —
 //! one well-formed translation unit defining every kernel the launch plan dispatches.
 
 use std::process::Command;
 
-use flash_emu_metal::plan::{self, Dt, HEAD_DIMS};
-use flash_emu_metal::source::msl_source;
+use flash_emu::metal::plan::{self, HEAD_DIMS};
+use flash_emu::metal::source::msl_source;
+use flash_emu::Dt;
 
 #[test]
 fn assembled_source_is_one_translation_unit() {
@@ -47,7 +48,7 @@ fn assembled_source_is_one_translation_unit() {
         ));
     }
     std::fs::write(&tu, text).unwrap();
-    let emu = concat!(env!("CARGO_MANIFEST_DIR"), "/../emu");
+    let emu = concat!(env!("CARGO_MANIFEST_DIR"), "/csrc");
     let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()))
         .args([
             "-std=c++17",

@@ -1,10 +1,42 @@
-//! What the GPU backends' launch plans (`cuda/plan.rs`, `metal/plan.rs`) share: where each
-//! input's rows are, and the per-sequence records the kernels index by sequence. Plain Rust, no
-//! device types, so the emulator crates (kernels/emu, kernels/emu-metal) use it as well.
+//! What the two launch plans share: the element type, where each input's rows are, and the
+//! per-sequence records the kernels index by sequence.
 
-use candle_core::Layout;
+use candle_core::{bail, DType, Layout, Result};
 
 use crate::params::AttnParams;
+
+/// Element type of q, k, v and the outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dt {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dt {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dt::F32 => "f32",
+            Dt::F16 => "f16",
+            Dt::Bf16 => "bf16",
+        }
+    }
+    /// The kernels' element type for a tensor dtype; `who` names the backend in the error.
+    pub fn of(d: DType, who: &str) -> Result<Self> {
+        Ok(match d {
+            DType::F32 => Dt::F32,
+            DType::F16 => Dt::F16,
+            DType::BF16 => Dt::Bf16,
+            d => bail!("flash_attn: {who} takes f32, f16 or bf16, got {d:?}"),
+        })
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            _ => 2,
+        }
+    }
+}
 
 /// Where an input's rows are: start offset and strides in elements, as Candle's layout gives
 /// them. Rank 4 `(b, s, h, d)` or rank 3 `(t, h, d)`.

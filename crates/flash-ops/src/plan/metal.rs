@@ -1,12 +1,10 @@
-//! The launch plan of the Metal kernels (kernels/metal): the `#[repr(C)]` mirror of
-//! `MetalFlashParams`, the per-sequence records, the tile sizes of `flash_metal.h`, and which
-//! kernels run with which grids. No Metal types here: the SIMT emulator crate
-//! (kernels/emu-metal) includes this file too, so the emulated tests run the plan the GPU
-//! backend runs.
+//! The launch plan of the Metal kernels (`kernels/metal`): the `#[repr(C)]` mirror of
+//! `MetalFlashParams`, the tile sizes of `flash_metal.h`, and which kernels run with which
+//! grids.
 
-use super::gpu_layout::{max_lens, window_bound};
-pub use super::gpu_layout::{seq_info, InputLayout};
-use super::{Algorithm, AttnParams};
+use super::{max_lens, window_bound, AttnParams};
+pub use super::{seq_info, Dt, InputLayout, SEQ_INFO_STRIDE};
+use crate::Algorithm;
 
 /// Mirror of `MetalFlashParams` in `kernels/metal/flash_metal.h` (same order; `long` is i64).
 #[repr(C)]
@@ -43,30 +41,6 @@ pub struct MetalParams {
 /// `sizeof(MetalFlashParams)`.
 pub const PARAMS_SIZE: usize = 144;
 const _: () = assert!(std::mem::size_of::<MetalParams>() == PARAMS_SIZE);
-
-/// Element type of q, k, v and the outputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dt {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Dt {
-    pub fn name(self) -> &'static str {
-        match self {
-            Dt::F32 => "f32",
-            Dt::F16 => "f16",
-            Dt::Bf16 => "bf16",
-        }
-    }
-    pub fn size(self) -> usize {
-        match self {
-            Dt::F32 => 4,
-            _ => 2,
-        }
-    }
-}
 
 /// Head dimensions with compiled kernels; a problem runs on the smallest one >= its head_dim
 /// (the extra columns are zero in threadgroup memory and never stored).

@@ -1,0 +1,13 @@
+//! The GPU launch plans: for a problem, which kernels run with which grids, tiles and parameter
+//! structs (`#[repr(C)]` mirrors of the kernels' headers). No device types, so they compile on
+//! every build and the SIMT emulator (`flash-emu`) runs the very plans the CUDA and Metal
+//! backends launch. Not a stable API: hidden from the docs, used by the backends and the
+//! emulator only.
+
+pub mod cuda;
+mod layout;
+pub mod metal;
+pub mod metal_source;
+
+pub use crate::params::{AttnParams, SeqSpan};
+pub use layout::{max_lens, seq_info, window_bound, Dt, InputLayout, SEQ_INFO_STRIDE};
