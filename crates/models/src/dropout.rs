@@ -11,13 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{bail, Device, Result, Tensor};
 use flash_ops::dropout::philox4x32_10;
 
-/// SplitMix64 finaliser: decorrelates nearby seeds and site numbers.
-pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::rng::splitmix64;
 
 /// The dropout state of one forward pass: off in eval, otherwise one base seed from which every
 /// dropout site (embedding, each layer's attention probabilities and residual branches) derives
@@ -38,7 +32,7 @@ impl DropoutCtx {
 
     /// The seed of dropout site `site` (distinct per layer and per use within a layer).
     pub fn site_seed(&self, site: u64) -> u64 {
-        mix64(self.seed ^ mix64(site))
+        splitmix64(self.seed ^ splitmix64(site))
     }
 
     /// Whether dropout with probability `p` is active.
@@ -99,7 +93,7 @@ impl SeedCounter {
         }
         DropoutCtx {
             train,
-            seed: mix64(self.0.fetch_add(1, Ordering::Relaxed)),
+            seed: splitmix64(self.0.fetch_add(1, Ordering::Relaxed)),
         }
     }
 }

@@ -35,6 +35,7 @@ mod dropout;
 pub mod gpt2;
 mod layer_norm;
 mod linear;
+pub mod rng;
 
 pub use activation::Activation;
 pub use attention::AttentionKind;

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use flash_ops_models::rng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -225,7 +226,8 @@ pub fn split(tokens: &[u32], seq_len: usize) -> Result<(Vec<u32>, Vec<u32>)> {
 
 /// Unigram entropy (nats) of a token stream: the loss of the best model that ignores context.
 pub fn unigram_entropy(tokens: &[u32]) -> f64 {
-    let mut counts: std::collections::HashMap<u32, u64> = Default::default();
+    // Ordered, so the sum (and run.json) is the same in every process.
+    let mut counts: std::collections::BTreeMap<u32, u64> = Default::default();
     for &t in tokens {
         *counts.entry(t).or_default() += 1;
     }
@@ -276,9 +278,7 @@ impl<'a> Batches<'a> {
 
     fn shuffle(&mut self) {
         let mut order: Vec<u32> = (0..self.windows() as u32).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let mut rng = ChaCha8Rng::seed_from_u64(rng::offset(self.seed, self.pos.epoch));
         order.shuffle(&mut rng);
         self.order = order;
     }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
+use flash_ops_models::rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -32,15 +33,10 @@ fn is_norm(name: &str) -> bool {
         || name.contains("layer_norm")
 }
 
+/// The init seed of tensor `name`: a hash of the name offset by the run seed, so each tensor's
+/// init is independent of the order the model creates them in.
 fn name_seed(seed: u64, name: &str) -> u64 {
-    // FNV-1a over the name, mixed with the run seed: each tensor's init is independent of the
-    // order the model creates them in.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    rng::offset(rng::fnv1a(name.bytes().map(u64::from)), seed)
 }
 
 /// Re-initialises every parameter from `seed` (candle's CPU RNG cannot be seeded): GPT-2/BERT

@@ -4,7 +4,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 
 use super::model::{Gpt2, KvCache};
-use crate::dropout::mix64;
+use crate::rng::CounterRng;
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -15,16 +15,6 @@ pub enum Sampling {
     Temperature(f64),
     /// Sample from the `k` most likely tokens, `softmax(logits / temperature)` renormalised.
     TopK { k: usize, temperature: f64 },
-}
-
-/// SplitMix64 stream: deterministic sampling from `seed`, no external RNG.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(1);
-        (mix64(self.0) >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -38,7 +28,7 @@ fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Draws from `softmax(logits[cands] / temperature)`.
-fn sample_among(logits: &[f32], cands: &[usize], temperature: f64, rng: &mut Rng) -> u32 {
+fn sample_among(logits: &[f32], cands: &[usize], temperature: f64, rng: &mut CounterRng) -> u32 {
     let max = cands
         .iter()
         .map(|&i| logits[i] as f64)
@@ -57,7 +47,7 @@ fn sample_among(logits: &[f32], cands: &[usize], temperature: f64, rng: &mut Rng
     cands[cands.len() - 1] as u32
 }
 
-fn choose(logits: &[f32], sampling: Sampling, rng: &mut Rng) -> Result<u32> {
+fn choose(logits: &[f32], sampling: Sampling, rng: &mut CounterRng) -> Result<u32> {
     match sampling {
         Sampling::Greedy => Ok(argmax(logits)),
         Sampling::Temperature(t) | Sampling::TopK { temperature: t, .. } if t <= 0.0 => {
@@ -100,7 +90,7 @@ pub fn generate(
             tokens.len()
         )
     }
-    let mut rng = Rng(seed);
+    let mut rng = CounterRng::new(seed);
     let mut cache = KvCache::default();
     let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     for _ in 0..max_new_tokens {
@@ -129,7 +119,7 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_sampling_follows_the_distribution() -> Result<()> {
         let logits = [0.5f32, 2.0, -1.0, 1.0];
-        let mut rng = Rng(3);
+        let mut rng = CounterRng::new(3);
         for _ in 0..20 {
             let s = Sampling::TopK {
                 k: 1,
