@@ -200,37 +200,21 @@ impl View for &Bytes {
     }
 }
 
+/// The elements of a flat tensor, little-endian.
+fn le_bytes<T: candle_core::WithDType, const N: usize>(
+    flat: &Tensor,
+    to_le: fn(T) -> [u8; N],
+) -> Result<Vec<u8>> {
+    Ok(flat.to_vec1::<T>()?.into_iter().flat_map(to_le).collect())
+}
+
 fn to_bytes(t: &Tensor) -> Result<Bytes> {
     let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
-    let (dtype, data): (StDtype, Vec<u8>) = match t.dtype() {
-        DType::F32 => (
-            StDtype::F32,
-            flat.to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::F64 => (
-            StDtype::F64,
-            flat.to_vec1::<f64>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::F16 => (
-            StDtype::F16,
-            flat.to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::BF16 => (
-            StDtype::BF16,
-            flat.to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
+    let (dtype, data) = match t.dtype() {
+        DType::F32 => (StDtype::F32, le_bytes(&flat, f32::to_le_bytes)?),
+        DType::F64 => (StDtype::F64, le_bytes(&flat, f64::to_le_bytes)?),
+        DType::F16 => (StDtype::F16, le_bytes(&flat, half::f16::to_le_bytes)?),
+        DType::BF16 => (StDtype::BF16, le_bytes(&flat, half::bf16::to_le_bytes)?),
         other => bail!("save: unsupported parameter dtype {other:?}"),
     };
     Ok(Bytes {
