@@ -13,9 +13,10 @@ use clap::Args;
 use flash_ops_models::AttentionKind;
 use serde_json::json;
 
+use crate::batching::causal_batch;
+use crate::masking::{mlm_batch, MlmIds, MlmSettings};
 use crate::model::{self, ModelKind, Net, Preset, SizeOverrides};
 use crate::optim::{self, AdamW, AdamWConfig, Grads};
-use crate::trainer::{causal_batch, mlm_batch, MlmIds, MlmSettings};
 use crate::{DTypeArg, DeviceArg};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

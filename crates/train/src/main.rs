@@ -2,13 +2,18 @@
 //! or FlashAttention-2, on an embedded public-domain corpus or your own data; sample, evaluate,
 //! plot, benchmark, and train tokenizers.
 
+mod batching;
 mod bench;
 mod checkpoint;
 mod data;
+mod evaluation;
+mod masking;
 mod metrics;
 mod model;
 mod optim;
 mod plot;
+mod progress;
+mod recipe;
 mod tokenizer;
 mod trainer;
 
@@ -58,6 +63,16 @@ pub enum DTypeArg {
     F32,
     Bf16,
     F16,
+}
+
+impl DTypeArg {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            DTypeArg::F32 => candle_core::DType::F32,
+            DTypeArg::Bf16 => candle_core::DType::BF16,
+            DTypeArg::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -339,7 +354,7 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
 
 fn run_sample(a: SampleArgs) -> Result<()> {
     let dev = device(a.device)?;
-    let loaded = trainer::load_for_inference(&a.checkpoint, None, &dev, a.attn)?;
+    let loaded = evaluation::load_for_inference(&a.checkpoint, None, &dev, a.attn)?;
     let model::Net::Gpt2(gpt) = &loaded.net else {
         bail!(
             "{} is a BERT checkpoint; `train sample` generates from GPT-2 checkpoints (use `train eval` for BERT)",
@@ -381,14 +396,14 @@ fn real_main() -> Result<()> {
     match cli.cmd {
         Cmd::Gpt2(a) => trainer::run(model::ModelKind::Gpt2, a, None),
         Cmd::Bert(a) => {
-            let mlm = trainer::MlmSettings {
+            let mlm = masking::MlmSettings {
                 mask_prob: a.mask_prob,
                 whole_word: a.whole_word,
             };
             trainer::run(model::ModelKind::Bert, a.train, Some(mlm))
         }
         Cmd::Sample(a) => run_sample(a),
-        Cmd::Eval(a) => trainer::run_eval(a),
+        Cmd::Eval(a) => evaluation::run_eval(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Plot(a) => plot::run(a),
         Cmd::Tokenizer(a) => run_tokenizer(a),

@@ -1,9 +1,9 @@
 //! End-to-end tests of the `train` binary: bad input gives a one-line error and a non-zero exit,
-//! a SIGKILLed run resumes to the same losses as an uninterrupted one, and the other commands
-//! (sample, eval, plot, bench, tokenizer, encode, bert) run on a tiny model.
+//! a run SIGKILLed or stopped by Ctrl-C resumes to the same losses as an uninterrupted one, and the
+//! other commands (sample, eval, plot, bench, tokenizer, encode, bert) run on a tiny model.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_train");
@@ -31,21 +31,47 @@ fn small_text(dir: &Path) -> PathBuf {
     p
 }
 
-const TINY: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "32",
-    "--n-head",
-    "2",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "2",
-];
+/// The tiny model's flags: `n_layer` layers of width 32 with 2 heads, batches of 2 sequences of 32.
+fn tiny_model(n_layer: &str) -> [&str; 10] {
+    [
+        "--n-layer",
+        n_layer,
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+    ]
+}
+
+/// `train CMD --out OUT --data DATA --steps STEPS` on the one-layer tiny model, then `extra`.
+fn tiny_run<'a>(
+    cmd: &'a str,
+    out: &'a Path,
+    data: &'a Path,
+    steps: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![cmd, "--out", s(out), "--data", s(data), "--steps", steps];
+    v.extend(tiny_model("1"));
+    v.extend_from_slice(extra);
+    v
+}
 
 fn train(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
+}
+
+/// Fails the test unless `o` exited successfully.
+fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "{}", stderr(o));
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn stderr(o: &Output) -> String {
@@ -127,10 +153,9 @@ fn tokenizer_vocab_mismatch() {
     let txt = small_text(&d);
     // Token ids beyond the model's vocabulary.
     let toks = d.join("t.bin");
-    let o = train(&["encode", "--data", s(&txt), "--out", s(&toks)]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&train(&["encode", "--data", s(&txt), "--out", s(&toks)]));
     let tj = d.join("tok.json");
-    let o = train(&[
+    assert_ok(&train(&[
         "tokenizer",
         "--kind",
         "bpe",
@@ -140,8 +165,7 @@ fn tokenizer_vocab_mismatch() {
         s(&txt),
         "--out",
         s(&tj),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    ]));
     let o = train(&[
         "gpt2",
         "--out",
@@ -154,10 +178,7 @@ fn tokenizer_vocab_mismatch() {
     assert_clean_error(&o, &["token id", "500 entries", "--tokenizer"]);
     // A checkpoint trained with GPT-2's tokenizer, evaluated with a 500-token one.
     let run = d.join("run");
-    let mut a = vec!["gpt2", "--out", s(&run), "--data", s(&txt), "--steps", "1"];
-    a.extend_from_slice(TINY);
-    let o = train(&a);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&train(&tiny_run("gpt2", &run, &txt, "1", &[])));
     let o = train(&[
         "eval",
         "--checkpoint",
@@ -178,17 +199,15 @@ fn checkpoint_from_different_config() {
     let d = tmpdir("diffcfg");
     let txt = small_text(&d);
     let out = d.join("run");
-    let mut a = vec!["gpt2", "--out", s(&out), "--data", s(&txt), "--steps", "2"];
-    a.extend_from_slice(TINY);
-    let o = train(&a);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let a = tiny_run("gpt2", &out, &txt, "2", &[]);
+    assert_ok(&train(&a));
     let ckpts = out.join("checkpoints");
     let before: Vec<_> = std::fs::read_dir(&ckpts)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     // Same folder, two layers instead of one.
-    let o = train(&[
+    let mut b = vec![
         "gpt2",
         "--out",
         s(&out),
@@ -197,17 +216,9 @@ fn checkpoint_from_different_config() {
         "--steps",
         "4",
         "--resume",
-        "--n-layer",
-        "2",
-        "--n-embd",
-        "32",
-        "--n-head",
-        "2",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-    ]);
+    ];
+    b.extend(tiny_model("2"));
+    let o = train(&b);
     assert_clean_error(&o, &["different model config", "n_layer: 1 vs 2"]);
     // Starting over in a folder that holds a run is refused too, and nothing was touched.
     let o = train(&a);
@@ -220,96 +231,59 @@ fn checkpoint_from_different_config() {
     std::fs::remove_dir_all(&d).ok();
 }
 
-fn train_losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
+/// The `(step, loss)` records of one `kind` ("train" or "val") in a run's metrics; a last line
+/// still being written (or cut by SIGKILL) is left out.
+fn losses(out: &Path, kind: &str) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
+    complete
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == "train")
+        .filter(|r| r["kind"] == kind)
         .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
         .collect()
 }
 
-fn val_losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == "val")
-        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
-        .collect()
+fn latest_checkpoint(out: &Path) -> Option<String> {
+    let name = std::fs::read_to_string(out.join("checkpoints/latest")).ok()?;
+    Some(name.trim().to_string())
 }
 
-/// A run SIGKILLed after its step-8 checkpoint and resumed reaches the same losses, step for
-/// step, as the same run uninterrupted.
-#[test]
-fn sigkill_then_resume_matches_uninterrupted() {
-    let d = tmpdir("resume");
-    let txt = small_text(&d);
-    let common = |out: &Path| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "gpt2",
-            "--data",
-            s(&txt),
-            "--steps",
-            "12",
-            "--ckpt-every",
-            "4",
-            "--val-every",
-            "6",
-            "--lr",
-            "1e-2",
-            "--warmup-steps",
-            "2",
-            "--out",
-            s(out),
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        v.extend(TINY.iter().map(|x| x.to_string()));
-        v
-    };
-    let a = d.join("a");
-    let o = Command::new(BIN).args(common(&a)).output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-
-    let b = d.join("b");
-    let mut child = Command::new(BIN)
-        .args(common(&b))
-        .env("TRAIN_TEST_STEP_DELAY_MS", "400")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let latest = b.join("checkpoints/latest");
+/// Runs `child` in slices of 5 ms, stopped (SIGSTOP) in between, until `ready()` holds when
+/// checked while it is stopped, and returns with it stopped. A slice is far shorter than the
+/// optimizer steps left after `ready`, so the test catches the run mid-way without a hook in the
+/// trainer that slows it down.
+fn stop_when(child: &Child, ready: impl Fn() -> bool) {
+    let pid = child.id() as libc::pid_t;
     let t0 = Instant::now();
     loop {
-        if std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() == "step-00000008") {
-            break;
+        std::thread::sleep(Duration::from_millis(5));
+        let mut status = 0;
+        // SAFETY: plain syscalls on our own child; waitpid(WUNTRACED) returns once it is
+        // stopped (or has ended), without reaping a stopped child.
+        unsafe {
+            assert_eq!(libc::kill(pid, libc::SIGSTOP), 0);
+            assert_eq!(libc::waitpid(pid, &mut status, libc::WUNTRACED), pid);
+        }
+        assert!(
+            libc::WIFSTOPPED(status),
+            "the run ended before the test stopped it"
+        );
+        if ready() {
+            return;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(300),
-            "no step-8 checkpoint"
+            "not ready in 300 s"
         );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "run B ended before it was killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: as above.
+        unsafe { assert_eq!(libc::kill(pid, libc::SIGCONT), 0) };
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let killed_at = train_losses(&b).last().unwrap().0;
-    assert!(killed_at < 12, "killed too late ({killed_at})");
+}
 
-    let mut args = common(&b);
-    args.push("--resume".into());
-    let o = Command::new(BIN).args(&args).output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("resumed from"));
-
-    let (la, lb) = (train_losses(&a), train_losses(&b));
+/// The same losses, step for step, and the same final validation loss.
+fn assert_same_run(a: &Path, b: &Path) {
+    let (la, lb) = (losses(a, "train"), losses(b, "train"));
     assert_eq!(la.len(), 12);
     assert_eq!(
         la.iter().map(|x| x.0).collect::<Vec<_>>(),
@@ -321,13 +295,89 @@ fn sigkill_then_resume_matches_uninterrupted() {
             "step {s}: {x} vs {y}"
         );
     }
-    let (va, vb) = (val_losses(&a), val_losses(&b));
-    assert_eq!(va.len(), vb.len());
+    let (va, vb) = (losses(a, "val"), losses(b, "val"));
     let (fa, fb) = (va.last().unwrap(), vb.last().unwrap());
-    assert_eq!(fa.0, 12);
+    assert_eq!((fa.0, fb.0), (12, 12));
     assert!((fa.1 - fb.1).abs() <= 1e-5 * fa.1, "{fa:?} vs {fb:?}");
     // And the loss did move.
     assert!(la[11].1 < la[0].1, "{la:?}");
+}
+
+/// A run SIGKILLed after its step-8 checkpoint and resumed, and a run stopped by Ctrl-C (SIGINT)
+/// mid-way and resumed, reach the same losses, step for step, as the same run uninterrupted.
+#[test]
+fn killed_or_interrupted_runs_resume_to_the_uninterrupted_losses() {
+    let d = tmpdir("resume");
+    let txt = small_text(&d);
+    let flags = [
+        "--ckpt-every",
+        "4",
+        "--val-every",
+        "6",
+        "--val-tokens",
+        "512",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+    ];
+    let (a, b, c) = (d.join("a"), d.join("b"), d.join("c"));
+    let spawn = |out: &Path| {
+        Command::new(BIN)
+            .args(tiny_run("gpt2", out, &txt, "12", &flags))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let resume = |out: &Path| {
+        let resumed = [&flags[..], &["--resume"]].concat();
+        let o = train(&tiny_run("gpt2", out, &txt, "12", &resumed));
+        assert_ok(&o);
+        assert!(stdout(&o).contains("resumed from"), "{}", stdout(&o));
+    };
+    assert_ok(&train(&tiny_run("gpt2", &a, &txt, "12", &flags)));
+
+    // SIGKILL right after the step-8 checkpoint.
+    let mut child = spawn(&b);
+    stop_when(&child, || {
+        latest_checkpoint(&b).as_deref() == Some("step-00000008")
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed_at = losses(&b, "train").last().unwrap().0;
+    assert!((8..12).contains(&killed_at), "killed at step {killed_at}");
+    resume(&b);
+    assert_eq!(losses(&a, "val").len(), losses(&b, "val").len());
+    assert_same_run(&a, &b);
+
+    // Ctrl-C after step 5: the run ends its step, checkpoints it and exits with 130.
+    let child = spawn(&c);
+    stop_when(&child, || losses(&c, "train").len() >= 5);
+    // SAFETY: signals to our own (stopped) child.
+    unsafe {
+        assert_eq!(libc::kill(child.id() as libc::pid_t, libc::SIGINT), 0);
+        assert_eq!(libc::kill(child.id() as libc::pid_t, libc::SIGCONT), 0);
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    let stopped_at = losses(&c, "train").last().unwrap().0;
+    assert!(
+        (5..12).contains(&stopped_at),
+        "stopped at step {stopped_at}"
+    );
+    assert!(
+        err.contains(&format!("interrupted at step {stopped_at}")) && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(
+        latest_checkpoint(&c),
+        Some(format!("step-{stopped_at:08}")),
+        "the checkpoint is of the last step"
+    );
+    resume(&c);
+    assert_same_run(&a, &c);
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -336,22 +386,9 @@ fn sample_eval_plot_bench_bert() {
     let d = tmpdir("smoke");
     let txt = small_text(&d);
     let out = d.join("run");
-    let mut a = vec![
-        "gpt2",
-        "--out",
-        s(&out),
-        "--data",
-        s(&txt),
-        "--steps",
-        "3",
-        "--attn",
-        "naive",
-    ];
-    a.extend_from_slice(TINY);
-    let o = train(&a);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(stdout.contains("unigram entropy"), "{stdout}");
+    let o = train(&tiny_run("gpt2", &out, &txt, "3", &["--attn", "naive"]));
+    assert_ok(&o);
+    assert!(stdout(&o).contains("unigram entropy"), "{}", stdout(&o));
     assert!(out.join("loss.png").exists());
     let ck = out.join("checkpoints/step-00000003");
     for f in [
@@ -372,8 +409,8 @@ fn sample_eval_plot_bench_bert() {
         "--max-new-tokens",
         "5",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("The whale"));
+    assert_ok(&o);
+    assert!(stdout(&o).starts_with("The whale"));
 
     let o = train(&[
         "eval",
@@ -384,23 +421,25 @@ fn sample_eval_plot_bench_bert() {
         "--seq-len",
         "32",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"));
+    assert_ok(&o);
+    assert!(stdout(&o).contains("perplexity"));
 
     let png = d.join("cmp.png");
-    let o = train(&["plot", "--run", s(&out), "--run", s(&out), "--out", s(&png)]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&train(&[
+        "plot",
+        "--run",
+        s(&out),
+        "--run",
+        s(&out),
+        "--out",
+        s(&png),
+    ]));
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
 
     let bj = d.join("bench.json");
-    let o = train(&[
-        "bench",
-        "--n-layer",
-        "1",
-        "--n-embd",
-        "32",
-        "--n-head",
-        "2",
+    let mut bench = vec!["bench"];
+    bench.extend_from_slice(&tiny_model("1")[..6]);
+    bench.extend([
         "--seq-lens",
         "16,32",
         "--tokens-per-step",
@@ -412,7 +451,7 @@ fn sample_eval_plot_bench_bert() {
         "--out",
         s(&bj),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&train(&bench));
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&bj).unwrap()).unwrap();
     assert_eq!(j["rows"].as_array().unwrap().len(), 6);
@@ -427,27 +466,13 @@ fn sample_eval_plot_bench_bert() {
     );
 
     let bout = d.join("bert");
-    let o = train(&[
+    assert_ok(&train(&tiny_run(
         "bert",
-        "--out",
-        s(&bout),
-        "--data",
-        s(&txt),
-        "--steps",
+        &bout,
+        &txt,
         "2",
-        "--whole-word",
-        "--n-layer",
-        "1",
-        "--n-embd",
-        "32",
-        "--n-head",
-        "2",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+        &["--whole-word"],
+    )));
     let o = train(&["sample", "--checkpoint", s(&bout)]);
     assert_clean_error(&o, &["BERT checkpoint"]);
     std::fs::remove_dir_all(&d).ok();
