@@ -33,7 +33,7 @@ pub struct Progress {
     last_val: Option<f64>,
 }
 
-pub fn fmt_secs(s: f64) -> String {
+fn fmt_secs(s: f64) -> String {
     if s < 90.0 {
         format!("{s:.0}s")
     } else {

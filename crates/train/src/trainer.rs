@@ -69,91 +69,23 @@ const DROPOUT_SALT: u64 = 0xD0;
 /// `train gpt2` / `train bert`.
 pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()> {
     let t_setup = Instant::now();
-    let dev = crate::device(a.device)?;
-    let out = a.out.clone().unwrap_or_else(|| default_out(kind, &a));
-    metrics::ensure_writable_dir(&out)?;
-    let resume_dir = resume_source(&out, &a)?;
-    let (tok, tok_desc) = pick_tokenizer(kind, a.tokenizer.as_deref(), resume_dir.as_deref())?;
-    let tok_vocab = crate::tokenizer::vocab_size(&tok);
-    let config = model::model_config(kind, a.preset, tok_vocab, &size_overrides(&a))?;
-    let dims = model::dims(&config)?;
-    let hp = Hyper::resolve(kind, &a, dims.positions)?;
-
-    // Data: one token stream, split into train and validation.
-    let sources = data::read_sources(&a.data)?;
-    let sep = document_separator(kind, &tok);
-    let tokens = data::tokenize_sources(&sources, &tok, sep, dims.vocab)?;
+    let Setup {
+        out,
+        resumed,
+        tok,
+        config,
+        hp,
+        tokens,
+        batcher,
+        net,
+        mut opt,
+        mut state,
+        mut progress,
+    } = setup(kind, &a, mlm)?;
     let content = content_len(kind, hp.seq_len);
-    let (train_tokens, val_tokens) = data::split(&tokens, content)?;
-    let entropy = data::unigram_entropy(&tokens);
-    let batcher = Batcher::new(kind, &tok, dims.vocab, mlm, &dev)?;
-
-    // Model and optimizer, from the seed or from the checkpoint resumed.
-    let varmap = VarMap::new();
-    let net = Net::build(&config, &varmap, a.dtype.dtype(), &dev, a.attn)?;
-    optim::init_params(&varmap, a.seed, dims.layers, kind == ModelKind::Gpt2)?;
-    let mut opt = AdamW::new(&varmap, hp.adamw)?;
-    let settings = RunSettings {
-        model: kind,
-        preset: a.preset,
-        attn: a.attn.to_string(),
-        config: config.clone(),
-        tokenizer: tok_desc,
-        data: sources
-            .iter()
-            .map(|s| match s {
-                data::Source::Text(n, _) | data::Source::Tokens(n, _) => n.clone(),
-            })
-            .collect(),
-        data_tokens: tokens.len(),
-        data_hash: rng::fnv1a(tokens.iter().map(|&t| u64::from(t))),
-        seq_len: hp.seq_len,
-        batch_size: hp.batch_size,
-        grad_accum: hp.grad_accum,
-        steps: hp.steps,
-        lr: hp.lr,
-        warmup_steps: hp.warmup,
-        min_lr_ratio: hp.min_lr_ratio,
-        adamw: hp.adamw,
-        grad_clip: a.grad_clip,
-        dtype: a.dtype,
-        seed: a.seed,
-        mlm,
-        params: opt.num_params(),
-        unigram_entropy: entropy,
-    };
-    let mut state = fresh_state(&settings)?;
-    if let Some(dir) = &resume_dir {
-        let vocab_flag = a.vocab_size.is_some();
-        resume(
-            dir, &dev, &settings, vocab_flag, tok_vocab, &mut opt, &mut state,
-        )?;
-    }
-    let run_json = out.join("run.json");
-    std::fs::write(&run_json, serde_json::to_string_pretty(&settings)?)
-        .with_context(|| format!("writing {}", run_json.display()))?;
-    let metrics = Metrics::open(&out, resume_dir.as_ref().map(|_| state.step))?;
-    let val_windows = data::val_windows(&val_tokens, content, a.val_tokens);
-    let mut batches = Batches::new(&train_tokens, content, a.seed, state.data_pos);
-    describe(
-        &settings,
-        &dims,
-        &dev,
-        (train_tokens.len(), val_tokens.len()),
-        &out,
-    );
-    if let Some(d) = &resume_dir {
-        println!("resumed from {} at step {}", d.display(), state.step);
-    }
+    let val_windows = data::val_windows(&tokens.val, content, a.val_tokens);
+    let mut batches = Batches::new(&tokens.train, content, a.seed, state.data_pos);
     let stop = ctrl_c_flag();
-    let mut progress = Progress::new(
-        metrics,
-        &state,
-        hp.steps,
-        hp.tokens_per_step(),
-        a.log_every,
-        entropy,
-    );
     let save = |state: &TrainState, opt: &AdamW| -> Result<PathBuf> {
         checkpoint::save(
             &out.join("checkpoints"),
@@ -170,7 +102,7 @@ pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()
     // Train.
     let run_start = Instant::now();
     let elapsed_before = state.elapsed_s;
-    if resume_dir.is_none() {
+    if !resumed {
         progress.untrained(validate()?)?;
     }
     if state.step < hp.steps {
@@ -231,6 +163,122 @@ pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()
     }
     progress.finish(&state, &out);
     Ok(())
+}
+
+/// A run ready for its first step.
+struct Setup {
+    out: PathBuf,
+    /// Whether the state and optimizer come from a checkpoint.
+    resumed: bool,
+    tok: Tokenizer,
+    config: serde_json::Value,
+    hp: Hyper,
+    tokens: Split,
+    batcher: Batcher,
+    net: Net,
+    opt: AdamW,
+    state: TrainState,
+    progress: Progress,
+}
+
+/// The token stream, split.
+struct Split {
+    train: Vec<u32>,
+    val: Vec<u32>,
+}
+
+/// Everything before the first step: the output folder and resume source, tokenizer, model
+/// config and hyper-parameters, data, model and optimizer (restored when resuming), `run.json`,
+/// the metrics file and the banner.
+fn setup(kind: ModelKind, a: &TrainArgs, mlm: Option<MlmSettings>) -> Result<Setup> {
+    let dev = crate::device(a.device)?;
+    let out = a.out.clone().unwrap_or_else(|| default_out(kind, a));
+    metrics::ensure_writable_dir(&out)?;
+    let resume_dir = resume_source(&out, a)?;
+    let (tok, tok_desc) = pick_tokenizer(kind, a.tokenizer.as_deref(), resume_dir.as_deref())?;
+    let tok_vocab = crate::tokenizer::vocab_size(&tok);
+    let config = model::model_config(kind, a.preset, tok_vocab, &size_overrides(a))?;
+    let dims = model::dims(&config)?;
+    let hp = Hyper::resolve(kind, a, dims.positions)?;
+
+    // Data: one token stream, split into train and validation.
+    let sources = data::read_sources(&a.data)?;
+    let sep = document_separator(kind, &tok);
+    let tokens = data::tokenize_sources(&sources, &tok, sep, dims.vocab)?;
+    let (train, val) = data::split(&tokens, content_len(kind, hp.seq_len))?;
+    let entropy = data::unigram_entropy(&tokens);
+    let batcher = Batcher::new(kind, &tok, dims.vocab, mlm, &dev)?;
+
+    // Model and optimizer, from the seed or from the checkpoint resumed.
+    let varmap = VarMap::new();
+    let net = Net::build(&config, &varmap, a.dtype.dtype(), &dev, a.attn)?;
+    optim::init_params(&varmap, a.seed, dims.layers, kind == ModelKind::Gpt2)?;
+    let mut opt = AdamW::new(&varmap, hp.adamw)?;
+    let settings = RunSettings {
+        model: kind,
+        preset: a.preset,
+        attn: a.attn.to_string(),
+        config: config.clone(),
+        tokenizer: tok_desc,
+        data: sources
+            .iter()
+            .map(|s| match s {
+                data::Source::Text(n, _) | data::Source::Tokens(n, _) => n.clone(),
+            })
+            .collect(),
+        data_tokens: tokens.len(),
+        data_hash: rng::fnv1a(tokens.iter().map(|&t| u64::from(t))),
+        seq_len: hp.seq_len,
+        batch_size: hp.batch_size,
+        grad_accum: hp.grad_accum,
+        steps: hp.steps,
+        lr: hp.lr,
+        warmup_steps: hp.warmup,
+        min_lr_ratio: hp.min_lr_ratio,
+        adamw: hp.adamw,
+        grad_clip: a.grad_clip,
+        dtype: a.dtype,
+        seed: a.seed,
+        mlm,
+        params: opt.num_params(),
+        unigram_entropy: entropy,
+    };
+    let mut state = fresh_state(&settings)?;
+    if let Some(dir) = &resume_dir {
+        let vocab_flag = a.vocab_size.is_some();
+        resume(
+            dir, &dev, &settings, vocab_flag, tok_vocab, &mut opt, &mut state,
+        )?;
+    }
+    let run_json = out.join("run.json");
+    std::fs::write(&run_json, serde_json::to_string_pretty(&settings)?)
+        .with_context(|| format!("writing {}", run_json.display()))?;
+    let metrics = Metrics::open(&out, resume_dir.as_ref().map(|_| state.step))?;
+    describe(&settings, &dims, &dev, (train.len(), val.len()), &out);
+    if let Some(d) = &resume_dir {
+        println!("resumed from {} at step {}", d.display(), state.step);
+    }
+    let progress = Progress::new(
+        metrics,
+        &state,
+        hp.steps,
+        hp.tokens_per_step(),
+        a.log_every,
+        entropy,
+    );
+    Ok(Setup {
+        out,
+        resumed: resume_dir.is_some(),
+        tok,
+        config,
+        hp,
+        tokens: Split { train, val },
+        batcher,
+        net,
+        opt,
+        state,
+        progress,
+    })
 }
 
 /// One step's `grad_accum` micro-batches, forward and backward: their mean loss and summed
