@@ -12,7 +12,7 @@
 
 mod backend;
 
-pub use backend::{backward, forward, BackwardInputs};
+pub use backend::{backward, forward};
 
 use crate::params::AttnParams;
 use crate::Algorithm;
