@@ -369,9 +369,8 @@ impl AttnParams {
 
     /// Shape of the output, the inputs' layout with q's heads and head_dim.
     pub fn out_dims(&self) -> Vec<usize> {
-        let p = self;
-        p.layout
-            .out_dims(p.batch(), p.total_q, p.heads_q, p.head_dim)
+        let (b, tq, hq, d) = (self.batch(), self.total_q, self.heads_q, self.head_dim);
+        self.layout.out_dims(b, tq, hq, d)
     }
 
     /// Shape of the log-sum-exp: `(b, hq, sq)` dense, `(hq, total_q)` varlen.
@@ -380,6 +379,7 @@ impl AttnParams {
             .lse_dims(self.batch(), self.total_q, self.heads_q)
     }
 
+    /// Distance between two query heads' rows in the log-sum-exp layout.
     pub fn lse_head_stride(&self) -> usize {
         self.layout.lse_head_stride(self.total_q)
     }
