@@ -13,6 +13,3 @@
 mod backend;
 
 pub use backend::{backward, forward};
-
-use crate::params::AttnParams;
-use crate::Algorithm;
