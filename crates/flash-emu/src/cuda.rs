@@ -101,10 +101,9 @@ impl Inputs {
 pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     let dt = inp.dt;
     let (mut fp, _si, _alibi) = inp.params(p);
-    let n_out = p.total_q * p.heads_q * p.head_dim;
+    let n_out = p.q_elems();
     let mut out = Buf::zeros(n_out * dt.size());
-    let n = p.lse_len();
-    let mut stats = Buf::zeros(4 * n * if p.algorithm == Algorithm::V1 { 2 } else { 1 });
+    let mut stats = Buf::zeros(4 * p.stats_len());
     let mut o_accum = Buf::zeros(if p.algorithm == Algorithm::V1 {
         4 * n_out
     } else {
@@ -137,8 +136,7 @@ pub fn backward(
     let dt = inp.dt;
     let (mut fp, _si, _alibi) = inp.params(p);
     let n = p.lse_len();
-    let nq = p.total_q * p.heads_q * p.head_dim;
-    let nk = p.total_k * p.heads_k * p.head_dim;
+    let (nq, nk) = (p.q_elems(), p.k_elems());
     let mut stats = Buf::from_f32(&fwd.stats);
     let mut lse = Buf::zeros(4 * n);
     let mut delta = Buf::zeros(4 * n);

@@ -94,8 +94,8 @@ impl Inputs {
 /// The forward pass as the Metal backend dispatches it.
 pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     let dt = inp.dt;
-    let mut out = Buf::zeros(p.total_q * p.heads_q * p.head_dim * dt.size());
-    let mut stats = Buf::zeros(4 * plan::stats_len(p));
+    let mut out = Buf::zeros(p.q_elems() * dt.size());
+    let mut stats = Buf::zeros(4 * p.stats_len());
     let args = [
         inp.params.ptr(),
         inp.seq_info.ptr(),
@@ -124,8 +124,7 @@ pub fn backward(
 ) -> Result<Grads> {
     let dt = inp.dt;
     let n = p.lse_len();
-    let nq = p.total_q * p.heads_q * p.head_dim;
-    let nk = p.total_k * p.heads_k * p.head_dim;
+    let (nq, nk) = (p.q_elems(), p.k_elems());
     let mut stats = Buf::from_f32(&fwd.stats);
     let (mut lse, mut delta) = (Buf::zeros(4 * n), Buf::zeros(4 * n));
     let (mut dq, mut dk, mut dv) = (

@@ -18,7 +18,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::AttnOptions;
+use crate::{AttnOptions, Varlen};
 
 fn opts(
     softmax_scale: f32,
@@ -141,16 +141,8 @@ pub fn flash_attn_varlen(
     causal: bool,
 ) -> Result<Tensor> {
     let o = opts(softmax_scale, None, causal_right(causal), None, None);
-    crate::flash_attn_varlen(
-        q,
-        k,
-        v,
-        seqlens_q,
-        seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        &o,
-    )
+    let batch = Varlen::new(seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k);
+    crate::flash_attn_varlen(q, k, v, &batch, &o)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -173,16 +165,8 @@ pub fn flash_attn_varlen_windowed(
         None,
         None,
     );
-    crate::flash_attn_varlen(
-        q,
-        k,
-        v,
-        seqlens_q,
-        seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        &o,
-    )
+    let batch = Varlen::new(seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k);
+    crate::flash_attn_varlen(q, k, v, &batch, &o)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -205,16 +189,8 @@ pub fn flash_attn_varlen_alibi(
         Some(alibi_slopes),
         None,
     );
-    crate::flash_attn_varlen(
-        q,
-        k,
-        v,
-        seqlens_q,
-        seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        &o,
-    )
+    let batch = Varlen::new(seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k);
+    crate::flash_attn_varlen(q, k, v, &batch, &o)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -238,16 +214,8 @@ pub fn flash_attn_varlen_alibi_windowed(
         Some(alibi_slopes),
         None,
     );
-    crate::flash_attn_varlen(
-        q,
-        k,
-        v,
-        seqlens_q,
-        seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        &o,
-    )
+    let batch = Varlen::new(seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k);
+    crate::flash_attn_varlen(q, k, v, &batch, &o)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -272,14 +240,6 @@ pub fn flash_attn_varlen_alibi_windowed_softcap(
         alibi_slopes,
         Some(softcap),
     );
-    crate::flash_attn_varlen(
-        q,
-        k,
-        v,
-        seqlens_q,
-        seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        &o,
-    )
+    let batch = Varlen::new(seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k);
+    crate::flash_attn_varlen(q, k, v, &batch, &o)
 }

@@ -1,6 +1,8 @@
 //! Counter-based dropout mask: Philox4x32-10 (Salmon et al., 2011), the generator FlashAttention
 //! uses, so backward regenerates exactly the mask forward used from `(seed, position)` alone.
 
+use crate::options::Dropout;
+
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
 const W0: u32 = 0x9E37_79B9;
@@ -29,7 +31,7 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 #[derive(Debug, Clone, Copy)]
 pub struct DropoutMask {
     key: [u32; 2],
-    /// A weight is kept iff its 32-bit draw is `>= threshold` (`threshold = p * 2^32`).
+    /// A weight is kept iff its 32-bit draw is `>= threshold` ([`Dropout::threshold`]).
     threshold: u32,
     /// `1 / (1 - p)`: kept weights are rescaled so the expectation is unchanged.
     pub keep_scale: f32,
@@ -39,11 +41,11 @@ pub struct DropoutMask {
 
 impl DropoutMask {
     pub fn new(p: f32, seed: u64, seq: usize, heads_q: usize, head: usize) -> Self {
-        let threshold = ((p as f64) * 4_294_967_296.0).min(4_294_967_295.0) as u32;
+        let dropout = Dropout { p, seed };
         Self {
             key: [seed as u32, (seed >> 32) as u32],
-            threshold,
-            keep_scale: 1.0 / (1.0 - p),
+            threshold: dropout.threshold(),
+            keep_scale: dropout.keep_scale(),
             stream: (seq * heads_q + head) as u32,
         }
     }

@@ -45,8 +45,9 @@ mod params;
 #[doc(hidden)]
 pub mod plan;
 pub mod reference;
+mod stats;
 
-pub use options::{Algorithm, AttnOptions, Dropout};
+pub use options::{Algorithm, AttnOptions, Dropout, Varlen};
 
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -68,21 +69,13 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, params: AttnParams) -> Result<(Tensor
             q.dtype()
         )
     }
-    let lse_dims = params.lse_dims();
-    let algorithm = params.algorithm;
-    let n = params.lse_len();
     let op = FlashAttnFwd::new(params);
-    let stats = op.stats.clone();
+    let (params, stats) = (op.params.clone(), op.stats.clone());
     let out = unit_last_stride(q)?.apply_op3(&unit_last_stride(k)?, &unit_last_stride(v)?, op)?;
     let Some(stats) = stats.get() else {
         bail!("flash_attn: the backend did not save its statistics")
     };
-    let lse = match algorithm {
-        Algorithm::V2 => stats.clone(),
-        // V1 saved m and l: lse = m + ln l (−inf for rows that saw no key).
-        Algorithm::V1 => (stats.narrow(0, 0, n)? + stats.narrow(0, n, n)?.log()?)?,
-    };
-    Ok((out, lse.reshape(lse_dims)?))
+    Ok((out, stats::lse_tensor(&params, stats)?))
 }
 
 /// FlashAttention over dense inputs: q `(b, sq, hq, d)`, k and v `(b, sk, hk, d)` with
@@ -104,12 +97,12 @@ pub fn flash_attn_with_lse(
 }
 
 /// FlashAttention over a variable-length batch packed into one token axis: q `(total_q, hq, d)`,
-/// k and v `(total_k, hk, d)`; sequence `i` spans `cu_seqlens_q[i]..cu_seqlens_q[i+1]` (u32).
-/// `opts.key_lengths` is ignored (the offsets already say it).
+/// k and v `(total_k, hk, d)`; sequence `i` spans `cu_seqlens_q[i]..cu_seqlens_q[i+1]` (see
+/// [`Varlen`]). `opts.key_lengths` is ignored (the offsets already say it).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use flash_ops::{flash_attn_varlen, AttnOptions};
+/// use flash_ops::{flash_attn_varlen, AttnOptions, Varlen};
 ///
 /// # fn main() -> candle_core::Result<()> {
 /// // Two sequences of 3 and 5 tokens packed into one axis, 2 heads of dimension 16.
@@ -117,56 +110,29 @@ pub fn flash_attn_with_lse(
 /// let k = Tensor::randn(0f32, 1.0, (8, 2, 16), &Device::Cpu)?;
 /// let v = Tensor::randn(0f32, 1.0, (8, 2, 16), &Device::Cpu)?;
 /// let cu = Tensor::new(&[0u32, 3, 8], &Device::Cpu)?;
-/// let out = flash_attn_varlen(&q, &k, &v, &cu, &cu, 5, 5, &AttnOptions::new().causal(true))?;
+/// let batch = Varlen::new(&cu, &cu, 5, 5);
+/// let out = flash_attn_varlen(&q, &k, &v, &batch, &AttnOptions::new().causal(true))?;
 /// assert_eq!(out.dims(), &[8, 2, 16]);
 /// # Ok(())
 /// # }
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    cu_seqlens_q: &Tensor,
-    cu_seqlens_k: &Tensor,
-    max_seqlen_q: usize,
-    max_seqlen_k: usize,
+    varlen: &Varlen,
     opts: &AttnOptions,
 ) -> Result<Tensor> {
-    Ok(flash_attn_varlen_with_lse(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        opts,
-    )?
-    .0)
+    Ok(flash_attn_varlen_with_lse(q, k, v, varlen, opts)?.0)
 }
 
 /// As [`flash_attn_varlen`], also returning the log-sum-exp `(hq, total_q)`.
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_with_lse(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    cu_seqlens_q: &Tensor,
-    cu_seqlens_k: &Tensor,
-    max_seqlen_q: usize,
-    max_seqlen_k: usize,
+    varlen: &Varlen,
     opts: &AttnOptions,
 ) -> Result<(Tensor, Tensor)> {
-    let params = AttnParams::varlen(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        opts,
-    )?;
-    run(q, k, v, params)
+    run(q, k, v, AttnParams::varlen(q, k, v, varlen, opts)?)
 }

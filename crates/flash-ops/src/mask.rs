@@ -6,6 +6,8 @@ use crate::params::{AttnParams, SeqSpan};
 /// Score modifiers and visibility of one (sequence, query head).
 #[derive(Debug, Clone, Copy)]
 pub struct ScoreMods {
+    /// Softmax scale, applied to `q·kᵀ` before the modifiers below.
+    pub scale: f32,
     pub softcap: Option<f32>,
     pub alibi_slope: Option<f32>,
     pub window_left: Option<usize>,
@@ -20,6 +22,7 @@ impl ScoreMods {
     pub fn new(p: &AttnParams, seq: usize, head_q: usize) -> Self {
         let span: SeqSpan = p.seqs[seq];
         Self {
+            scale: p.scale,
             softcap: p.softcap,
             alibi_slope: p.alibi_slope(seq, head_q),
             window_left: p.window_left,

@@ -22,6 +22,15 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, T
 use crate::cpu;
 use crate::params::AttnParams;
 
+/// What backward reads besides q, k, v, on a backend whose storage is `S`: the forward output
+/// and its gradient (contiguous `(total_q, hq, d)`) and the saved statistics, each with its
+/// start offset in elements.
+pub struct BackwardInputs<'a, S> {
+    pub out: (&'a S, usize),
+    pub grad_out: (&'a S, usize),
+    pub stats: (&'a S, usize),
+}
+
 /// The differentiable attention op. `stats` is filled by the forward pass.
 pub struct FlashAttnFwd {
     pub params: Arc<AttnParams>,
@@ -36,19 +45,15 @@ impl FlashAttnFwd {
         }
     }
 
-    fn out_shape(&self) -> Shape {
-        let p = &self.params;
-        match p.dense {
-            Some((sq, _)) => Shape::from((p.batch(), sq, p.heads_q, p.head_dim)),
-            None => Shape::from((p.total_q, p.heads_q, p.head_dim)),
-        }
-    }
-
-    fn save_stats(&self, storage: Storage, len: usize) {
-        let t = Tensor::from_storage(storage, len, BackpropOp::none(), false);
+    /// Keeps a backend's statistics (`wrap` makes them a [`Storage`]) and returns its output
+    /// with the op's output shape. Every backend's forward returns `(out, stats)`.
+    fn finish<S>(&self, (out, stats): (S, S), wrap: fn(S) -> Storage) -> (S, Shape) {
+        let len = self.params.stats_len();
+        let t = Tensor::from_storage(wrap(stats), len, BackpropOp::none(), false);
         // A fresh op per call: the cell is empty unless the same op is run twice, in which case
         // the first statistics are as valid as the second.
         let _ = self.stats.set(t);
+        (out, Shape::from(self.params.out_dims()))
     }
 }
 
@@ -66,10 +71,8 @@ impl CustomOp3 for FlashAttnFwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out, stats) = cpu::forward(&self.params, s1, l1, s2, l2, s3, l3)?;
-        let len = stats.len();
-        self.save_stats(Storage::Cpu(CpuStorage::F32(stats)), len);
-        Ok((out, self.out_shape()))
+        let res = cpu::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok(self.finish(res, Storage::Cpu))
     }
 
     #[cfg(feature = "cuda")]
@@ -82,9 +85,8 @@ impl CustomOp3 for FlashAttnFwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (out, stats, len) = crate::cuda::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
-        self.save_stats(Storage::Cuda(stats), len);
-        Ok((out, self.out_shape()))
+        let res = crate::cuda::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok(self.finish(res, Storage::Cuda))
     }
 
     #[cfg(all(feature = "metal", target_os = "macos"))]
@@ -97,10 +99,8 @@ impl CustomOp3 for FlashAttnFwd {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let (out, stats) = crate::metal::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
-        let len = crate::plan::metal::stats_len(&self.params);
-        self.save_stats(Storage::Metal(stats), len);
-        Ok((out, self.out_shape()))
+        let res = crate::metal::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok(self.finish(res, Storage::Metal))
     }
 
     fn bwd(
@@ -121,9 +121,7 @@ impl CustomOp3 for FlashAttnFwd {
             stats: stats.clone(),
         };
         let packed = q.apply_op3_no_bwd(k, v, &bwd)?;
-        let p = &self.params;
-        let nq = p.total_q * p.heads_q * p.head_dim;
-        let nk = p.total_k * p.heads_k * p.head_dim;
+        let (nq, nk) = (self.params.q_elems(), self.params.k_elems());
         let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
         let dv = packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
@@ -140,9 +138,26 @@ pub struct FlashAttnBwd {
 }
 
 impl FlashAttnBwd {
-    fn packed_len(&self) -> usize {
+    /// Runs a backend's backward on the output, its gradient and the statistics, unpacked from
+    /// their tensors by `pick` (the backend's [`Storage`] variant; `device` names it in the
+    /// error). Returns the packed `dq ‖ dk ‖ dv` and its shape.
+    fn run<S, F>(&self, device: &str, pick: fn(&Storage) -> Option<&S>, f: F) -> Result<(S, Shape)>
+    where
+        F: FnOnce(BackwardInputs<S>) -> Result<S>,
+    {
+        let (o, o_layout) = self.out.storage_and_layout();
+        let (d_o, do_layout) = self.grad_out.storage_and_layout();
+        let (st, st_layout) = self.stats.storage_and_layout();
+        let (Some(o), Some(d_o), Some(st)) = (pick(&o), pick(&d_o), pick(&st)) else {
+            bail!("flash_attn backward: output, gradient and statistics must be on the {device}")
+        };
+        let grads = f(BackwardInputs {
+            out: (o, o_layout.start_offset()),
+            grad_out: (d_o, do_layout.start_offset()),
+            stats: (st, st_layout.start_offset()),
+        })?;
         let p = &self.params;
-        (p.total_q * p.heads_q + 2 * p.total_k * p.heads_k) * p.head_dim
+        Ok((grads, Shape::from(p.q_elems() + 2 * p.k_elems())))
     }
 }
 
@@ -160,30 +175,14 @@ impl CustomOp3 for FlashAttnBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (o, o_layout) = self.out.storage_and_layout();
-        let (d_o, do_layout) = self.grad_out.storage_and_layout();
-        let (st, st_layout) = self.stats.storage_and_layout();
-        let (Storage::Cpu(o), Storage::Cpu(d_o), Storage::Cpu(st)) = (&*o, &*d_o, &*st) else {
-            bail!("flash_attn backward: output, gradient and statistics must be on the cpu")
-        };
-        let stats = &st.as_slice::<f32>()?[st_layout.start_offset()..];
-        let grads = cpu::backward(
-            &self.params,
-            s1,
-            l1,
-            s2,
-            l2,
-            s3,
-            l3,
-            cpu::BackwardInputs {
-                out: o,
-                out_offset: o_layout.start_offset(),
-                grad_out: d_o,
-                grad_offset: do_layout.start_offset(),
-                stats,
+        self.run(
+            "cpu",
+            |s| match s {
+                Storage::Cpu(s) => Some(s),
+                _ => None,
             },
-        )?;
-        Ok((grads, Shape::from(self.packed_len())))
+            |inputs| cpu::backward(&self.params, (s1, l1), (s2, l2), (s3, l3), inputs),
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -196,24 +195,14 @@ impl CustomOp3 for FlashAttnBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (o, o_layout) = self.out.storage_and_layout();
-        let (d_o, do_layout) = self.grad_out.storage_and_layout();
-        let (st, st_layout) = self.stats.storage_and_layout();
-        let (Storage::Cuda(o), Storage::Cuda(d_o), Storage::Cuda(st)) = (&*o, &*d_o, &*st) else {
-            bail!("flash_attn backward: output, gradient and statistics must be on the gpu")
-        };
-        let grads = crate::cuda::backward(
-            &self.params,
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-            crate::cuda::BackwardInputs {
-                out: (o, o_layout.start_offset()),
-                grad_out: (d_o, do_layout.start_offset()),
-                stats: (st, st_layout.start_offset()),
+        self.run(
+            "gpu",
+            |s| match s {
+                Storage::Cuda(s) => Some(s),
+                _ => None,
             },
-        )?;
-        Ok((grads, Shape::from(self.packed_len())))
+            |inputs| crate::cuda::backward(&self.params, (s1, l1), (s2, l2), (s3, l3), inputs),
+        )
     }
 
     #[cfg(all(feature = "metal", target_os = "macos"))]
@@ -226,26 +215,13 @@ impl CustomOp3 for FlashAttnBwd {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let (o, o_layout) = self.out.storage_and_layout();
-        let (d_o, do_layout) = self.grad_out.storage_and_layout();
-        let (st, st_layout) = self.stats.storage_and_layout();
-        let (Storage::Metal(o), Storage::Metal(d_o), Storage::Metal(st)) = (&*o, &*d_o, &*st)
-        else {
-            bail!(
-                "flash_attn backward: output, gradient and statistics must be on the metal device"
-            )
-        };
-        let grads = crate::metal::backward(
-            &self.params,
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-            crate::metal::BackwardInputs {
-                out: (o, o_layout.start_offset()),
-                grad_out: (d_o, do_layout.start_offset()),
-                stats: (st, st_layout.start_offset()),
+        self.run(
+            "metal device",
+            |s| match s {
+                Storage::Metal(s) => Some(s),
+                _ => None,
             },
-        )?;
-        Ok((grads, Shape::from(self.packed_len())))
+            |inputs| crate::metal::backward(&self.params, (s1, l1), (s2, l2), (s3, l3), inputs),
+        )
     }
 }

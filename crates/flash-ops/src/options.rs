@@ -30,6 +30,48 @@ pub struct Dropout {
     pub seed: u64,
 }
 
+impl Dropout {
+    /// A weight is kept iff its 32-bit draw is `>= threshold()`: `p · 2^32`, clamped to
+    /// `u32::MAX` (computed in f64 so that every f32 `p` maps exactly). Every backend, the GPU
+    /// kernels (through their launch parameters) and the models' residual dropout use this one.
+    pub fn threshold(&self) -> u32 {
+        ((self.p as f64) * 4_294_967_296.0).min(4_294_967_295.0) as u32
+    }
+
+    /// `1 / (1 - p)`: kept weights are rescaled so that the expectation is unchanged.
+    pub fn keep_scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+}
+
+/// A variable-length batch packed into one token axis: sequence `i` spans
+/// `cu_seqlens_q[i]..cu_seqlens_q[i+1]` of q's tokens and `cu_seqlens_k[i]..cu_seqlens_k[i+1]`
+/// of k's and v's (1-D, u32 or i64, batch+1 entries starting at 0); no sequence is longer than
+/// its `max_seqlen`. The layout of `flash-attn`'s varlen functions.
+#[derive(Debug, Clone)]
+pub struct Varlen {
+    pub cu_seqlens_q: Tensor,
+    pub cu_seqlens_k: Tensor,
+    pub max_seqlen_q: usize,
+    pub max_seqlen_k: usize,
+}
+
+impl Varlen {
+    pub fn new(
+        cu_seqlens_q: &Tensor,
+        cu_seqlens_k: &Tensor,
+        max_seqlen_q: usize,
+        max_seqlen_k: usize,
+    ) -> Self {
+        Self {
+            cu_seqlens_q: cu_seqlens_q.clone(),
+            cu_seqlens_k: cu_seqlens_k.clone(),
+            max_seqlen_q,
+            max_seqlen_k,
+        }
+    }
+}
+
 /// Options of [`crate::flash_attn`] and its variants. `AttnOptions::default()` is plain
 /// non-causal attention with scale `1/sqrt(head_dim)`, computed by [`Algorithm::V2`].
 #[derive(Debug, Clone, Default)]

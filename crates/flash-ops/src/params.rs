@@ -1,11 +1,14 @@
 //! Argument checking and the resolved problem description shared by every backend.
 //!
-//! Every public entry point goes through [`AttnParams::new`], so each backend receives a problem
-//! that is already known to be well formed: the kernels never re-check shapes.
+//! Every public entry point goes through [`AttnParams::dense`] or [`AttnParams::varlen`], so each
+//! backend receives a problem that is already known to be well formed: the kernels never re-check
+//! shapes.
 
-use candle_core::{bail, DType, Device, DeviceLocation, Result, Tensor};
+use candle_core::{bail, DType, Device, DeviceLocation, Result, Tensor, D};
 
-use crate::options::{AttnOptions, Dropout};
+use crate::dropout::DropoutMask;
+use crate::options::{AttnOptions, Dropout, Varlen};
+use crate::Algorithm;
 
 /// Largest head dimension any backend supports (FlashAttention-2's limit).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -30,6 +33,59 @@ impl SeqSpan {
     }
 }
 
+/// How the sequences lie in the tensors. Everything that differs between dense and varlen
+/// inputs is answered here, so no backend matches on the layout itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqLayout {
+    /// `(batch, seq, heads, d)`, every sequence padded to `sq` queries and `sk` keys.
+    Dense { sq: usize, sk: usize },
+    /// `(total_tokens, heads, d)`: every sequence at its `cu_seqlens` start in one token axis.
+    Varlen,
+}
+
+impl SeqLayout {
+    /// Index along an input's first axis where sequence `seq` begins: its batch entry (dense)
+    /// or its first token `token_start` (varlen).
+    pub fn first_row(self, seq: usize, token_start: usize) -> usize {
+        match self {
+            SeqLayout::Dense { .. } => seq,
+            SeqLayout::Varlen => token_start,
+        }
+    }
+
+    /// Shape of the output: `(b, sq, hq, d)` dense, `(total_q, hq, d)` varlen.
+    pub fn out_dims(self, batch: usize, total_q: usize, heads_q: usize, d: usize) -> Vec<usize> {
+        match self {
+            SeqLayout::Dense { sq, .. } => vec![batch, sq, heads_q, d],
+            SeqLayout::Varlen => vec![total_q, heads_q, d],
+        }
+    }
+
+    /// Shape of the log-sum-exp: `(b, hq, sq)` dense, `(hq, total_q)` varlen.
+    pub fn lse_dims(self, batch: usize, total_q: usize, heads_q: usize) -> Vec<usize> {
+        match self {
+            SeqLayout::Dense { sq, .. } => vec![batch, heads_q, sq],
+            SeqLayout::Varlen => vec![heads_q, total_q],
+        }
+    }
+
+    /// Distance between two query heads' rows in the log-sum-exp layout.
+    pub fn lse_head_stride(self, total_q: usize) -> usize {
+        match self {
+            SeqLayout::Dense { sq, .. } => sq,
+            SeqLayout::Varlen => total_q,
+        }
+    }
+
+    /// Where row 0 of head 0 of sequence `seq` (first token `q_start`) is in the log-sum-exp.
+    pub fn lse_seq_offset(self, seq: usize, heads_q: usize, q_start: usize) -> usize {
+        match self {
+            SeqLayout::Dense { sq, .. } => seq * heads_q * sq,
+            SeqLayout::Varlen => q_start,
+        }
+    }
+}
+
 /// The fully resolved problem: what every backend kernel needs, nothing it has to re-derive.
 #[derive(Debug, Clone)]
 pub struct AttnParams {
@@ -37,8 +93,7 @@ pub struct AttnParams {
     pub heads_k: usize,
     pub head_dim: usize,
     pub seqs: Vec<SeqSpan>,
-    /// Dense layout only: padded lengths, for output and log-sum-exp shapes.
-    pub dense: Option<(usize, usize)>,
+    pub layout: SeqLayout,
     /// Rows of the q (and output) token axis and of the k/v token axis, over the whole batch.
     pub total_q: usize,
     pub total_k: usize,
@@ -50,7 +105,7 @@ pub struct AttnParams {
     /// One slope per (sequence, query head), already broadcast.
     pub alibi: Option<Vec<f32>>,
     pub dropout: Option<Dropout>,
-    pub algorithm: crate::Algorithm,
+    pub algorithm: Algorithm,
     pub deterministic: bool,
 }
 
@@ -158,8 +213,8 @@ impl AttnParams {
     /// Dense inputs: q `(b, sq, hq, d)`, k and v `(b, sk, hk, d)`.
     pub fn dense(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<Self> {
         check_qkv(q, k, v, 4)?;
-        let (b, sq, hq, d) = q.dims4()?;
-        let (bk, sk, hk, _) = k.dims4()?;
+        let (b, sq, _, _) = q.dims4()?;
+        let (bk, sk, _, _) = k.dims4()?;
         if bk != b {
             bail!("flash_attn: `k` batch {bk} must equal `q` batch {b}")
         }
@@ -188,27 +243,32 @@ impl AttnParams {
                 k_len,
             })
             .collect();
-        Self::finish(hq, hk, d, seqs, Some((sq, sk)), b * sq, b * sk, opts)
+        Self::finish(q, k, seqs, SeqLayout::Dense { sq, sk }, opts)
     }
 
     /// Varlen inputs: q `(total_q, hq, d)`, k and v `(total_k, hk, d)`, sequences delimited by
-    /// `cu_seqlens_q` / `cu_seqlens_k` (u32, batch+1 entries, starting at 0).
-    #[allow(clippy::too_many_arguments)]
+    /// `varlen`'s offsets.
     pub fn varlen(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        cu_seqlens_q: &Tensor,
-        cu_seqlens_k: &Tensor,
-        max_seqlen_q: usize,
-        max_seqlen_k: usize,
+        varlen: &Varlen,
         opts: &AttnOptions,
     ) -> Result<Self> {
         check_qkv(q, k, v, 3)?;
-        let (tq, hq, d) = q.dims3()?;
-        let (tk, hk, _) = k.dims3()?;
-        let cu_q = read_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, max_seqlen_q)?;
-        let cu_k = read_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, max_seqlen_k)?;
+        let (tq, tk) = (q.dim(0)?, k.dim(0)?);
+        let cu_q = read_cu_seqlens(
+            "cu_seqlens_q",
+            &varlen.cu_seqlens_q,
+            tq,
+            varlen.max_seqlen_q,
+        )?;
+        let cu_k = read_cu_seqlens(
+            "cu_seqlens_k",
+            &varlen.cu_seqlens_k,
+            tk,
+            varlen.max_seqlen_k,
+        )?;
         if cu_q.len() != cu_k.len() {
             bail!(
                 "flash_attn_varlen: `cu_seqlens_q` ({}) and `cu_seqlens_k` ({}) must have the same length",
@@ -224,20 +284,22 @@ impl AttnParams {
                 k_len: cu_k[i + 1] - cu_k[i],
             })
             .collect();
-        Self::finish(hq, hk, d, seqs, None, tq, tk, opts)
+        Self::finish(q, k, seqs, SeqLayout::Varlen, opts)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The options resolved against already checked q and k (heads and head_dim are their last
+    /// two axes, the token rows everything before).
     fn finish(
-        heads_q: usize,
-        heads_k: usize,
-        head_dim: usize,
+        q: &Tensor,
+        k: &Tensor,
         seqs: Vec<SeqSpan>,
-        dense: Option<(usize, usize)>,
-        total_q: usize,
-        total_k: usize,
+        layout: SeqLayout,
         opts: &AttnOptions,
     ) -> Result<Self> {
+        let (heads_q, head_dim) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
+        let heads_k = k.dim(D::Minus2)?;
+        let total_q = q.elem_count() / (heads_q * head_dim);
+        let total_k = k.elem_count() / (heads_k * head_dim);
         let scale = opts.softmax_scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
         if !scale.is_finite() {
             bail!("flash_attn: `softmax_scale` must be finite, got {scale}")
@@ -272,7 +334,7 @@ impl AttnParams {
             heads_k,
             head_dim,
             seqs,
-            dense,
+            layout,
             total_q,
             total_k,
             scale,
@@ -295,28 +357,65 @@ impl AttnParams {
         self.heads_q / self.heads_k
     }
 
+    /// The dropout mask of (sequence, query head), when dropout is on.
+    pub fn dropout_mask(&self, seq: usize, head_q: usize) -> Option<DropoutMask> {
+        self.dropout
+            .map(|dp| DropoutMask::new(dp.p, dp.seed, seq, self.heads_q, head_q))
+    }
+
     pub fn alibi_slope(&self, seq: usize, head_q: usize) -> Option<f32> {
         self.alibi.as_ref().map(|a| a[seq * self.heads_q + head_q])
     }
 
+    /// Shape of the output, the inputs' layout with q's heads and head_dim.
+    pub fn out_dims(&self) -> Vec<usize> {
+        let (b, tq, hq, d) = (self.batch(), self.total_q, self.heads_q, self.head_dim);
+        self.layout.out_dims(b, tq, hq, d)
+    }
+
     /// Shape of the log-sum-exp: `(b, hq, sq)` dense, `(hq, total_q)` varlen.
     pub fn lse_dims(&self) -> Vec<usize> {
-        match self.dense {
-            Some((sq, _)) => vec![self.batch(), self.heads_q, sq],
-            None => vec![self.heads_q, self.total_q],
-        }
+        self.layout
+            .lse_dims(self.batch(), self.total_q, self.heads_q)
     }
 
-    /// Index of the statistic of (sequence, head, row) in the log-sum-exp layout above.
+    /// Distance between two query heads' rows in the log-sum-exp layout.
+    pub fn lse_head_stride(&self) -> usize {
+        self.layout.lse_head_stride(self.total_q)
+    }
+
+    /// Where row 0 of head 0 of sequence `seq` is in the log-sum-exp layout.
+    pub fn lse_seq_offset(&self, seq: usize) -> usize {
+        self.layout
+            .lse_seq_offset(seq, self.heads_q, self.seqs[seq].q_start)
+    }
+
+    /// Index of the statistic of (sequence, head, row) in the log-sum-exp layout.
     pub fn lse_index(&self, seq: usize, head_q: usize, row: usize) -> usize {
-        match self.dense {
-            Some((sq, _)) => (seq * self.heads_q + head_q) * sq + row,
-            None => head_q * self.total_q + self.seqs[seq].q_start + row,
-        }
+        self.lse_seq_offset(seq) + head_q * self.lse_head_stride() + row
     }
 
+    /// Rows of the log-sum-exp (padding rows of a dense batch included).
     pub fn lse_len(&self) -> usize {
         self.heads_q * self.total_q
+    }
+
+    /// Length of what forward saves for backward: the log-sum-exp (V2) or `m ‖ l` (V1).
+    pub fn stats_len(&self) -> usize {
+        match self.algorithm {
+            Algorithm::V2 => self.lse_len(),
+            Algorithm::V1 => 2 * self.lse_len(),
+        }
+    }
+
+    /// Elements of q, the output and dq (contiguous `(total_q, hq, d)`).
+    pub fn q_elems(&self) -> usize {
+        self.total_q * self.heads_q * self.head_dim
+    }
+
+    /// Elements of k, v, dk and dv (contiguous `(total_k, hk, d)`).
+    pub fn k_elems(&self) -> usize {
+        self.total_k * self.heads_k * self.head_dim
     }
 }
 

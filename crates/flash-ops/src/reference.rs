@@ -43,16 +43,8 @@ pub fn naive_attention_varlen(
     max_seqlen_k: usize,
     opts: &AttnOptions,
 ) -> Result<(Tensor, Tensor)> {
-    let p = AttnParams::varlen(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        opts,
-    )?;
+    let batch = crate::Varlen::new(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+    let p = AttnParams::varlen(q, k, v, &batch, opts)?;
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for (s, span) in p.seqs.iter().enumerate() {

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use flash_ops::{
-    flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions,
+    flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions, Varlen,
 };
 
 const F32_TOL: f64 = 1e-5;
@@ -215,7 +215,7 @@ fn varlen_matches_reference() {
         for alg in [Algorithm::V1, Algorithm::V2] {
             let o = opts.clone().algorithm(alg);
             let got = run_with_grads(&q, &k, &v, &d_out, DType::F32, |q, k, v| {
-                flash_attn_varlen_with_lse(q, k, v, &cq, &ck, mq, mk, &o)
+                flash_attn_varlen_with_lse(q, k, v, &Varlen::new(&cq, &ck, mq, mk), &o)
             })
             .unwrap();
             let e = errors(&got, &want);

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::Rng;
-use flash_ops::{flash_attn, flash_attn_varlen, AttnOptions};
+use flash_ops::{flash_attn, flash_attn_varlen, AttnOptions, Varlen};
 
 fn t(rng: &mut Rng, dims: &[usize]) -> Tensor {
     rng.tensor(dims).to_dtype(DType::F32).unwrap()
@@ -132,34 +132,52 @@ fn cu_seqlens_errors() {
     let cu = |x: &[u32]| Tensor::new(x, &Device::Cpu).unwrap();
     let good_q = cu(&[0, 4, 10]);
     let good_k = cu(&[0, 5, 12]);
-    assert!(flash_attn_varlen(&q, &k, &v, &good_q, &good_k, 6, 7, &o).is_ok());
+    assert!(flash_attn_varlen(&q, &k, &v, &Varlen::new(&good_q, &good_k, 6, 7), &o).is_ok());
     expect_err(
-        flash_attn_varlen(&q, &k, &v, &cu(&[1, 4, 10]), &good_k, 10, 10, &o),
+        flash_attn_varlen(
+            &q,
+            &k,
+            &v,
+            &Varlen::new(&cu(&[1, 4, 10]), &good_k, 10, 10),
+            &o,
+        ),
         &["`cu_seqlens_q`", "start at 0"],
     );
     expect_err(
-        flash_attn_varlen(&q, &k, &v, &cu(&[0, 6, 4, 10]), &good_k, 10, 10, &o),
+        flash_attn_varlen(
+            &q,
+            &k,
+            &v,
+            &Varlen::new(&cu(&[0, 6, 4, 10]), &good_k, 10, 10),
+            &o,
+        ),
         &["`cu_seqlens_q`", "non-decreasing"],
     );
     expect_err(
-        flash_attn_varlen(&q, &k, &v, &good_q, &cu(&[0, 5, 11]), 10, 10, &o),
+        flash_attn_varlen(
+            &q,
+            &k,
+            &v,
+            &Varlen::new(&good_q, &cu(&[0, 5, 11]), 10, 10),
+            &o,
+        ),
         &["`cu_seqlens_k`", "end at the token count 12"],
     );
     expect_err(
-        flash_attn_varlen(&q, &k, &v, &good_q, &cu(&[0, 12]), 10, 12, &o),
+        flash_attn_varlen(&q, &k, &v, &Varlen::new(&good_q, &cu(&[0, 12]), 10, 12), &o),
         &["same length"],
     );
     expect_err(
-        flash_attn_varlen(&q, &k, &v, &good_q, &good_k, 5, 7, &o),
+        flash_attn_varlen(&q, &k, &v, &Varlen::new(&good_q, &good_k, 5, 7), &o),
         &["`cu_seqlens_q`", "max_seqlen 5"],
     );
     let f = Tensor::new(&[0f32, 4., 10.], &Device::Cpu).unwrap();
     expect_err(
-        flash_attn_varlen(&q, &k, &v, &f, &good_k, 10, 10, &o),
+        flash_attn_varlen(&q, &k, &v, &Varlen::new(&f, &good_k, 10, 10), &o),
         &["`cu_seqlens_q`", "u32"],
     );
     expect_err(
-        flash_attn_varlen(&q, &k, &v, &cu(&[0]), &good_k, 10, 10, &o),
+        flash_attn_varlen(&q, &k, &v, &Varlen::new(&cu(&[0]), &good_k, 10, 10), &o),
         &["`cu_seqlens_q`", "batch+1"],
     );
     expect_err(
@@ -167,10 +185,7 @@ fn cu_seqlens_errors() {
             &t(&mut r, &[1, 10, 2, 16]),
             &k,
             &v,
-            &good_q,
-            &good_k,
-            10,
-            10,
+            &Varlen::new(&good_q, &good_k, 10, 10),
             &o,
         ),
         &["`q`", "rank 3"],

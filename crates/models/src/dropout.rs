@@ -58,8 +58,8 @@ fn keep_mask(n: usize, p: f32, seed: u64) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         bail!("dropout probability must be in [0, 1), got {p}")
     }
-    let threshold = ((p as f64) * 4_294_967_296.0).min(4_294_967_295.0) as u32;
-    let keep = 1.0 / (1.0 - p);
+    let rule = flash_ops::Dropout { p, seed };
+    let (threshold, keep) = (rule.threshold(), rule.keep_scale());
     let key = [seed as u32, (seed >> 32) as u32];
     let mut out = vec![0f32; n];
     for (block, chunk) in out.chunks_mut(4).enumerate() {

@@ -5,7 +5,8 @@
 //! emulator module `emu` (both dialects expose the same API) and defines the tolerances `tol(dtype)`.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use flash_ops::{reference, Algorithm, AttnOptions};
+use flash_ops::plan::lse_host;
+use flash_ops::{reference, Algorithm, AttnOptions, Varlen};
 
 use super::emu::{backward, forward, host_input, AttnParams, Inputs};
 use super::tol;
@@ -185,10 +186,7 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
             &q,
             &k,
             &v,
-            &cu(|x| x.0),
-            &cu(|x| x.1),
-            max(|x| x.0),
-            max(|x| x.1),
+            &Varlen::new(&cu(|x| x.0), &cu(|x| x.1), max(|x| x.0), max(|x| x.1)),
             &c.opts,
         )?,
     };
@@ -196,20 +194,7 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
     let mut fwd = forward(&p, &mut inp)?;
     let mut d_out_buf = host_input(&d_out.contiguous()?)?.0;
     let gr = backward(&p, &mut inp, &mut fwd, &mut d_out_buf)?;
-    let n = p.lse_len();
-    let lse: Vec<f64> = match p.algorithm {
-        Algorithm::V2 => fwd.stats.iter().map(|&x| x as f64).collect(),
-        Algorithm::V1 => (0..n)
-            .map(|i| {
-                let (m, l) = (fwd.stats[i] as f64, fwd.stats[n + i] as f64);
-                if l > 0.0 {
-                    m + l.ln()
-                } else {
-                    f64::NEG_INFINITY
-                }
-            })
-            .collect(),
-    };
+    let lse: Vec<f64> = lse_host(&p, &fwd.stats).iter().map(|&x| x as f64).collect();
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     Ok([
         rel(&f(&fwd.out), &flat(&o_ref)),

@@ -1,30 +1,25 @@
 //! FlashAttention backward (Dao et al., 2022, Algorithm 4): one task per (sequence, k/v head);
 //! the outer loop runs over k/v tiles, the inner loop over q tiles, and dQ lives in a per-task
 //! buffer that is read and written back for every (q tile, k/v tile) pair. `delta` is
-//! recomputed in the inner loop, as the paper does; the probabilities come from the saved
-//! `m` and `l`.
+//! recomputed in the inner loop, as the paper does; the probabilities come from the
+//! log-sum-exp of the saved `m` and `l`.
 
 use rayon::prelude::*;
 
 use super::{
-    backward_tile, load_rows, row_deltas, BwdScratch, Elem, GradOutputs, Operands, RowView,
+    backward_tile, row_deltas, BackwardOperands, BwdScratch, Elem, GradOutputs, Operands, RowView,
     SharedOut, TILE,
 };
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 
-/// `stats` is `m ‖ l` as saved by the V1 forward.
 pub fn backward<T: Elem>(
     p: &AttnParams,
     ops: &Operands<T>,
-    o: &[T],
-    d_o: &[T],
-    stats: &[f32],
+    saved: &BackwardOperands<T>,
     g: GradOutputs<T>,
 ) {
     let d = p.head_dim;
-    let n = p.lse_len();
-    let (m_all, l_all) = stats.split_at(n);
     let q_view = RowView::contiguous(p, p.heads_q, true);
     let k_view = RowView::contiguous(p, p.heads_k, false);
     let dq_ptr = SharedOut::new(g.dq);
@@ -43,8 +38,8 @@ pub fn backward<T: Elem>(
         let mut j0 = 0;
         while j0 < span.k_len {
             let cols = TILE.min(span.k_len - j0);
-            load_rows(ops.k, &ops.kv, (s, hk, j0), cols, d, &mut sc.k);
-            load_rows(ops.v, &ops.vv, (s, hk, j0), cols, d, &mut sc.v);
+            ops.k.load((s, hk, j0), cols, d, &mut sc.k);
+            ops.v.load((s, hk, j0), cols, d, &mut sc.v);
             sc.dk[..cols * d].fill(0.0);
             sc.dv[..cols * d].fill(0.0);
             for gi in 0..group {
@@ -54,18 +49,12 @@ pub fn backward<T: Elem>(
                 let mut i0 = q_lo;
                 while i0 < q_hi {
                     let rows = TILE.min(q_hi - i0);
-                    load_rows(ops.q, &ops.qv, (s, h, i0), rows, d, &mut sc.q);
-                    load_rows(d_o, &q_view, (s, h, i0), rows, d, &mut sc.d_o);
-                    load_rows(o, &q_view, (s, h, i0), rows, d, &mut o_tile);
+                    ops.q.load((s, h, i0), rows, d, &mut sc.q);
+                    saved.d_o.load((s, h, i0), rows, d, &mut sc.d_o);
+                    saved.o.load((s, h, i0), rows, d, &mut o_tile);
                     row_deltas(&sc.d_o, &o_tile, rows, d, &mut sc.delta);
                     for r in 0..rows {
-                        let idx = p.lse_index(s, h, i0 + r);
-                        let l = l_all[idx];
-                        sc.lse[r] = if l > 0.0 {
-                            m_all[idx] + l.ln()
-                        } else {
-                            f32::NEG_INFINITY
-                        };
+                        sc.lse[r] = saved.lse[p.lse_index(s, h, i0 + r)];
                     }
                     let dq_rows = &mut dq[(gi * span.q_len + i0) * d..][..rows * d];
                     sc.dq[..rows * d].copy_from_slice(dq_rows);

@@ -9,8 +9,8 @@
 use rayon::prelude::*;
 
 use super::{
-    backward_tile, load_rows, row_deltas, BwdScratch, Elem, GradOutputs, Operands, RowView,
-    SharedOut, TILE,
+    backward_tile, row_deltas, BackwardOperands, BwdScratch, Elem, GradOutputs, Operand, Operands,
+    RowView, SharedOut, TILE,
 };
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
@@ -23,19 +23,17 @@ const MAX_CHUNKS: usize = 8;
 pub fn backward<T: Elem>(
     p: &AttnParams,
     ops: &Operands<T>,
-    o: &[T],
-    d_o: &[T],
-    lse: &[f32],
+    saved: &BackwardOperands<T>,
     g: GradOutputs<T>,
 ) {
     let d = p.head_dim;
     let q_view = RowView::contiguous(p, p.heads_q, true);
     let k_view = RowView::contiguous(p, p.heads_k, false);
-    let delta = deltas(p, o, d_o, &q_view);
+    let delta = deltas(p, &saved.o, &saved.d_o);
 
     let units = p.batch() * p.heads_k;
     let chunks = TARGET_TASKS.div_ceil(units.max(1)).clamp(1, MAX_CHUNKS);
-    let dq_len = p.total_q * p.heads_q * d;
+    let dq_len = p.q_elems();
     let mut dq_partials = vec![0f32; chunks * dq_len];
     let partial_ptr = SharedOut::new(&mut dq_partials);
     let dk_ptr = SharedOut::new(g.dk);
@@ -54,8 +52,8 @@ pub fn backward<T: Elem>(
             for kb in kb_lo..kb_hi {
                 let j0 = kb * TILE;
                 let cols = TILE.min(span.k_len - j0);
-                load_rows(ops.k, &ops.kv, (s, hk, j0), cols, d, &mut sc.k);
-                load_rows(ops.v, &ops.vv, (s, hk, j0), cols, d, &mut sc.v);
+                ops.k.load((s, hk, j0), cols, d, &mut sc.k);
+                ops.v.load((s, hk, j0), cols, d, &mut sc.v);
                 sc.dk[..cols * d].fill(0.0);
                 sc.dv[..cols * d].fill(0.0);
                 // GQA: every q head of the group adds into this k/v head's gradients.
@@ -65,11 +63,11 @@ pub fn backward<T: Elem>(
                     let mut i0 = q_lo;
                     while i0 < q_hi {
                         let rows = TILE.min(q_hi - i0);
-                        load_rows(ops.q, &ops.qv, (s, h, i0), rows, d, &mut sc.q);
-                        load_rows(d_o, &q_view, (s, h, i0), rows, d, &mut sc.d_o);
+                        ops.q.load((s, h, i0), rows, d, &mut sc.q);
+                        saved.d_o.load((s, h, i0), rows, d, &mut sc.d_o);
                         for r in 0..rows {
                             let idx = p.lse_index(s, h, i0 + r);
-                            sc.lse[r] = lse[idx];
+                            sc.lse[r] = saved.lse[idx];
                             sc.delta[r] = delta[idx];
                         }
                         // This chunk's dQ partial rows: read, add, write back.
@@ -106,7 +104,7 @@ pub fn backward<T: Elem>(
 }
 
 /// `delta = rowsum(dO ∘ O)` for every (sequence, head, row) (Algorithm 2 line 4).
-pub fn deltas<T: Elem>(p: &AttnParams, o: &[T], d_o: &[T], q_view: &RowView) -> Vec<f32> {
+fn deltas<T: Elem>(p: &AttnParams, o: &Operand<T>, d_o: &Operand<T>) -> Vec<f32> {
     let d = p.head_dim;
     let mut delta = vec![0f32; p.lse_len()];
     let delta_ptr = SharedOut::new(&mut delta);
@@ -119,8 +117,8 @@ pub fn deltas<T: Elem>(p: &AttnParams, o: &[T], d_o: &[T], q_view: &RowView) -> 
         let mut i0 = 0;
         while i0 < q_len {
             let rows = TILE.min(q_len - i0);
-            load_rows(o, q_view, (s, h, i0), rows, d, &mut ot);
-            load_rows(d_o, q_view, (s, h, i0), rows, d, &mut dot);
+            o.load((s, h, i0), rows, d, &mut ot);
+            d_o.load((s, h, i0), rows, d, &mut dot);
             row_deltas(&dot, &ot, rows, d, &mut out);
             for (r, &x) in out.iter().enumerate().take(rows) {
                 // SAFETY: (s, h) rows belong to this task alone.

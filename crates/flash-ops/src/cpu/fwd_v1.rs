@@ -5,8 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{load_rows, scores, tile, Elem, Operands, RowView, SharedOut, TILE};
-use crate::dropout::DropoutMask;
+use super::{scores, tile, Elem, Operands, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 
@@ -14,7 +13,7 @@ use crate::params::AttnParams;
 pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec<f32> {
     let d = p.head_dim;
     let n = p.lse_len();
-    let mut stats = vec![0f32; 2 * n];
+    let mut stats = vec![0f32; p.stats_len()];
     stats[..n].fill(f32::NEG_INFINITY);
     let out_view = RowView::contiguous(p, p.heads_q, true);
     let out_ptr = SharedOut::new(out);
@@ -38,29 +37,18 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
         let mut st = vec![0f32; TILE * TILE];
         let mut pv = vec![0f32; TILE * d];
         let mut drop_factors = vec![0f32; TILE];
-        let drop_mask = p
-            .dropout
-            .map(|dp| DropoutMask::new(dp.p, dp.seed, s, p.heads_q, h));
+        let drop_mask = p.dropout_mask(s, h);
         let mut j0 = 0;
         while j0 < span.k_len {
             let cols = TILE.min(span.k_len - j0);
-            load_rows(ops.k, &ops.kv, (s, hk, j0), cols, d, &mut kt);
-            load_rows(ops.v, &ops.vv, (s, hk, j0), cols, d, &mut vt);
+            ops.k.load((s, hk, j0), cols, d, &mut kt);
+            ops.v.load((s, hk, j0), cols, d, &mut vt);
             let (q_lo, q_hi) = mods.query_range_keys(j0, j0 + cols);
             let mut i0 = q_lo;
             while i0 < q_hi {
                 let rows = TILE.min(q_hi - i0);
-                load_rows(ops.q, &ops.qv, (s, h, i0), rows, d, &mut qt);
-                scores(
-                    &qt,
-                    &kt,
-                    (rows, cols, d),
-                    p.scale,
-                    &mods,
-                    (i0, j0),
-                    &mut st,
-                    None,
-                );
+                ops.q.load((s, h, i0), rows, d, &mut qt);
+                scores(&qt, &kt, (rows, cols, d), &mods, (i0, j0), &mut st, None);
                 // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10).
                 let mut tile_stats = [(0f32, 0f32); TILE];
                 for r in 0..rows {

@@ -4,10 +4,10 @@
 
 use rayon::prelude::*;
 
-use super::{load_rows, scores, tile, Elem, Operands, RowView, SharedOut, TILE};
-use crate::dropout::DropoutMask;
+use super::{scores, tile, Elem, Operands, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
+use crate::stats;
 
 struct Scratch {
     q: Vec<f32>,
@@ -53,25 +53,22 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
             let hk = h / p.group();
             let i0 = qb * TILE;
             let rows = TILE.min(span.q_len - i0);
-            load_rows(ops.q, &ops.qv, (s, h, i0), rows, d, &mut sc.q);
+            ops.q.load((s, h, i0), rows, d, &mut sc.q);
             sc.m[..rows].fill(f32::NEG_INFINITY);
             sc.l[..rows].fill(0.0);
             sc.acc[..rows * d].fill(0.0);
-            let drop_mask = p
-                .dropout
-                .map(|dp| DropoutMask::new(dp.p, dp.seed, s, p.heads_q, h));
+            let drop_mask = p.dropout_mask(s, h);
             // Block skipping: only k tiles holding a key visible to some row of this q tile.
             let (k_lo, k_hi) = mods.key_range_rows(i0, i0 + rows);
             let mut j0 = k_lo;
             while j0 < k_hi {
                 let cols = TILE.min(k_hi - j0);
-                load_rows(ops.k, &ops.kv, (s, hk, j0), cols, d, &mut sc.k);
-                load_rows(ops.v, &ops.vv, (s, hk, j0), cols, d, &mut sc.v);
+                ops.k.load((s, hk, j0), cols, d, &mut sc.k);
+                ops.v.load((s, hk, j0), cols, d, &mut sc.v);
                 scores(
                     &sc.q,
                     &sc.k,
                     (rows, cols, d),
-                    p.scale,
                     &mods,
                     (i0, j0),
                     &mut sc.s,
@@ -98,13 +95,9 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                 let l = sc.l[r];
                 let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
                 tile::scale_assign(&mut sc.acc[r * d..(r + 1) * d], inv);
-                let stat = if l > 0.0 {
-                    sc.m[r] + l.ln()
-                } else {
-                    f32::NEG_INFINITY
-                };
+                let lse = stats::lse(sc.m[r], l);
                 // SAFETY: this task alone owns rows i0..i0+rows of head h of sequence s.
-                unsafe { lse_ptr.write(p.lse_index(s, h, i0 + r), stat) };
+                unsafe { lse_ptr.write(p.lse_index(s, h, i0 + r), lse) };
             }
             // SAFETY: as above.
             unsafe { out_ptr.store_rows(&out_view, (s, h, i0), rows, d, &sc.acc) };

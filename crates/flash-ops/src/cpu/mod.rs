@@ -14,21 +14,22 @@ mod fwd_v2;
 pub mod tile;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
 
 use crate::mask::ScoreMods;
+use crate::op::BackwardInputs;
 use crate::params::AttnParams;
-use crate::Algorithm;
+use crate::plan::InputLayout;
+use crate::{stats, Algorithm};
 
 /// Rows per q tile and per k/v tile (see the module docs for the size).
 pub const TILE: usize = 128;
 
 /// Element types the kernels read and write; all arithmetic is f32.
-pub trait Elem: Copy + Send + Sync + Default + 'static {
+pub trait Elem: WithDType + Default {
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
-    fn wrap(v: Vec<Self>) -> CpuStorage;
 }
 
 impl Elem for f32 {
@@ -38,13 +39,10 @@ impl Elem for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
-    fn wrap(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
 }
 
 macro_rules! half_elem {
-    ($t:ty, $variant:ident) => {
+    ($t:ty) => {
         impl Elem for $t {
             fn to_f32(self) -> f32 {
                 <$t>::to_f32(self)
@@ -52,14 +50,23 @@ macro_rules! half_elem {
             fn from_f32(x: f32) -> Self {
                 <$t>::from_f32(x)
             }
-            fn wrap(v: Vec<Self>) -> CpuStorage {
-                CpuStorage::$variant(v)
-            }
         }
     };
 }
-half_elem!(f16, F16);
-half_elem!(bf16, BF16);
+half_elem!(f16);
+half_elem!(bf16);
+
+/// Calls the generic `$f::<T>(args)` with `T` the element type of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            d => bail!("flash_attn: the CPU backend takes f32, f16 or bf16, got {d:?}"),
+        }
+    };
+}
 
 /// Where row `t` of head `h` of sequence `s` starts in a strided `(.., heads, d)` buffer.
 #[derive(Debug, Clone)]
@@ -70,29 +77,18 @@ pub struct RowView {
 }
 
 impl RowView {
-    /// View of a q-side (`is_q`) or k-side tensor as the op received it (any strides, unit stride
-    /// on head_dim).
-    pub fn from_layout(name: &str, layout: &Layout, p: &AttnParams, is_q: bool) -> Result<Self> {
-        let stride = layout.stride();
-        let rank = stride.len();
-        if stride[rank - 1] != 1 && p.head_dim > 1 {
-            bail!("flash_attn: `{name}` must have unit stride on head_dim, got strides {stride:?}")
+    /// View of a q-side (`is_q`) or k-side input as the launch plans see it.
+    fn of_input(l: &InputLayout, p: &AttnParams, is_q: bool) -> Self {
+        Self {
+            seq_base: p
+                .seqs
+                .iter()
+                .enumerate()
+                .map(|(s, span)| l.seq_base(p, s, if is_q { span.q_start } else { span.k_start }))
+                .collect(),
+            t_stride: l.tok_stride(),
+            h_stride: l.head_stride(),
         }
-        let start = layout.start_offset();
-        let seq_base = p
-            .seqs
-            .iter()
-            .enumerate()
-            .map(|(s, span)| match p.dense {
-                Some(_) => start + s * stride[0],
-                None => start + if is_q { span.q_start } else { span.k_start } * stride[0],
-            })
-            .collect();
-        Ok(Self {
-            seq_base,
-            t_stride: stride[rank - 3],
-            h_stride: stride[rank - 2],
-        })
     }
 
     /// View of a contiguous `(tokens, heads, d)` buffer, as the op writes them.
@@ -115,20 +111,71 @@ impl RowView {
     }
 }
 
-/// Reads `rows` rows (`t0..`) of head `h` of sequence `s` into contiguous f32.
-pub fn load_rows<T: Elem>(
-    src: &[T],
-    view: &RowView,
-    (s, h, t0): (usize, usize, usize),
-    rows: usize,
-    d: usize,
-    dst: &mut [f32],
-) {
-    for r in 0..rows {
-        let o = view.offset(s, t0 + r, h);
-        for (x, y) in dst[r * d..(r + 1) * d].iter_mut().zip(&src[o..o + d]) {
-            *x = y.to_f32();
+/// A storage and its layout as the op receives them.
+type Input<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The elements of `s` as `T`, or an error naming the operand.
+fn elems<'a, T: WithDType>(name: &str, s: &'a CpuStorage) -> Result<&'a [T]> {
+    match s.as_slice::<T>() {
+        Ok(x) => Ok(x),
+        Err(_) => bail!(
+            "flash_attn: `{name}` is {:?}, expected {:?} like `q`",
+            s.dtype(),
+            T::DTYPE
+        ),
+    }
+}
+
+/// One tensor as the kernels read it: its elements and where each row starts.
+pub struct Operand<'a, T> {
+    data: &'a [T],
+    rows: RowView,
+}
+
+impl<'a, T: Elem> Operand<'a, T> {
+    /// An input (any strides, unit stride on head_dim); `is_q` for q's sequence starts.
+    fn input(name: &str, (s, l): Input<'a>, p: &AttnParams, is_q: bool) -> Result<Self> {
+        let layout = InputLayout::checked(name, l, p.head_dim)?;
+        Ok(Self {
+            data: elems(name, s)?,
+            rows: RowView::of_input(&layout, p, is_q),
+        })
+    }
+
+    /// A contiguous `(total_q, hq, d)` tensor from element `offset` on: the forward output or
+    /// its gradient.
+    fn q_like(name: &str, (s, offset): (&'a CpuStorage, usize), p: &AttnParams) -> Result<Self> {
+        Ok(Self {
+            data: &elems(name, s)?[offset..],
+            rows: RowView::contiguous(p, p.heads_q, true),
+        })
+    }
+
+    /// Reads `rows` rows (`t0..`) of head `h` of sequence `s` into contiguous f32.
+    pub fn load(&self, (s, h, t0): (usize, usize, usize), rows: usize, d: usize, dst: &mut [f32]) {
+        for r in 0..rows {
+            let o = self.rows.offset(s, t0 + r, h);
+            for (x, y) in dst[r * d..(r + 1) * d].iter_mut().zip(&self.data[o..o + d]) {
+                *x = y.to_f32();
+            }
         }
+    }
+}
+
+/// The attention inputs q, k and v.
+pub struct Operands<'a, T> {
+    pub q: Operand<'a, T>,
+    pub k: Operand<'a, T>,
+    pub v: Operand<'a, T>,
+}
+
+impl<'a, T: Elem> Operands<'a, T> {
+    fn new(p: &AttnParams, q: Input<'a>, k: Input<'a>, v: Input<'a>) -> Result<Self> {
+        Ok(Self {
+            q: Operand::input("q", q, p, true)?,
+            k: Operand::input("k", k, p, false)?,
+            v: Operand::input("v", v, p, false)?,
+        })
     }
 }
 
@@ -204,30 +251,18 @@ impl<T: Elem> SharedOut<T> {
     }
 }
 
-/// The q, k, v operands with their views.
-pub struct Operands<'a, T> {
-    pub q: &'a [T],
-    pub k: &'a [T],
-    pub v: &'a [T],
-    pub qv: RowView,
-    pub kv: RowView,
-    pub vv: RowView,
-}
-
 /// `s = scale·q·kᵀ`, then softcap, ALiBi and the mask (`-inf`) for rows `i0..`, keys `j0..`.
 /// When `softcap_grad` is given it receives `d cap(x)/dx = 1 − tanh²` (0 where masked).
-#[allow(clippy::too_many_arguments)]
 pub fn scores(
     q: &[f32],
     k: &[f32],
     (rows, cols, d): (usize, usize, usize),
-    scale: f32,
     mods: &ScoreMods,
     (i0, j0): (usize, usize),
     s: &mut [f32],
     mut softcap_grad: Option<&mut [f32]>,
 ) {
-    tile::gemm_abt((rows, cols, d), q, k, s, false, scale);
+    tile::gemm_abt((rows, cols, d), q, k, s, false, mods.scale);
     if !mods.has_modifiers() && mods.tile_fully_visible(i0, i0 + rows, j0, j0 + cols) {
         return;
     }
@@ -256,134 +291,69 @@ pub fn scores(
     }
 }
 
-/// Forward on CPU: returns the output `(total_q, hq, d)` in the input dtype and the saved
-/// statistics (V2: log-sum-exp; V1: `m` then `l`), f32.
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
-    p: &AttnParams,
-    q: &CpuStorage,
-    lq: &Layout,
-    k: &CpuStorage,
-    lk: &Layout,
-    v: &CpuStorage,
-    lv: &Layout,
-) -> Result<(CpuStorage, Vec<f32>)> {
-    fn run<T: Elem>(p: &AttnParams, ops: Operands<T>) -> (CpuStorage, Vec<f32>) {
-        let mut out = vec![T::default(); p.total_q * p.heads_q * p.head_dim];
+/// Forward on CPU: the output `(total_q, hq, d)` in the input dtype and the saved statistics
+/// (f32, [`AttnParams::stats_len`]: V2 log-sum-exp; V1 `m` then `l`).
+pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStorage, CpuStorage)> {
+    fn run<T: Elem>(
+        p: &AttnParams,
+        q: Input,
+        k: Input,
+        v: Input,
+    ) -> Result<(CpuStorage, CpuStorage)> {
+        let ops = Operands::<T>::new(p, q, k, v)?;
+        let mut out = vec![T::default(); p.q_elems()];
         let stats = match p.algorithm {
             Algorithm::V2 => fwd_v2::forward(p, &ops, &mut out),
             Algorithm::V1 => fwd_v1::forward(p, &ops, &mut out),
         };
-        (T::wrap(out), stats)
+        Ok((T::to_cpu_storage_owned(out), CpuStorage::F32(stats)))
     }
-    let views = (
-        RowView::from_layout("q", lq, p, true)?,
-        RowView::from_layout("k", lk, p, false)?,
-        RowView::from_layout("v", lv, p, false)?,
-    );
-    macro_rules! go {
-        ($q:expr, $k:expr, $v:expr) => {
-            run(
-                p,
-                Operands {
-                    q: $q,
-                    k: $k,
-                    v: $v,
-                    qv: views.0,
-                    kv: views.1,
-                    vv: views.2,
-                },
-            )
-        };
-    }
-    Ok(match (q, k, v) {
-        (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => go!(q, k, v),
-        (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => go!(q, k, v),
-        (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => go!(q, k, v),
-        _ => bail!(
-            "flash_attn: q, k, v must share one dtype among f32, f16, bf16, got {:?}, {:?}, {:?}",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        ),
-    })
+    by_dtype!(q.0.dtype(), run(p, q, k, v))
 }
 
-/// What backward reads besides q, k, v: the forward output, its gradient (both contiguous
-/// `(total_q, hq, d)`), and the saved statistics.
-pub struct BackwardInputs<'a> {
-    pub out: &'a CpuStorage,
-    pub out_offset: usize,
-    pub grad_out: &'a CpuStorage,
-    pub grad_offset: usize,
-    pub stats: &'a [f32],
+/// What backward reads besides q, k, v, as the schedules take it: the forward output, its
+/// gradient and the log-sum-exp (V1's `m ‖ l` already converted).
+pub struct BackwardOperands<'a, T> {
+    pub o: Operand<'a, T>,
+    pub d_o: Operand<'a, T>,
+    pub lse: &'a [f32],
 }
 
 /// Backward on CPU: returns `dq ‖ dk ‖ dv` flattened into one buffer in the input dtype.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     p: &AttnParams,
-    q: &CpuStorage,
-    lq: &Layout,
-    k: &CpuStorage,
-    lk: &Layout,
-    v: &CpuStorage,
-    lv: &Layout,
-    bi: BackwardInputs,
+    q: Input,
+    k: Input,
+    v: Input,
+    bi: BackwardInputs<CpuStorage>,
 ) -> Result<CpuStorage> {
     fn run<T: Elem>(
         p: &AttnParams,
-        ops: Operands<T>,
-        o: &[T],
-        d_o: &[T],
-        stats: &[f32],
-    ) -> CpuStorage {
-        let nq = p.total_q * p.heads_q * p.head_dim;
-        let nk = p.total_k * p.heads_k * p.head_dim;
+        q: Input,
+        k: Input,
+        v: Input,
+        bi: BackwardInputs<CpuStorage>,
+    ) -> Result<CpuStorage> {
+        let ops = Operands::<T>::new(p, q, k, v)?;
+        let (stats, offset) = bi.stats;
+        let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
+        let saved = BackwardOperands {
+            o: Operand::q_like("output", bi.out, p)?,
+            d_o: Operand::q_like("output gradient", bi.grad_out, p)?,
+            lse: &lse,
+        };
+        let (nq, nk) = (p.q_elems(), p.k_elems());
         let mut grads = vec![T::default(); nq + 2 * nk];
         let (dq, dkv) = grads.split_at_mut(nq);
         let (dk, dv) = dkv.split_at_mut(nk);
         let g = GradOutputs { dq, dk, dv };
         match p.algorithm {
-            Algorithm::V2 => bwd_v2::backward(p, &ops, o, d_o, stats, g),
-            Algorithm::V1 => bwd_v1::backward(p, &ops, o, d_o, stats, g),
+            Algorithm::V2 => bwd_v2::backward(p, &ops, &saved, g),
+            Algorithm::V1 => bwd_v1::backward(p, &ops, &saved, g),
         }
-        T::wrap(grads)
+        Ok(T::to_cpu_storage_owned(grads))
     }
-    let views = (
-        RowView::from_layout("q", lq, p, true)?,
-        RowView::from_layout("k", lk, p, false)?,
-        RowView::from_layout("v", lv, p, false)?,
-    );
-    macro_rules! go {
-        ($q:expr, $k:expr, $v:expr, $o:expr, $do:expr) => {
-            run(
-                p,
-                Operands {
-                    q: $q,
-                    k: $k,
-                    v: $v,
-                    qv: views.0,
-                    kv: views.1,
-                    vv: views.2,
-                },
-                &$o[bi.out_offset..],
-                &$do[bi.grad_offset..],
-                bi.stats,
-            )
-        };
-    }
-    use CpuStorage as S;
-    Ok(match (q, k, v, bi.out, bi.grad_out) {
-        (S::F32(q), S::F32(k), S::F32(v), S::F32(o), S::F32(d)) => go!(q, k, v, o, d),
-        (S::F16(q), S::F16(k), S::F16(v), S::F16(o), S::F16(d)) => go!(q, k, v, o, d),
-        (S::BF16(q), S::BF16(k), S::BF16(v), S::BF16(o), S::BF16(d)) => go!(q, k, v, o, d),
-        _ => bail!(
-            "flash_attn backward: q, k, v, output and its gradient must share one dtype, got {:?}, {:?}",
-            q.dtype(),
-            bi.grad_out.dtype()
-        ),
-    })
+    by_dtype!(q.0.dtype(), run(p, q, k, v, bi))
 }
 
 /// The gradient buffers, contiguous `(tokens, heads, d)` each.
@@ -451,7 +421,6 @@ pub fn backward_tile(
         &sc.q,
         &sc.k,
         (rows, cols, d),
-        p.scale,
         mods,
         (i0, j0),
         &mut sc.p[..n],
@@ -461,9 +430,7 @@ pub fn backward_tile(
         tile::probs_from_lse(&mut sc.p[r * cols..(r + 1) * cols], sc.lse[r]);
     }
     // Dropout: dV and dP see the kept, rescaled probabilities (the mask regenerated from the seed).
-    let drop_mask = p
-        .dropout
-        .map(|dp| crate::dropout::DropoutMask::new(dp.p, dp.seed, seq, p.heads_q, head));
+    let drop_mask = p.dropout_mask(seq, head);
     if let Some(m) = &drop_mask {
         for r in 0..rows {
             m.row_factors(i0 + r, j0, &mut sc.drop_factors[r * cols..(r + 1) * cols]);

@@ -38,32 +38,36 @@ struct Strides {
     col: isize,
 }
 
-const fn row_major(cols: usize) -> Strides {
-    Strides {
-        row: cols as isize,
-        col: 1,
-    }
+/// A contiguous row-major operand used as the `rows×cols` matrix of a product: as stored
+/// (`rows×cols` in memory) or transposed (`cols×rows` in memory). Returns its strides and the
+/// elements it must hold.
+fn operand(rows: usize, cols: usize, transposed: bool) -> (Strides, usize) {
+    let strides = if transposed {
+        Strides {
+            row: 1,
+            col: rows as isize,
+        }
+    } else {
+        Strides {
+            row: cols as isize,
+            col: 1,
+        }
+    };
+    (strides, rows * cols)
 }
 
-/// The transpose of a row-major matrix with `cols` columns.
-const fn transposed(cols: usize) -> Strides {
-    Strides {
-        row: 1,
-        col: cols as isize,
-    }
-}
-
-/// `c (+)= beta · lhs · rhs` with `lhs: m×k`, `rhs: k×n` as the strides describe and `c: m×n`
-/// row-major; `lhs_len`/`rhs_len` are the elements the operands must hold.
-#[allow(clippy::too_many_arguments)]
+/// `c (+)= beta · lhs · rhs` with `lhs: m×k`, `rhs: k×n` (each stored row-major, transposed when
+/// its flag says so) and `c: m×n` row-major.
 fn gemm_f32(
     (m, n, k): (usize, usize, usize),
-    (lhs, ls, lhs_len): (&[f32], Strides, usize),
-    (rhs, rs, rhs_len): (&[f32], Strides, usize),
+    (lhs, lhs_t): (&[f32], bool),
+    (rhs, rhs_t): (&[f32], bool),
     c: &mut [f32],
     accumulate: bool,
     beta: f32,
 ) {
+    let (ls, lhs_len) = operand(m, k, lhs_t);
+    let (rs, rhs_len) = operand(k, n, rhs_t);
     assert!(lhs.len() >= lhs_len && rhs.len() >= rhs_len && c.len() >= m * n);
     // SAFETY: the bounds above cover every element the strides address.
     unsafe {
@@ -93,41 +97,38 @@ fn gemm_f32(
 
 /// `c (+)= beta · a · bᵀ`, with `a: m×k`, `b: n×k`, `c: m×n`, all row-major and contiguous.
 pub fn gemm_abt(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
-    accumulate: bool,
+    acc: bool,
     beta: f32,
 ) {
-    let (lhs, rhs) = ((a, row_major(k), m * k), (b, transposed(k), n * k));
-    gemm_f32((m, n, k), lhs, rhs, c, accumulate, beta)
+    gemm_f32(mnk, (a, false), (b, true), c, acc, beta)
 }
 
 /// `c (+)= beta · a · b`, with `a: m×k`, `b: k×n`, `c: m×n`, row-major and contiguous.
 pub fn gemm_ab(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
-    accumulate: bool,
+    acc: bool,
     beta: f32,
 ) {
-    let (lhs, rhs) = ((a, row_major(k), m * k), (b, row_major(n), k * n));
-    gemm_f32((m, n, k), lhs, rhs, c, accumulate, beta)
+    gemm_f32(mnk, (a, false), (b, false), c, acc, beta)
 }
 
 /// `c (+)= beta · aᵀ · b`, with `a: k×m`, `b: k×n`, `c: m×n`, row-major and contiguous.
 pub fn gemm_atb(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
-    accumulate: bool,
+    acc: bool,
     beta: f32,
 ) {
-    let (lhs, rhs) = ((a, transposed(m), k * m), (b, row_major(n), k * n));
-    gemm_f32((m, n, k), lhs, rhs, c, accumulate, beta)
+    gemm_f32(mnk, (a, true), (b, false), c, acc, beta)
 }
 
 /// `exp(x)` to ~1 ulp (Cephes' `expf` polynomial), written branch-free so loops vectorise;

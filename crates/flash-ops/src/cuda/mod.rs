@@ -15,6 +15,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
+use crate::op::BackwardInputs;
 use crate::params::AttnParams;
 use crate::plan::{cuda as plan, Dt, InputLayout};
 use crate::Algorithm;
@@ -114,18 +115,10 @@ fn common(
             v.dtype()
         )
     }
-    for (name, l) in [("q", lq), ("k", lk), ("v", lv)] {
-        if l.stride().last() != Some(&1) && p.head_dim > 1 {
-            bail!(
-                "flash_attn: `{name}` must have unit stride on head_dim, got strides {:?}",
-                l.stride()
-            )
-        }
-    }
     let (il_q, il_k, il_v) = (
-        InputLayout::from(lq),
-        InputLayout::from(lk),
-        InputLayout::from(lv),
+        InputLayout::checked("q", lq, p.head_dim)?,
+        InputLayout::checked("k", lk, p.head_dim)?,
+        InputLayout::checked("v", lv, p.head_dim)?,
     );
     let info = plan::seq_info(p, &il_q, &il_k, &il_v);
     let mut fp = plan::base_params(p, dt, [&il_q, &il_k, &il_v], &info);
@@ -143,26 +136,20 @@ fn common(
     Ok((fp, keep))
 }
 
-/// Forward: the output `(total_q, hq, d)` and the statistics (V2: lse; V1: m ‖ l) with their
-/// length.
+/// Forward: the output `(total_q, hq, d)` and the statistics (f32,
+/// [`AttnParams::stats_len`]: V2 lse; V1 m ‖ l).
 pub fn forward(
     p: &AttnParams,
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, CudaStorage, usize)> {
+) -> Result<(CudaStorage, CudaStorage)> {
     let dev = q.0.device.clone();
     let (mut fp, _keep) = common(p, &dev, q, k, v)?;
     let dt = dt_of(q.0.dtype())?;
-    let n_out = p.total_q * p.heads_q * p.head_dim;
+    let n_out = p.q_elems();
     let out = zeros(&dev, q.0.dtype(), n_out)?;
-    let n = p.lse_len();
-    let stats_len = if p.algorithm == Algorithm::V1 {
-        2 * n
-    } else {
-        n
-    };
-    let stats = zeros(&dev, DType::F32, stats_len)?;
+    let stats = zeros(&dev, DType::F32, p.stats_len())?;
     fp.o = addr(&out, 0)?;
     let _o_accum = match p.algorithm {
         Algorithm::V2 => {
@@ -177,15 +164,7 @@ pub fn forward(
         }
     };
     launch(&dev, &plan::forward_launch(p, dt), &fp)?;
-    Ok((out, stats, stats_len))
-}
-
-/// What backward reads besides q, k, v: the forward output and its gradient (contiguous
-/// `(total_q, hq, d)`) and the statistics, each with its start offset.
-pub struct BackwardInputs<'a> {
-    pub out: (&'a CudaStorage, usize),
-    pub grad_out: (&'a CudaStorage, usize),
-    pub stats: (&'a CudaStorage, usize),
+    Ok((out, stats))
 }
 
 /// Backward: `dq ‖ dk ‖ dv` flattened into one buffer of the inputs' dtype.
@@ -194,7 +173,7 @@ pub fn backward(
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
-    bi: BackwardInputs,
+    bi: BackwardInputs<CudaStorage>,
 ) -> Result<CudaStorage> {
     let dev = q.0.device.clone();
     let (mut fp, _keep) = common(p, &dev, q, k, v)?;
@@ -206,8 +185,7 @@ pub fn backward(
             bi.grad_out.0.dtype()
         )
     }
-    let nq = p.total_q * p.heads_q * p.head_dim;
-    let nk = p.total_k * p.heads_k * p.head_dim;
+    let (nq, nk) = (p.q_elems(), p.k_elems());
     let n = p.lse_len();
     let grads = zeros(&dev, q.0.dtype(), nq + 2 * nk)?;
     let delta = zeros(&dev, DType::F32, n)?;

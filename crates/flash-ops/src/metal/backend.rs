@@ -10,6 +10,7 @@ use candle_core::{bail, DType, Layout, MetalDevice, MetalError, MetalStorage, Re
 use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline, Library};
 use objc2_metal::MTLSize;
 
+use crate::op::BackwardInputs;
 use crate::params::AttnParams;
 use crate::plan::metal::{self as plan, Launch, MetalParams};
 use crate::plan::metal_source::msl_source;
@@ -96,9 +97,9 @@ struct Constants {
 
 fn constants(p: &AttnParams, dev: &MetalDevice, l: [&Layout; 3]) -> Result<Constants> {
     let (q, k, v) = (
-        InputLayout::from(l[0]),
-        InputLayout::from(l[1]),
-        InputLayout::from(l[2]),
+        InputLayout::checked("q", l[0], p.head_dim)?,
+        InputLayout::checked("k", l[1], p.head_dim)?,
+        InputLayout::checked("v", l[2], p.head_dim)?,
     );
     let slopes = p.alibi.clone().unwrap_or_else(|| vec![0.0]);
     Ok(Constants {
@@ -146,8 +147,8 @@ fn dispatch(
     );
 }
 
-/// Forward: returns the output `(total_q, hq, d)` contiguous and the statistics (f32; V2 lse,
-/// V1 m ‖ l).
+/// Forward: returns the output `(total_q, hq, d)` contiguous and the statistics (f32,
+/// [`AttnParams::stats_len`]: V2 lse, V1 m ‖ l).
 pub fn forward(
     p: &AttnParams,
     (q, lq): (&MetalStorage, &Layout),
@@ -158,8 +159,8 @@ pub fn forward(
     let dtype = q.dtype();
     let dt = dt_of(dtype)?;
     let c = constants(p, &dev, [lq, lk, lv])?;
-    let n_out = p.total_q * p.heads_q * p.head_dim;
-    let n_stats = plan::stats_len(p);
+    let n_out = p.q_elems();
+    let n_stats = p.stats_len();
     let out = dev.new_buffer(n_out, dtype, "flash-attn-out")?;
     let stats = dev.new_buffer(n_stats, DType::F32, "flash-attn-stats")?;
     let launch = plan::forward_launch(p, dt);
@@ -189,28 +190,20 @@ pub fn forward(
     ))
 }
 
-/// The forward output, its gradient and the statistics, as (storage, start offset in elements).
-pub struct BackwardInputs<'a> {
-    pub out: (&'a MetalStorage, usize),
-    pub grad_out: (&'a MetalStorage, usize),
-    pub stats: (&'a MetalStorage, usize),
-}
-
 /// Backward: returns `dq ‖ dk ‖ dv` in one buffer, in the inputs' dtype.
 pub fn backward(
     p: &AttnParams,
     (q, lq): (&MetalStorage, &Layout),
     (k, lk): (&MetalStorage, &Layout),
     (v, lv): (&MetalStorage, &Layout),
-    inp: BackwardInputs,
+    inp: BackwardInputs<MetalStorage>,
 ) -> Result<MetalStorage> {
     let dev = q.device().clone();
     let dtype = q.dtype();
     let dt = dt_of(dtype)?;
     let c = constants(p, &dev, [lq, lk, lv])?;
     let n = p.lse_len();
-    let nq = p.total_q * p.heads_q * p.head_dim;
-    let nk = p.total_k * p.heads_k * p.head_dim;
+    let (nq, nk) = (p.q_elems(), p.k_elems());
     let total = nq + 2 * nk;
     let lse = dev.new_buffer(n, DType::F32, "flash-attn-lse")?;
     let delta = dev.new_buffer(n, DType::F32, "flash-attn-delta")?;

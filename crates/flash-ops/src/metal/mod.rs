@@ -12,7 +12,4 @@
 
 mod backend;
 
-pub use backend::{backward, forward, BackwardInputs};
-
-use crate::params::AttnParams;
-use crate::Algorithm;
+pub use backend::{backward, forward};

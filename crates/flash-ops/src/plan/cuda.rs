@@ -2,7 +2,7 @@
 //! `FlashParams`, the tile configurations of `flash_config.cuh`, and which kernels run with
 //! which grids for a problem.
 
-use super::{max_lens, window_bound, AttnParams};
+use super::{max_lens, shared_params, AttnParams};
 pub use super::{seq_info, Dt, InputLayout, SEQ_INFO_STRIDE};
 use crate::Algorithm;
 
@@ -147,49 +147,13 @@ pub fn base_params(
             .iter()
             .all(|l| l.tok_stride().is_multiple_of(chunk) && l.head_stride().is_multiple_of(chunk))
         && p.head_dim.is_multiple_of(chunk);
-    let (has_dropout, threshold, dscale, seed) = match p.dropout {
-        Some(dp) => (
-            1,
-            ((dp.p as f64) * 4_294_967_296.0).min(4_294_967_295.0) as u32,
-            1.0 / (1.0 - dp.p),
-            dp.seed,
-        ),
-        None => (0, 0, 1.0, 0),
-    };
-    let lse_head_stride = match p.dense {
-        Some((sq, _)) => sq,
-        None => p.total_q,
-    };
-    FlashParams {
-        q_tok_stride: q.tok_stride() as i64,
-        q_head_stride: q.head_stride() as i64,
-        k_tok_stride: k.tok_stride() as i64,
-        k_head_stride: k.head_stride() as i64,
-        v_tok_stride: v.tok_stride() as i64,
-        v_head_stride: v.head_stride() as i64,
-        o_tok_stride: (p.heads_q * p.head_dim) as i64,
-        dk_tok_stride: (p.heads_k * p.head_dim) as i64,
-        lse_head_stride: lse_head_stride as i64,
-        lse_len: p.lse_len() as i64,
+    shared_params!(FlashParams, p, [q, k, v], {
         total_q: p.total_q as i64,
-        batch: p.batch() as i32,
-        heads_q: p.heads_q as i32,
-        heads_k: p.heads_k as i32,
-        head_dim: p.head_dim as i32,
         max_q_len: max_q as i32,
         max_k_len: max_k as i32,
-        window_left: window_bound(p.window_left),
-        window_right: window_bound(p.window_right),
-        has_dropout,
         vec_loads: aligned as i32,
-        scale: p.scale,
-        softcap: p.softcap.unwrap_or(0.0),
-        dropout_scale: dscale,
-        dropout_threshold: threshold,
-        seed_lo: seed as u32,
-        seed_hi: (seed >> 32) as u32,
         ..Default::default()
-    }
+    })
 }
 
 /// The forward kernel. V2 writes `lse`; V1 needs `m_l` (2·lse_len) and `o_accum` (f32, like o).
@@ -253,7 +217,7 @@ pub fn backward_launches(p: &AttnParams, dt: Dt) -> Vec<Launch> {
             smem: cfg.smem,
         },
     };
-    let n = p.total_q * p.heads_q * p.head_dim;
+    let n = p.q_elems();
     let pre = Launch {
         name: format!("flash_bwd_pre_{}", dt.name()),
         grid: [max_q.div_ceil(PRE_ROWS).max(1) as u32, hq, b],

@@ -1,5 +1,6 @@
-//! What the two launch plans share: the element type, where each input's rows are, and the
-//! per-sequence records the kernels index by sequence.
+//! What the two launch plans share: the element type, where each input's rows are, the
+//! per-sequence records the kernels index by sequence, and the parameter fields both kernel
+//! headers declare alike.
 
 use candle_core::{bail, DType, Layout, Result};
 
@@ -56,19 +57,26 @@ impl From<&Layout> for InputLayout {
 }
 
 impl InputLayout {
+    /// The layout of input `name`, which must have a unit stride on head_dim (the kernels read
+    /// rows as contiguous vectors).
+    pub fn checked(name: &str, l: &Layout, head_dim: usize) -> Result<Self> {
+        if l.stride().last() != Some(&1) && head_dim > 1 {
+            bail!(
+                "flash_attn: `{name}` must have unit stride on head_dim, got strides {:?}",
+                l.stride()
+            )
+        }
+        Ok(Self::from(l))
+    }
     pub fn tok_stride(&self) -> usize {
         self.stride[self.stride.len() - 3]
     }
     pub fn head_stride(&self) -> usize {
         self.stride[self.stride.len() - 2]
     }
-    /// Element offset of row 0, head 0 of sequence `s` (dense: batch-strided; varlen: the
-    /// sequence's first token).
+    /// Element offset of row 0, head 0 of sequence `s`, whose first token is `token_start`.
     pub fn seq_base(&self, p: &AttnParams, s: usize, token_start: usize) -> usize {
-        match p.dense {
-            Some(_) => self.start + s * self.stride[0],
-            None => self.start + token_start * self.stride[0],
-        }
+        self.start + p.layout.first_row(s, token_start) * self.stride[0]
     }
 }
 
@@ -88,10 +96,6 @@ pub fn seq_info(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayou
     let (hq, hk, d) = (p.heads_q, p.heads_k, p.head_dim);
     let mut out = Vec::with_capacity(p.batch() * SEQ_INFO_STRIDE);
     for (s, span) in p.seqs.iter().enumerate() {
-        let lse_off = match p.dense {
-            Some((sq, _)) => s * hq * sq,
-            None => span.q_start,
-        };
         out.extend_from_slice(&[
             span.q_len as i64,
             span.k_len as i64,
@@ -99,7 +103,7 @@ pub fn seq_info(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayou
             k.seq_base(p, s, span.k_start) as i64,
             v.seq_base(p, s, span.k_start) as i64,
             (span.q_start * hq * d) as i64,
-            lse_off as i64,
+            p.lse_seq_offset(s) as i64,
             (span.k_start * hk * d) as i64,
         ]);
     }
@@ -111,3 +115,49 @@ pub fn seq_info(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayou
 pub fn window_bound(w: Option<usize>) -> i32 {
     w.map_or(-1, |w| w.min(1 << 30) as i32)
 }
+
+/// The dropout fields of both parameter structs: `(has_dropout, threshold, keep scale, seed)`,
+/// from the one [`crate::Dropout`] rule; off is `(0, 0, 1, 0)`.
+pub fn dropout_fields(p: &AttnParams) -> (i32, u32, f32, u64) {
+    match p.dropout {
+        Some(dp) => (1, dp.threshold(), dp.keep_scale(), dp.seed),
+        None => (0, 0, 1.0, 0),
+    }
+}
+
+/// Builds `$ty { .. }` with the fields `FlashParams` (CUDA) and `MetalFlashParams` (Metal)
+/// declare alike — strides, sizes, window, scale, softcap, dropout — filled from
+/// `$p: &AttnParams` and the `$q`, `$k`, `$v` [`InputLayout`]s, plus the `$extra` fields.
+macro_rules! shared_params {
+    ($ty:ident, $p:expr, [$q:expr, $k:expr, $v:expr], { $($extra:tt)* }) => {{
+        let p: &$crate::plan::AttnParams = $p;
+        let (has_dropout, dropout_threshold, dropout_scale, seed) = $crate::plan::layout::dropout_fields(p);
+        $ty {
+            q_tok_stride: $q.tok_stride() as i64,
+            q_head_stride: $q.head_stride() as i64,
+            k_tok_stride: $k.tok_stride() as i64,
+            k_head_stride: $k.head_stride() as i64,
+            v_tok_stride: $v.tok_stride() as i64,
+            v_head_stride: $v.head_stride() as i64,
+            o_tok_stride: (p.heads_q * p.head_dim) as i64,
+            dk_tok_stride: (p.heads_k * p.head_dim) as i64,
+            lse_head_stride: p.lse_head_stride() as i64,
+            lse_len: p.lse_len() as i64,
+            batch: p.batch() as i32,
+            heads_q: p.heads_q as i32,
+            heads_k: p.heads_k as i32,
+            head_dim: p.head_dim as i32,
+            window_left: $crate::plan::window_bound(p.window_left),
+            window_right: $crate::plan::window_bound(p.window_right),
+            scale: p.scale,
+            softcap: p.softcap.unwrap_or(0.0),
+            has_dropout,
+            dropout_threshold,
+            dropout_scale,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            $($extra)*
+        }
+    }};
+}
+pub(crate) use shared_params;

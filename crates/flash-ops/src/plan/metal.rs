@@ -2,7 +2,7 @@
 //! `MetalFlashParams`, the tile sizes of `flash_metal.h`, and which kernels run with which
 //! grids.
 
-use super::{max_lens, window_bound, AttnParams};
+use super::{max_lens, shared_params, AttnParams};
 pub use super::{seq_info, Dt, InputLayout, SEQ_INFO_STRIDE};
 use crate::Algorithm;
 
@@ -90,54 +90,11 @@ pub fn dkdv_smem(d: usize) -> usize {
 
 /// The kernel parameters of a problem.
 pub fn params(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> MetalParams {
-    let (has_dropout, threshold, dscale, seed) = match p.dropout {
-        Some(dp) => (
-            1,
-            ((dp.p as f64) * 4_294_967_296.0).min(4_294_967_295.0) as u32,
-            1.0 / (1.0 - dp.p),
-            dp.seed,
-        ),
-        None => (0, 0, 1.0, 0),
-    };
-    MetalParams {
-        q_tok_stride: q.tok_stride() as i64,
-        q_head_stride: q.head_stride() as i64,
-        k_tok_stride: k.tok_stride() as i64,
-        k_head_stride: k.head_stride() as i64,
-        v_tok_stride: v.tok_stride() as i64,
-        v_head_stride: v.head_stride() as i64,
-        o_tok_stride: (p.heads_q * p.head_dim) as i64,
-        dk_tok_stride: (p.heads_k * p.head_dim) as i64,
-        lse_head_stride: match p.dense {
-            Some((sq, _)) => sq,
-            None => p.total_q,
-        } as i64,
-        lse_len: p.lse_len() as i64,
-        batch: p.batch() as i32,
-        heads_q: p.heads_q as i32,
-        heads_k: p.heads_k as i32,
-        head_dim: p.head_dim as i32,
-        window_left: window_bound(p.window_left),
-        window_right: window_bound(p.window_right),
+    shared_params!(MetalParams, p, [q, k, v], {
         has_alibi: p.alibi.is_some() as i32,
         stats_v1: (p.algorithm == Algorithm::V1) as i32,
-        scale: p.scale,
-        softcap: p.softcap.unwrap_or(0.0),
-        has_dropout,
-        dropout_threshold: threshold,
-        dropout_scale: dscale,
-        seed_lo: seed as u32,
-        seed_hi: (seed >> 32) as u32,
         pad: 0,
-    }
-}
-
-/// Length of the saved statistics: the log-sum-exp (V2) or m ‖ l (V1).
-pub fn stats_len(p: &AttnParams) -> usize {
-    match p.algorithm {
-        Algorithm::V2 => p.lse_len(),
-        Algorithm::V1 => 2 * p.lse_len(),
-    }
+    })
 }
 
 /// One kernel dispatch: 1-D threadgroups of `threads`, `smem` bytes of threadgroup memory.

@@ -9,5 +9,8 @@ mod layout;
 pub mod metal;
 pub mod metal_source;
 
-pub use crate::params::{AttnParams, SeqSpan};
+pub use crate::params::{AttnParams, SeqLayout, SeqSpan};
+/// The log-sum-exp of saved statistics read back to the host (the emulator's tests).
+pub use crate::stats::lse_host;
+use layout::shared_params;
 pub use layout::{max_lens, seq_info, window_bound, Dt, InputLayout, SEQ_INFO_STRIDE};

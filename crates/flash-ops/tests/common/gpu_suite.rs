@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use flash_ops::{
-    flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions,
+    flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions, Varlen,
 };
 
 use crate::common::{self, errors, lse_err, oracle, run_with_grads, Rng};
@@ -129,10 +129,12 @@ pub fn varlen_matches_oracle(dev: &Device) {
             &on(&q),
             &on(&k),
             &on(&v),
-            &cq.to_device(dev).unwrap(),
-            &ck.to_device(dev).unwrap(),
-            257,
-            260,
+            &Varlen::new(
+                &cq.to_device(dev).unwrap(),
+                &ck.to_device(dev).unwrap(),
+                257,
+                260,
+            ),
             &opts,
         )
         .unwrap();
