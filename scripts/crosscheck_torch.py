@@ -7,7 +7,7 @@ o, lse, dq, dk, dv with PyTorch in float64: `scaled_dot_product_attention` (with
 mask for windows/ALiBi) and autograd; softcap, which SDPA lacks, is written out in torch ops.
 
 Benchmark (--bench): times PyTorch's CPU SDPA (f32, B1 H12 d64, forward and forward+backward)
-and flash-ops V2 through `cargo bench -p flash-ops` in the same run, and prints the ratios.
+and flash-ops V2 through `cargo bench -p flash-ops-bench` in the same run, and prints the ratios.
 
 Needs: pip install torch numpy safetensors   (the PyPI torch wheel is the CUDA build; it runs on CPU)
 Usage: python3 scripts/crosscheck_torch.py [--bin target/release/flash-ops-check] [--bench] [--n 1024,2048]
@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,10 +152,10 @@ def bench(ns, reps=3):
                     t0 = time.perf_counter()
                     fn()
                     ts.append((time.perf_counter() - t0) * 1e3)
-                res.append(sorted(ts)[len(ts) // 2])
+                res.append(statistics.median(ts))  # as flash_ops_bench::median
             torch_ms[(n, causal)] = res
             print(f"torch SDPA N={n} causal={causal}: fwd {res[0]:.1f} ms, fwd+bwd {res[1]:.1f} ms")
-    cmd = ["cargo", "bench", "-q", "-p", "flash-ops", "--bench", "attention", "--",
+    cmd = ["cargo", "bench", "-q", "-p", "flash-ops-bench", "--bench", "attention", "--",
            "--n", ",".join(map(str, ns)), "--d", str(d), "--variants", "v2", "--reps", str(reps)]
     text = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     print("| N | causal | torch fwd ms | V2 fwd ms | torch fwd+bwd ms | V2 fwd+bwd ms | V2 speed vs torch fwd+bwd |")

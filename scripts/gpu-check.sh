@@ -29,7 +29,7 @@ build() {
   (cd "$ROOT" && cargo test -p flash-ops --features cuda --release --no-run --message-format=json >"$json")
   # repro is another package, so flash-ops' build.rs link flags do not reach it: its driver
   # symbols (no libcuda here, only the stub) are left for the GPU machine's libcuda to resolve.
-  (cd "$ROOT" && cargo rustc -p repro --bin repro --features flash-ops/cuda --release -- \
+  (cd "$ROOT" && cargo rustc -p repro --bin repro --features cuda --release -- \
       -C link-arg=-Wl,--unresolved-symbols=ignore-in-object-files -C link-arg=-Wl,-z,lazy)
   # Each stripped binary is 70-85 MB (candle's and our PTX as text), far over the 64 MiB a call
   # carries; PTX compresses well and the three share most of it, so they travel as one tar.xz

@@ -3,11 +3,12 @@
 
 Reads a JSON list of workloads {batch, heads, n, d, causal, reps, device, dtype} on stdin and
 prints a JSON list of {fwd_ms, fwd_bwd_ms} (median of reps after one warm-up; the same protocol as
-flash_ops::bench::measure: forward without grad, forward+backward of sum(o * do)). On CUDA the
+flash_ops_bench::measure: forward without grad, forward+backward of sum(o * do)). On CUDA the
 flash backend is forced (the FlashAttention-2 kernels PyTorch ships), on the CPU torch chooses.
 Needs torch. Not run by CI.
 """
 import json
+import statistics
 import sys
 import time
 
@@ -31,7 +32,7 @@ def timed(fn, reps, device):
         fn()
         sync()
         ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]  # the same median as flash_ops::bench
+    return statistics.median(ts)  # the same median as flash_ops_bench::median
 
 
 def main():

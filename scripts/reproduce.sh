@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 features=()
 for a in "$@"; do
-  if [[ $a == --gpu ]]; then features=(--features flash-ops/cuda,train/cuda); fi
+  if [[ $a == --gpu ]]; then features=(--features repro/cuda,train/cuda); fi
 done
 # One build of both binaries; repro finds `train` next to itself.
 cargo build --release -p repro -p train "${features[@]}"

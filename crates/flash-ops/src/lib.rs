@@ -30,7 +30,6 @@
 //! functions; [`reference`] is the plain matmul–softmax–matmul attention used as the baseline
 //! and test oracle. How forward's statistics reach backward is explained in the `op` module.
 
-pub mod bench;
 pub mod compat;
 mod cpu;
 #[cfg(feature = "cuda")]

@@ -18,15 +18,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
-use flash_ops::bench::{gemm_ceiling, Variant};
+use flash_ops_bench::{cpu_model, gemm_ceiling, gemm_ceiling_n, gemm_path, Variant};
 
 use measure::Target;
 use plan::{Mode, Plan};
-use results::{Meta, Results};
+use results::{Fa2Section, Meta, Results};
 
-// Peak-memory columns need the counting allocator of flash_ops::bench.
+// Peak-memory columns need the counting allocator of flash-ops-bench.
 #[global_allocator]
-static ALLOC: flash_ops::bench::PeakAlloc = flash_ops::bench::PeakAlloc;
+static ALLOC: flash_ops_bench::PeakAlloc = flash_ops_bench::PeakAlloc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -105,18 +105,6 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 /// "Intel(R) Xeon(R) Processor" → "intel-xeon": a folder-friendly machine name.
@@ -204,7 +192,7 @@ fn run(a: RunArgs) -> Result<()> {
     // The papers time half precision on the GPU; the CPU kernels' fast path is f32.
     let target = if mode == Mode::Gpu {
         let device = Device::new_cuda(0)
-            .context("--gpu needs a CUDA device and a build with --features flash-ops/cuda")?;
+            .context("--gpu needs a CUDA device and a build with `--features cuda`")?;
         Target {
             device,
             dtype: DType::BF16,
@@ -233,6 +221,8 @@ fn run(a: RunArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("results/{machine}-{date}{suffix}")));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("repro {} → {}", mode.name(), dir.display());
+    let gemm_path = gemm_path();
+    println!("CPU: {cpu}, {threads} threads; gemm micro-kernels: {gemm_path}");
     let t0 = Instant::now();
     let gemm = gemm_ceiling(
         if mode == Mode::Quick { 1 } else { 3 },
@@ -242,7 +232,7 @@ fn run(a: RunArgs) -> Result<()> {
     println!(
         "{} GEMM ceiling (matmul {}³): {gemm:.1} GFLOP/s",
         target.dtype.as_str(),
-        flash_ops::bench::gemm_ceiling_n(&target.device)
+        gemm_ceiling_n(&target.device)
     );
     let mut r = Results {
         meta: Meta {
@@ -255,6 +245,7 @@ fn run(a: RunArgs) -> Result<()> {
                 "cpu".into()
             },
             cpu,
+            gemm_path: Some(gemm_path.into()),
             threads,
             dtype: target.dtype.as_str().into(),
             gemm_gflops: gemm,
@@ -268,53 +259,21 @@ fn run(a: RunArgs) -> Result<()> {
     };
     let variants = [Variant::V1, Variant::V2, Variant::Naive];
     if wants("attention") {
-        let t = Instant::now();
-        r.attention = Some(measure::attention(&plan, &variants, &target)?);
-        r.meta
-            .seconds
-            .insert("attention".into(), t.elapsed().as_secs_f64());
-        results::write(&dir, &r)?;
+        let measure = || measure::attention(&plan, &variants, &target);
+        section(&mut r, &dir, "attention", measure, |r| &mut r.attention)?;
     }
     if wants("fa2") {
-        let t = Instant::now();
         let mut v = variants.to_vec();
         if a.candle_nn {
             v.push(Variant::CandleNn);
         }
-        let mut section = measure::fa2(&plan, &v, &target)?;
-        if let Some(py) = &a.torch {
-            // From the work tree we run in (a binary carried to a GPU machine lives elsewhere than
-            // where it was built), else from the source tree it was built from.
-            let script = [
-                PathBuf::from("scripts/repro_torch_sdpa.py"),
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/repro_torch_sdpa.py"),
-            ]
-            .into_iter()
-            .find(|p| p.exists())
-            .context("scripts/repro_torch_sdpa.py not found (run from the repository root)")?;
-            println!("Table 2: PyTorch SDPA through {}", script.display());
-            // PyTorch is a comparison column: without it the table still stands.
-            match measure::torch_sdpa(py, &script, &section.rows, &target) {
-                Ok((rows, version)) => {
-                    section.rows.extend(rows);
-                    section.torch = Some(version);
-                }
-                Err(e) => println!("  PyTorch SDPA column left out: {e:#}"),
-            }
-        }
-        r.fa2 = Some(section);
-        r.meta
-            .seconds
-            .insert("fa2".into(), t.elapsed().as_secs_f64());
-        results::write(&dir, &r)?;
+        let measure = || fa2(&plan, &v, a.torch.as_deref(), &target);
+        section(&mut r, &dir, "fa2", measure, |r| &mut r.fa2)?;
     }
     if wants("e2e") {
-        let t = Instant::now();
         let bin = train_binary(a.train_bin.clone())?;
-        r.e2e = Some(measure::e2e(&plan.e2e, &bin, &dir)?);
-        r.meta
-            .seconds
-            .insert("e2e".into(), t.elapsed().as_secs_f64());
+        let measure = || measure::e2e(&plan.e2e, &bin, &dir);
+        section(&mut r, &dir, "e2e", measure, |r| &mut r.e2e)?;
     }
     r.meta
         .seconds
@@ -329,6 +288,56 @@ fn run(a: RunArgs) -> Result<()> {
         bail!("{failed} end-to-end run(s) failed; the other tables were written (see tables.md)")
     }
     Ok(())
+}
+
+/// Measures one section into `r`, records its wall time, and writes results.json at once so a
+/// later section's failure keeps it.
+fn section<T>(
+    r: &mut Results,
+    dir: &Path,
+    name: &str,
+    measure: impl FnOnce() -> Result<T>,
+    slot: impl FnOnce(&mut Results) -> &mut Option<T>,
+) -> Result<()> {
+    let t = Instant::now();
+    let s = measure()?;
+    *slot(r) = Some(s);
+    r.meta
+        .seconds
+        .insert(name.into(), t.elapsed().as_secs_f64());
+    results::write(dir, r)
+}
+
+/// Table 2, with PyTorch's SDPA beside it when `torch` (a Python with torch) is given.
+fn fa2(
+    plan: &Plan,
+    variants: &[Variant],
+    torch: Option<&Path>,
+    target: &Target,
+) -> Result<Fa2Section> {
+    let mut section = measure::fa2(plan, variants, target)?;
+    let Some(py) = torch else {
+        return Ok(section);
+    };
+    // From the work tree we run in (a binary carried to a GPU machine lives elsewhere than where
+    // it was built), else from the source tree it was built from.
+    let script = [
+        PathBuf::from("scripts/repro_torch_sdpa.py"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/repro_torch_sdpa.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .context("scripts/repro_torch_sdpa.py not found (run from the repository root)")?;
+    println!("Table 2: PyTorch SDPA through {}", script.display());
+    // PyTorch is a comparison column: without it the table still stands.
+    match measure::torch_sdpa(py, &script, &section.rows, target) {
+        Ok((rows, version)) => {
+            section.rows.extend(rows);
+            section.torch = Some(version);
+        }
+        Err(e) => println!("  PyTorch SDPA column left out: {e:#}"),
+    }
+    Ok(section)
 }
 
 /// The GPU's name from `nvidia-smi`, where it is installed.

@@ -1,4 +1,4 @@
-//! Runs the attention tables through `flash_ops::bench` (timing and peak-memory measurement live
+//! Runs the attention tables through `flash_ops_bench` (timing and peak-memory measurement live
 //! there, shared with `cargo bench`) and the end-to-end table through `train bench`.
 
 use std::path::Path;
@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use flash_ops::bench::{measure, Variant, Workload};
+use flash_ops_bench::{measure, Variant, Workload};
 
 use crate::plan::{E2eSpec, Plan};
 use crate::results::{AttnRow, AttnSection, E2eRun, E2eSection, Fa2Section};
@@ -285,7 +285,10 @@ pub fn torch_sdpa(
     };
     let dtype = target.dtype.as_str();
     use std::io::Write;
-    let base: Vec<&AttnRow> = rows.iter().filter(|r| r.variant == "v2").collect();
+    let base: Vec<&AttnRow> = rows
+        .iter()
+        .filter(|r| r.variant == Variant::V2.key())
+        .collect();
     let input: Vec<serde_json::Value> = base
         .iter()
         .map(|r| {
@@ -322,7 +325,7 @@ pub fn torch_sdpa(
         .zip(times)
         .map(|(r, t)| {
             let mut x = (*r).clone();
-            x.variant = "torch-sdpa".into();
+            x.variant = Variant::TorchSdpa.key().into();
             x.fwd_ms = t["fwd_ms"].as_f64();
             x.fwd_bwd_ms = t["fwd_bwd_ms"].as_f64();
             x.fwd_mem_bytes = None;

@@ -85,6 +85,20 @@ fn bench_args(
     v
 }
 
+/// GPT-2 and BERT at the `tiny` preset: the first end-to-end rows of a CPU run.
+fn tiny_models(seqs: &str, tokens: usize, steps: usize, warmup: usize) -> Vec<E2eSpec> {
+    [
+        ("GPT-2 tiny (4 layers, width 128)", "gpt2"),
+        ("BERT tiny (4 layers, width 128)", "bert"),
+    ]
+    .into_iter()
+    .map(|(label, model)| E2eSpec {
+        label,
+        args: bench_args(model, "tiny", &[], seqs, tokens, steps, warmup),
+    })
+    .collect()
+}
+
 const GB: u64 = 1 << 30;
 
 impl Plan {
@@ -104,16 +118,9 @@ impl Plan {
                 t2_hidden: 128,
                 t2_lengths: vec![128, 256],
                 t2_head_dims: vec![64, 128],
-                e2e: vec![
-                    E2eSpec {
-                        label: "GPT-2 tiny (4 layers, width 128)",
-                        args: bench_args("gpt2", "tiny", &[], "64,128", 256, 1, 0),
-                    },
-                    E2eSpec {
-                        label: "BERT tiny (4 layers, width 128)",
-                        args: bench_args("bert", "tiny", &[], "64,128", 256, 1, 0),
-                    },
-                    E2eSpec {
+                e2e: [
+                    tiny_models("64,128", 256, 1, 0),
+                    vec![E2eSpec {
                         label: "GPT-2 small width (768, 12 heads), 1 layer",
                         args: bench_args(
                             "gpt2",
@@ -124,8 +131,9 @@ impl Plan {
                             1,
                             0,
                         ),
-                    },
-                ],
+                    }],
+                ]
+                .concat(),
             },
             Mode::Full => Plan {
                 reps: 3,
@@ -144,20 +152,13 @@ impl Plan {
                 t2_head_dims: vec![64, 128],
                 // train bench runs at ~10–15% of the matmul peak on 2 cores (small matmuls, the
                 // 50K-word LM head, AdamW): one timed step per cell is what 30 minutes allow.
-                e2e: vec![
-                    E2eSpec {
-                        label: "GPT-2 tiny (4 layers, width 128)",
-                        args: bench_args("gpt2", "tiny", &[], "256,512,1024", 2048, 1, 1),
-                    },
-                    E2eSpec {
-                        label: "BERT tiny (4 layers, width 128)",
-                        args: bench_args("bert", "tiny", &[], "256,512,1024", 2048, 1, 1),
-                    },
+                e2e: [
+                    tiny_models("256,512,1024", 2048, 1, 1),
                     // GPT-2 small's width and heads at 1K/2K/4K context (FlashAttention Table 4),
                     // one of its 12 layers, one sequence per step and no warm-up step so it fits
                     // the CPU budget; flash2 runs first in each round, so a cold start counts
                     // against flash, not for it.
-                    E2eSpec {
+                    vec![E2eSpec {
                         label: "GPT-2 small width (768, 12 heads), 1 layer, no warm-up step",
                         args: bench_args(
                             "gpt2",
@@ -168,8 +169,9 @@ impl Plan {
                             1,
                             0,
                         ),
-                    },
-                ],
+                    }],
+                ]
+                .concat(),
             },
             Mode::Gpu => Plan {
                 reps: 10,
@@ -221,7 +223,7 @@ impl Plan {
     /// forward+backward, every variant, naive included even where it will be skipped): a size
     /// to compare modes and machines by, not a time.
     pub fn attention_flops(&self) -> (f64, f64) {
-        use flash_ops::bench::{flops_fwd, BWD_PER_FWD_FLOPS};
+        use flash_ops_bench::{flops_fwd, BWD_PER_FWD_FLOPS};
         let per_cell =
             |f: f64, reps: usize| (1 + reps) as f64 * (f + (1.0 + BWD_PER_FWD_FLOPS) * f);
         let mut t1 = 0.0;

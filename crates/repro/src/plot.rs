@@ -5,13 +5,15 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{anyhow, Result};
-use plotters::coord::Shift;
+use plotters::coord::{CoordTranslate, Shift};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 
 use crate::paper;
-use crate::render::{find, variant_label};
+use flash_ops_bench::Variant;
+
+use crate::render::find;
 use crate::results::{AttnRow, Results};
 
 static FONT: &[u8] = include_bytes!("../../../data/fonts/DejaVuSans.ttf");
@@ -27,18 +29,34 @@ fn e(x: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing: {x}")
 }
 
-/// Fixed colours per implementation, the same in every figure.
+/// Fixed colours per implementation (by [`Variant::key`]) and for the papers' lines, the same
+/// in every figure.
 fn colour(key: &str) -> RGBColor {
-    match key {
-        "naive" => RGBColor(120, 120, 120),
-        "v1" => RGBColor(31, 119, 180),
-        "v2" => RGBColor(214, 39, 40),
-        "candle-nn" => RGBColor(44, 160, 44),
-        "torch-sdpa" => RGBColor(23, 190, 207),
-        "paper" => RGBColor(255, 127, 14),
-        "paper-fa" => RGBColor(148, 103, 189),
-        _ => RGBColor(0, 0, 0),
+    match (Variant::parse(key), key) {
+        (Some(Variant::Naive), _) => RGBColor(120, 120, 120),
+        (Some(Variant::V1), _) => RGBColor(31, 119, 180),
+        (Some(Variant::V2), _) => RGBColor(214, 39, 40),
+        (Some(Variant::CandleNn), _) => RGBColor(44, 160, 44),
+        (Some(Variant::TorchSdpa), _) => RGBColor(23, 190, 207),
+        (None, "paper") => RGBColor(255, 127, 14),
+        (None, "paper-fa") => RGBColor(148, 103, 189),
+        (None, _) => RGBColor(0, 0, 0),
     }
+}
+
+/// The legend box of every figure: upper left, over a translucent white background.
+fn legend<'a, 'b: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, CT>,
+    font: u32,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font))
+        .draw()
+        .map_err(e)
 }
 
 struct Line {
@@ -143,14 +161,7 @@ fn line_chart(
                         .map_err(e)?;
                 }
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 13))
-                .draw()
-                .map_err(e)?;
+            legend(&mut chart, 13)?;
         }};
     }
     if log_y {
@@ -170,7 +181,7 @@ fn line_chart(
 
 fn speedup_line(
     rows: &[AttnRow],
-    v: &str,
+    v: Variant,
     lengths: &[usize],
     d: usize,
     dropout: bool,
@@ -179,7 +190,7 @@ fn speedup_line(
         .iter()
         .filter_map(|&n| {
             let f = find(rows, v, n, d, false, dropout)?.fwd_bwd_ms?;
-            let b = find(rows, "naive", n, d, false, dropout)?.fwd_bwd_ms?;
+            let b = find(rows, Variant::Naive, n, d, false, dropout)?.fwd_bwd_ms?;
             Some((n as f64, b / f))
         })
         .collect()
@@ -192,17 +203,17 @@ fn speedup(r: &Results, out: &Path) -> Result<()> {
     let panels = root.split_evenly((1, 2));
     for (panel, dropout) in panels.iter().zip([false, true]) {
         let mut lines = Vec::new();
-        for v in ["v1", "v2"] {
+        for v in [Variant::V1, Variant::V2] {
             lines.push(Line {
                 label: format!(
                     "ours: {}, {}, batch {} × {} heads, d {}",
-                    variant_label(v),
+                    v.name(),
                     crate::render::device_short(r),
                     s.batch,
                     s.heads,
                     s.d
                 ),
-                colour: colour(v),
+                colour: colour(v.key()),
                 points: speedup_line(&s.rows, v, &s.lengths, s.d, dropout),
                 paper: false,
             });
@@ -242,7 +253,7 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(e)?;
     let mut lengths: Vec<usize> = s.lengths.iter().chain(&s.memory_lengths).copied().collect();
     lengths.dedup();
-    let ours = |v: &str| -> Vec<(f64, f64)> {
+    let ours = |v: Variant| -> Vec<(f64, f64)> {
         lengths
             .iter()
             .filter_map(|&n| {
@@ -251,11 +262,11 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
             })
             .collect()
     };
-    let mut lines: Vec<Line> = ["naive", "v1", "v2"]
-        .iter()
+    let mut lines: Vec<Line> = [Variant::Naive, Variant::V1, Variant::V2]
+        .into_iter()
         .map(|v| Line {
-            label: format!("ours: {}", variant_label(v)),
-            colour: colour(v),
+            label: format!("ours: {}", v.name()),
+            colour: colour(v.key()),
             points: ours(v),
             paper: false,
         })
@@ -284,7 +295,7 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
         .iter()
         .copied()
         .filter(|&n| {
-            find(&s.rows, "naive", n, s.d, false, false).is_some_and(|x| x.skipped.is_some())
+            find(&s.rows, Variant::Naive, n, s.d, false, false).is_some_and(|x| x.skipped.is_some())
         })
         .collect();
     let title = format!(
@@ -407,15 +418,7 @@ fn bar_chart(area: &DrawingArea<BitMapBackend, Shift>, b: &Bars) -> Result<()> {
         ))
         .map_err(e)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 12))
-        .draw()
-        .map_err(e)?;
-    Ok(())
+    legend(&mut chart, 12)
 }
 
 fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
@@ -430,19 +433,20 @@ fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
         Pass::Bwd => "backward",
         Pass::FwdBwd => "forward+backward",
     };
-    let mut variants: Vec<&str> = vec!["naive", "v1", "v2"];
-    if matches!(pass, Pass::Fwd) && s.rows.iter().any(|x| x.variant == "candle-nn") {
-        variants.push("candle-nn");
+    let measured = |v: Variant| s.rows.iter().any(|x| x.variant == v.key());
+    let mut variants = vec![Variant::Naive, Variant::V1, Variant::V2];
+    if matches!(pass, Pass::Fwd) && measured(Variant::CandleNn) {
+        variants.push(Variant::CandleNn);
     }
-    if s.rows.iter().any(|x| x.variant == "torch-sdpa") {
-        variants.push("torch-sdpa");
+    if measured(Variant::TorchSdpa) {
+        variants.push(Variant::TorchSdpa);
     }
     let mut i = 0;
     for &d in &s.head_dims {
         for causal in [false, true] {
             let series = variants
                 .iter()
-                .map(|v| {
+                .map(|&v| {
                     let vals = s
                         .lengths
                         .iter()
@@ -450,7 +454,7 @@ fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
                             find(&s.rows, v, n, d, causal, false).and_then(|x| gflops(x, pass))
                         })
                         .collect();
-                    (v.to_string(), variant_label(v).to_string(), vals)
+                    (v.key().to_string(), v.name().to_string(), vals)
                 })
                 .collect();
             let bars = Bars {
@@ -486,20 +490,23 @@ fn e2e(r: &Results, out: &Path) -> Result<()> {
         let rows = rep["rows"].as_array().cloned().unwrap_or_default();
         let mut seqs: Vec<u64> = rows.iter().filter_map(|x| x["seq_len"].as_u64()).collect();
         seqs.dedup();
-        let series = [("naive", "naive"), ("flash1", "v1"), ("flash2", "v2")]
-            .iter()
-            .map(|(kind, key)| {
+        // `train bench` names its rows by the models' attention kind.
+        let series = [Variant::Naive, Variant::V1, Variant::V2]
+            .into_iter()
+            .filter_map(|v| Some((v, v.kind()?.to_string())))
+            .map(|(v, kind)| {
                 let vals = seqs
                     .iter()
                     .map(|&n| {
                         rows.iter()
                             .find(|x| {
-                                x["seq_len"].as_u64() == Some(n) && x["attn"].as_str() == Some(kind)
+                                x["seq_len"].as_u64() == Some(n)
+                                    && x["attn"].as_str() == Some(kind.as_str())
                             })
                             .and_then(|x| x["tokens_per_s"].as_f64())
                     })
                     .collect();
-                (key.to_string(), variant_label(key).to_string(), vals)
+                (v.key().to_string(), v.name().to_string(), vals)
             })
             .collect();
         let bars = Bars {

@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use flash_ops_bench::Variant;
+
 use crate::paper;
 use crate::results::{AttnRow, AttnSection, E2eSection, Fa2Section, Results};
 
@@ -32,27 +34,22 @@ pub const PLOTS: [(&str, &str); 6] = [
     ),
 ];
 
-pub fn variant_label(v: &str) -> &str {
-    match v {
-        "v1" => "flash V1",
-        "v2" => "flash V2",
-        "naive" => "naive (standard)",
-        "candle-nn" => "candle-nn flash_attn (fwd only)",
-        "torch-sdpa" => "PyTorch SDPA",
-        other => other,
-    }
+/// A result file's variant key as tables and plots name it.
+fn variant_label(key: &str) -> &str {
+    Variant::parse(key).map_or(key, |v| v.name())
 }
 
-pub fn find<'a>(
-    rows: &'a [AttnRow],
-    variant: &str,
+/// The row of `variant` at length `n`, head dim `d`, in one setting.
+pub fn find(
+    rows: &[AttnRow],
+    variant: Variant,
     n: usize,
     d: usize,
     causal: bool,
     dropout: bool,
-) -> Option<&'a AttnRow> {
+) -> Option<&AttnRow> {
     rows.iter().find(|r| {
-        r.variant == variant
+        r.variant == variant.key()
             && r.n == n
             && r.d == d
             && r.causal == causal
@@ -85,8 +82,14 @@ fn settings_label(dropout: bool) -> &'static str {
 
 pub fn device_words(r: &Results) -> String {
     if r.meta.device == "cpu" {
+        // Runs from before the gemm path was recorded render as they did.
+        let gemm = r
+            .meta
+            .gemm_path
+            .as_ref()
+            .map_or(String::new(), |g| format!(", gemm {g}"));
         format!(
-            "CPU ({}, {} threads), {}",
+            "CPU ({}, {} threads{gemm}), {}",
             r.meta.cpu, r.meta.threads, r.meta.dtype
         )
     } else {
@@ -154,17 +157,12 @@ Scale-down: {}× fewer sequences×heads (batch·heads {} vs 128).",
     }
     writeln!(o, "{head}\n{sep}").ok();
     for dropout in [true, false] {
-        for v in ["v2", "v1"] {
-            write!(
-                o,
-                "| {} | ours: {} |",
-                settings_label(dropout),
-                variant_label(v)
-            )
-            .ok();
+        for v in [Variant::V2, Variant::V1] {
+            write!(o, "| {} | ours: {} |", settings_label(dropout), v.name()).ok();
             for &n in &s.lengths {
                 let f = find(&s.rows, v, n, s.d, false, dropout).and_then(|x| x.fwd_bwd_ms);
-                let b = find(&s.rows, "naive", n, s.d, false, dropout).and_then(|x| x.fwd_bwd_ms);
+                let b = find(&s.rows, Variant::Naive, n, s.d, false, dropout)
+                    .and_then(|x| x.fwd_bwd_ms);
                 write!(o, " {} |", opt(ratio(b, f), 2)).ok();
             }
             writeln!(o).ok();
@@ -194,7 +192,7 @@ Scale-down: {}× fewer sequences×heads (batch·heads {} vs 128).",
     writeln!(o, "|---|---|---|---|---|---|---|---|---|").ok();
     for dropout in [false, true] {
         for &n in &s.lengths {
-            let base = find(&s.rows, "naive", n, s.d, false, dropout);
+            let base = find(&s.rows, Variant::Naive, n, s.d, false, dropout);
             for row in s
                 .rows
                 .iter()
@@ -256,15 +254,15 @@ Paper: A100-40GB, fp16, batch 16, 8 heads, d 64, with dropout and masking; {}",
     let mut lengths: Vec<usize> = s.lengths.iter().chain(&s.memory_lengths).copied().collect();
     lengths.dedup();
     for n in lengths {
-        let m = |v: &str| find(&s.rows, v, n, s.d, false, false);
-        let naive = m("naive");
+        let m = |v: Variant| find(&s.rows, v, n, s.d, false, false);
+        let naive = m(Variant::Naive);
         let naive_cell = match naive {
             Some(x) if x.skipped.is_some() => "OOM (over budget)".to_string(),
             Some(x) => opt(mb(x.fwd_bwd_mem_bytes), 1),
             None => "–".into(),
         };
-        let v1 = m("v1").and_then(|x| mb(x.fwd_bwd_mem_bytes));
-        let v2 = m("v2").and_then(|x| mb(x.fwd_bwd_mem_bytes));
+        let v1 = m(Variant::V1).and_then(|x| mb(x.fwd_bwd_mem_bytes));
+        let v2 = m(Variant::V2).and_then(|x| mb(x.fwd_bwd_mem_bytes));
         let p = paper::FA1_LENGTHS
             .iter()
             .position(|l| *l == n)
@@ -306,8 +304,8 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's {} matmul ceiling: {:.1} 
         r.meta.gemm_gflops
     )
     .ok();
-    let has_nn = s.rows.iter().any(|x| x.variant == "candle-nn");
-    let has_torch = s.rows.iter().any(|x| x.variant == "torch-sdpa");
+    let has_nn = s.rows.iter().any(|x| x.variant == Variant::CandleNn.key());
+    let has_torch = s.rows.iter().any(|x| x.variant == Variant::TorchSdpa.key());
     if let Some(t) = &s.torch {
         writeln!(
             o,
@@ -345,7 +343,7 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's {} matmul ceiling: {:.1} 
             .ok();
             let paper = paper::fa2_paper(d, causal);
             for &n in &s.lengths {
-                let cell = |v: &str| -> String {
+                let cell = |v: Variant| -> String {
                     match find(&s.rows, v, n, d, causal, false) {
                         Some(x) if x.skipped.is_some() => "OOM (over budget)".into(),
                         Some(x) => format!(
@@ -357,25 +355,27 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's {} matmul ceiling: {:.1} 
                         None => "–".into(),
                     }
                 };
-                let batch = find(&s.rows, "v2", n, d, causal, false).map_or(0, |x| x.batch);
+                let batch = find(&s.rows, Variant::V2, n, d, causal, false).map_or(0, |x| x.batch);
                 write!(
                     o,
                     "| {n} | {batch} | {} | {} | {} |",
-                    cell("naive"),
-                    cell("v1"),
-                    cell("v2")
+                    cell(Variant::Naive),
+                    cell(Variant::V1),
+                    cell(Variant::V2)
                 )
                 .ok();
                 if has_nn {
-                    let g = find(&s.rows, "candle-nn", n, d, causal, false)
+                    let g = find(&s.rows, Variant::CandleNn, n, d, causal, false)
                         .and_then(|x| x.gflops_fwd());
                     write!(o, " {} |", opt(g, 1)).ok();
                 }
                 if has_torch {
-                    write!(o, " {} |", cell("torch-sdpa")).ok();
+                    write!(o, " {} |", cell(Variant::TorchSdpa)).ok();
                 }
-                let v1 = find(&s.rows, "v1", n, d, causal, false).and_then(|x| x.gflops_fwd_bwd());
-                let v2 = find(&s.rows, "v2", n, d, causal, false).and_then(|x| x.gflops_fwd_bwd());
+                let v1 = find(&s.rows, Variant::V1, n, d, causal, false)
+                    .and_then(|x| x.gflops_fwd_bwd());
+                let v2 = find(&s.rows, Variant::V2, n, d, causal, false)
+                    .and_then(|x| x.gflops_fwd_bwd());
                 let p = match (paper, paper::FA2_LENGTHS.iter().position(|l| *l == n)) {
                     (Some(t), Some(i)) => (0..3)
                         .map(|k| match t[k][i] {

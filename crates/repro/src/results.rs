@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use flash_ops::bench::BWD_PER_FWD_FLOPS;
+use flash_ops_bench::BWD_PER_FWD_FLOPS;
 use serde::{Deserialize, Serialize};
 
 pub const FILE: &str = "results.json";
@@ -29,9 +29,13 @@ pub struct Meta {
     pub date: String,
     pub device: String,
     pub cpu: String,
+    /// The `gemm` micro-kernels the CPU takes (`flash_ops_bench::gemm_path`); absent in runs
+    /// from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemm_path: Option<String>,
     pub threads: usize,
     pub dtype: String,
-    /// A large dense matmul in `dtype` on the device (`flash_ops::bench::gemm_ceiling`),
+    /// A large dense matmul in `dtype` on the device (`flash_ops_bench::gemm_ceiling`),
     /// measured at the start of the run: the roof for GFLOP/s.
     pub gemm_gflops: f64,
     pub git_commit: Option<String>,

@@ -6,10 +6,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use candle_nn::VarMap;
 use clap::Args;
+use flash_ops_bench::{cpu_model, gemm_ceiling, gemm_path, median};
 use flash_ops_models::AttentionKind;
 use serde_json::json;
 
@@ -77,16 +78,6 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        0.5 * (xs[n / 2 - 1] + xs[n / 2])
-    }
-}
-
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.attn.is_empty() || a.seq_lens.is_empty() || a.steps == 0 {
         bail!("bench needs at least one --attn, one --seq-lens value and --steps >= 1")
@@ -150,7 +141,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let peak = match a.peak_tflops {
         Some(t) => t * 1e12,
         // The same matmul ceiling as the attention tables of `repro` (GFLOP/s → FLOP/s).
-        None => flash_ops::bench::gemm_ceiling(5, &dev, dtype)? * 1e9,
+        None => gemm_ceiling(5, &dev, dtype)? * 1e9,
     };
     let peak_src = if a.peak_tflops.is_some() {
         "--peak-tflops"
@@ -172,6 +163,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         peak / 1e9
     );
+    println!("CPU: {}; gemm micro-kernels: {}", cpu_model(), gemm_path());
     let mut rows = Vec::new();
     let mut cursor = 0usize;
     for &seq in &a.seq_lens {
@@ -244,17 +236,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         let flops_per_token =
             6.0 * params as f64 + 12.0 * dims.layers as f64 * dims.hidden as f64 * seq as f64;
+        let medians = times
+            .iter()
+            .map(|t| median(t).context("no timed steps"))
+            .collect::<Result<Vec<_>>>()?;
+        let mins: Vec<f64> = times
+            .iter()
+            .map(|t| t.iter().copied().fold(f64::INFINITY, f64::min))
+            .collect();
         let naive_tps = a
             .attn
             .iter()
             .position(|k| *k == AttentionKind::Naive)
-            .map(|i| {
-                let min = times[i].iter().copied().fold(f64::INFINITY, f64::min);
-                ((batch * seq) as f64 / median(&mut times[i].clone()), min)
-            });
+            .map(|i| ((batch * seq) as f64 / medians[i], mins[i]));
         for (ki, &k) in a.attn.iter().enumerate() {
-            let step_s = median(&mut times[ki].clone());
-            let step_min = times[ki].iter().copied().fold(f64::INFINITY, f64::min);
+            let (step_s, step_min) = (medians[ki], mins[ki]);
             let tps = (batch * seq) as f64 / step_s;
             rows.push(json!({
                 "seq_len": seq, "batch": batch, "attn": k.to_string(),
@@ -311,6 +307,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "params": params, "tokens_per_step": a.tokens_per_step, "steps": a.steps, "warmup": a.warmup,
         "dtype": format!("{:?}", a.dtype), "device": format!("{:?}", dev.location()),
         "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpu": cpu_model(), "gemm_path": gemm_path(),
         "peak_flops": peak, "peak_source": peak_src,
         "mfu_formula": "6*params + 12*layers*hidden*seq FLOPs per token",
         "peak_memory": "process VmHWM after resetting it to the current RSS before the step (Linux; includes memory the allocator retains from earlier steps, so it is an upper bound), CPU only",

@@ -1,7 +1,7 @@
 //! Flash attention forward+backward on random data next to naive attention: checks that both
 //! agree and prints the speedup and the memory each needed.
 //!
-//! `cargo run --release -p flash-ops --example speedup [-- N]` (default N = 2048, 12 heads, d 64).
+//! `cargo run --release -p flash-ops-bench --example speedup [-- N]` (default N = 2048, 12 heads, d 64).
 
 use std::time::Instant;
 

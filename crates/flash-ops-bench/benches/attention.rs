@@ -3,13 +3,14 @@
 //! matmul, Candle autograd for backward) and candle-nn's CPU `attention::flash_attn` (forward
 //! only). f32, batch 1, 12 heads by default.
 //!
-//! `cargo bench -p flash-ops -- [--n 512,1024] [--d 64,128] [--causal no|yes|both]
-//!   [--variants v1,v2,naive,candle-nn] [--reps 3] [--max-naive-n 4096] [--json FILE]
-//!   [--linear-memory-n 16384]`
+//! `cargo bench -p flash-ops-bench -- [--n 512,1024] [--d 64,128] [--causal no|yes|both]
+//!   [--variants v1,v2,naive,candle-nn] [--reps 3] [--heads 12] [--max-naive-n 4096]
+//!   [--json FILE] [--linear-memory-n 16384]`
 
-use candle_core::{DType, Device, Result};
-use flash_ops::bench::{
-    gemm_ceiling, measure, PeakAlloc, Row, Variant, Workload, BWD_PER_FWD_FLOPS,
+use candle_core::{bail, DType, Device, Result};
+use flash_ops_bench::{
+    cpu_model, gemm_ceiling, gemm_ceiling_n, gemm_path, measure, PeakAlloc, Row, Variant, Workload,
+    BWD_PER_FWD_FLOPS,
 };
 
 #[global_allocator]
@@ -19,41 +20,74 @@ fn mb(b: usize) -> String {
     format!("{:.0} MB", b as f64 / 1e6)
 }
 
-fn arg_list(args: &[String], name: &str) -> Option<Vec<String>> {
-    let i = args.iter().position(|a| a == name)?;
-    Some(args.get(i + 1)?.split(',').map(str::to_string).collect())
+/// The comma-separated values after `--name`, if given.
+fn arg_list(args: &[String], name: &str) -> Result<Option<Vec<String>>> {
+    let Some(i) = args.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    match args.get(i + 1) {
+        Some(v) => Ok(Some(v.split(',').map(str::to_string).collect())),
+        None => bail!("`{name}` needs a value"),
+    }
+}
+
+/// The numbers after `--name`, or `default`.
+fn nums(args: &[String], name: &str, default: &[usize]) -> Result<Vec<usize>> {
+    let Some(v) = arg_list(args, name)? else {
+        return Ok(default.to_vec());
+    };
+    v.iter()
+        .map(|x| match x.parse() {
+            Ok(n) => Ok(n),
+            Err(_) => bail!("`{name}` takes numbers, got `{x}`"),
+        })
+        .collect()
+}
+
+/// The one number after `--name`, or `default`.
+fn num(args: &[String], name: &str, default: usize) -> Result<usize> {
+    match nums(args, name, &[default])?.as_slice() {
+        [n] => Ok(*n),
+        _ => bail!("`{name}` takes one number"),
+    }
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let nums = |name: &str, default: &[usize]| -> Vec<usize> {
-        arg_list(&args, name)
-            .map(|v| v.iter().map(|x| x.parse().expect("a number")).collect())
-            .unwrap_or_else(|| default.to_vec())
-    };
-    let ns = nums("--n", &[512, 1024, 2048, 4096, 8192]);
-    let ds = nums("--d", &[64, 128]);
-    let reps = nums("--reps", &[3])[0];
-    let h = nums("--heads", &[12])[0];
-    let max_naive = nums("--max-naive-n", &[4096])[0];
-    let causals: Vec<bool> = match arg_list(&args, "--causal").as_deref() {
+    let ns = nums(&args, "--n", &[512, 1024, 2048, 4096, 8192])?;
+    let ds = nums(&args, "--d", &[64, 128])?;
+    let reps = num(&args, "--reps", 3)?;
+    let h = num(&args, "--heads", 12)?;
+    let max_naive = num(&args, "--max-naive-n", 4096)?;
+    let causals: Vec<bool> = match arg_list(&args, "--causal")?.as_deref() {
+        None => vec![false, true],
+        Some([c]) if c == "both" => vec![false, true],
         Some([c]) if c == "yes" => vec![true],
         Some([c]) if c == "no" => vec![false],
-        _ => vec![false, true],
+        Some(c) => bail!("`--causal` takes no, yes or both, got `{}`", c.join(",")),
     };
-    let variants: Vec<Variant> = arg_list(&args, "--variants")
-        .map(|v| {
-            v.iter()
-                .map(|s| Variant::parse(s).expect("v1|v2|naive|candle-nn"))
-                .collect()
-        })
-        .unwrap_or_else(|| vec![Variant::V2, Variant::V1, Variant::Naive, Variant::CandleNn]);
+    let variants: Vec<Variant> = match arg_list(&args, "--variants")? {
+        None => vec![Variant::V2, Variant::V1, Variant::Naive, Variant::CandleNn],
+        Some(v) => v
+            .iter()
+            .map(|s| match Variant::parse(s) {
+                Some(v) if v != Variant::TorchSdpa => Ok(v),
+                _ => bail!("`--variants` takes v1, v2, naive, candle-nn; got `{s}`"),
+            })
+            .collect::<Result<_>>()?,
+    };
     let threads = rayon::current_num_threads();
     println!(
         "# flash-ops CPU attention benchmark: f32, batch 1, {h} heads, {threads} threads, median of {reps}\n"
     );
     println!(
-        "fp32 GEMM ceiling in this run (candle matmul 2048³): {:.1} GFLOP/s\n",
+        "CPU: {}; gemm micro-kernels: {}\n",
+        cpu_model(),
+        gemm_path()
+    );
+    println!(
+        "fp32 GEMM ceiling in this run (candle matmul {}³): {:.1} GFLOP/s\n",
+        gemm_ceiling_n(&Device::Cpu),
         gemm_ceiling(reps, &Device::Cpu, DType::F32)?
     );
     println!("| N | d | causal | variant | fwd ms | fwd GFLOP/s | bwd ms | fwd+bwd ms | fwd+bwd GFLOP/s | peak mem fwd | peak mem fwd+bwd |");
@@ -129,10 +163,10 @@ fn main() -> Result<()> {
             }
         }
     }
-    if let Some(n) = arg_list(&args, "--linear-memory-n").map(|v| v[0].parse::<usize>().unwrap()) {
-        linear_memory(n, h)?;
+    if arg_list(&args, "--linear-memory-n")?.is_some() {
+        linear_memory(num(&args, "--linear-memory-n", 0)?, h)?;
     }
-    if let Some(path) = arg_list(&args, "--json").map(|v| v[0].clone()) {
+    if let Some(path) = arg_list(&args, "--json")?.map(|v| v.join(",")) {
         let items: Vec<String> = rows
             .iter()
             .map(|r| {
@@ -141,7 +175,7 @@ fn main() -> Result<()> {
                     r.workload.n,
                     r.workload.d,
                     r.workload.causal,
-                    r.variant.name(),
+                    r.variant.key(),
                     r.fwd_ms,
                     r.fwd_bwd_ms.map(|t| format!("{t:.3}")).unwrap_or("null".into()),
                     r.fwd_mem.map(|m| m.to_string()).unwrap_or("null".into()),

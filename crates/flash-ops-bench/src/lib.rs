@@ -1,0 +1,25 @@
+//! # flash-ops-bench: measuring flash-ops
+//!
+//! What `cargo bench -p flash-ops-bench`, `repro` and `train bench` measure with, kept out of the
+//! library so flash-ops itself depends on nothing it does not compute with:
+//! - [`Variant`]: the attention implementations compared and their names (the one table of them);
+//! - [`Workload`] and the FlashAttention-2 paper's FLOP counts ([`flops_fwd`],
+//!   [`BWD_PER_FWD_FLOPS`]);
+//! - [`measure`]: forward and forward+backward time ([`median`] of repeats) and peak memory
+//!   ([`PeakAlloc`], a counting allocator, on the CPU; the memory pool's high-water mark on CUDA);
+//! - [`gemm_ceiling`]: what a large plain matmul reaches, the roof for GFLOP/s;
+//! - [`cpu_model`] and [`gemm_path`]: the machine line of every report.
+
+mod alloc;
+#[cfg(feature = "cuda")]
+mod cuda_pool;
+mod machine;
+mod measure;
+mod variant;
+mod workload;
+
+pub use alloc::{peak_extra, peak_extra_on, PeakAlloc};
+pub use machine::{cpu_model, gemm_path};
+pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, median, Row};
+pub use variant::Variant;
+pub use workload::{flops_fwd, Workload, BWD_PER_FWD_FLOPS};

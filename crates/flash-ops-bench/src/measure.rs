@@ -1,0 +1,161 @@
+//! Timing: the median of repeated runs after a warm-up, per variant and workload, and the matmul
+//! ceiling the GFLOP/s are read against.
+
+use std::time::Instant;
+
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
+
+use crate::{peak_extra_on, Variant, Workload};
+
+/// The median of `xs` (the mean of the two middle values for an even count); `None` if empty.
+pub fn median(xs: &[f64]) -> Option<f64> {
+    let mut s = xs.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(s[n / 2]),
+        _ => Some(0.5 * (s[n / 2 - 1] + s[n / 2])),
+    }
+}
+
+/// Wall time of `f` in ms, waiting for the device's queued work before and after.
+fn time_ms(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    dev.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The median wall time of `reps` runs of `f`, ms.
+fn median_ms(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let times = (0..reps)
+        .map(|_| time_ms(dev, &mut f))
+        .collect::<Result<Vec<_>>>()?;
+    match median(&times) {
+        Some(t) => Ok(t),
+        None => bail!("`reps` must be at least 1, got 0"),
+    }
+}
+
+/// Timings (median of `reps`, after one warm-up that also measures peak memory) of one variant.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub workload: Workload,
+    pub variant: Variant,
+    pub fwd_ms: f64,
+    /// `None` for forward-only variants.
+    pub fwd_bwd_ms: Option<f64>,
+    /// Peak bytes above what was live before; `None` where the device has no counter (Metal).
+    pub fwd_mem: Option<usize>,
+    pub fwd_bwd_mem: Option<usize>,
+}
+
+impl Row {
+    /// Backward time as forward+backward minus forward (how both papers report it).
+    pub fn bwd_ms(&self) -> Option<f64> {
+        self.fwd_bwd_ms.map(|t| t - self.fwd_ms)
+    }
+}
+
+/// Times one variant on `dev` with inputs of `dtype` (the papers' GPU runs: bf16/f16; CPU: f32).
+pub fn measure(v: Variant, w: &Workload, reps: usize, dev: &Device, dtype: DType) -> Result<Row> {
+    if reps == 0 {
+        bail!("measure: `reps` must be at least 1, got 0")
+    }
+    if v == Variant::CandleNn && (!dev.is_cpu() || dtype != DType::F32) {
+        bail!("candle-nn flash_attn is measured on the CPU in f32 only")
+    }
+    let input = || Tensor::randn(0f32, 1.0, w.shape(), dev)?.to_dtype(dtype);
+    let q = Var::from_tensor(&input()?)?;
+    let k = Var::from_tensor(&input()?)?;
+    let val = Var::from_tensor(&input()?)?;
+    let d_out = input()?;
+    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), val.as_tensor());
+    // Forward only: detached inputs, so no graph is kept.
+    let (qd, kd, vd) = (qt.detach(), kt.detach(), vt.detach());
+    let fwd_once = || v.forward(&qd, &kd, &vd, w).map(drop);
+    let ((), fwd_mem) = peak_extra_on(dev, fwd_once)?;
+    let fwd_ms = median_ms(dev, reps, fwd_once)?;
+    let (fwd_bwd_ms, fwd_bwd_mem) = if v.has_backward() {
+        let step = || -> Result<()> {
+            let o = v.forward(qt, kt, vt, w)?;
+            let g = (o * &d_out)?.sum_all()?.backward()?;
+            if g.get(qt).is_none() || g.get(kt).is_none() || g.get(vt).is_none() {
+                bail!("{}: a gradient is missing", v.name())
+            }
+            Ok(())
+        };
+        let ((), mem) = peak_extra_on(dev, step)?;
+        (Some(median_ms(dev, reps, step)?), mem)
+    } else {
+        (None, None)
+    };
+    Ok(Row {
+        workload: *w,
+        variant: v,
+        fwd_ms,
+        fwd_bwd_ms,
+        fwd_mem,
+        fwd_bwd_mem,
+    })
+}
+
+/// The matmul size of [`gemm_ceiling`]: large enough to reach the device's matmul peak.
+pub fn gemm_ceiling_n(dev: &Device) -> usize {
+    if dev.is_cpu() {
+        2048
+    } else {
+        8192
+    }
+}
+
+/// What a large plain matmul in `dtype` reaches on `dev` now (GFLOP/s, median of `reps` after a
+/// warm-up): the roof the tiled kernels aim at.
+pub fn gemm_ceiling(reps: usize, dev: &Device, dtype: DType) -> Result<f64> {
+    if reps == 0 {
+        bail!("gemm_ceiling: `reps` must be at least 1, got 0")
+    }
+    let n = gemm_ceiling_n(dev);
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let product = || a.matmul(&b).map(drop);
+    time_ms(dev, product)?;
+    Ok(2.0 * (n as f64).powi(3) / median_ms(dev, reps, product)? / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        // Even counts: the mean of the two middle values, not the upper one.
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[5.0]), Some(5.0));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn zero_reps_is_an_error_naming_reps() {
+        let w = Workload::new(1, 1, 8, 8, false);
+        let e = measure(Variant::V2, &w, 0, &Device::Cpu, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("`reps`"), "{e}");
+        let e = gemm_ceiling(0, &Device::Cpu, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("`reps`"), "{e}");
+    }
+
+    #[test]
+    fn measures_every_in_process_variant_on_a_tiny_workload() -> Result<()> {
+        let w = Workload::new(1, 2, 16, 8, true);
+        for v in [Variant::V1, Variant::V2, Variant::Naive, Variant::CandleNn] {
+            let r = measure(v, &w, 1, &Device::Cpu, DType::F32)?;
+            assert!(r.fwd_ms > 0.0, "{v:?}");
+            assert_eq!(r.fwd_bwd_ms.is_some(), v.has_backward(), "{v:?}");
+        }
+        assert!(measure(Variant::TorchSdpa, &w, 1, &Device::Cpu, DType::F32).is_err());
+        Ok(())
+    }
+}
