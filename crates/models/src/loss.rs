@@ -659,7 +659,7 @@ impl SavedGrads {
         Ok((s.try_clone(l)?, Shape::from(())))
     }
 
-    #[cfg(feature = "metal")]
+    #[cfg(all(feature = "metal", target_os = "macos"))]
     fn metal_loss(&self) -> Result<(candle_core::MetalStorage, Shape)> {
         let (s, l) = self.loss.storage_and_layout();
         let Storage::Metal(s) = &*s else {
@@ -669,6 +669,11 @@ impl SavedGrads {
     }
 
     fn scaled(g: &Option<Tensor>, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        // The usual upstream gradient is exactly 1 (a plain `loss.backward()`): on the CPU, where
+        // reading it is free, the saved gradients are then handed out without a copy.
+        if grad_out.device().is_cpu() && grad_out.to_dtype(DType::F64)?.to_scalar::<f64>()? == 1.0 {
+            return Ok(g.clone());
+        }
         g.as_ref()
             .map(|g| g.broadcast_mul(&grad_out.to_dtype(g.dtype())?))
             .transpose()
@@ -701,7 +706,7 @@ impl candle_core::CustomOp2 for SavedGrads {
         self.cuda_loss()
     }
 
-    #[cfg(feature = "metal")]
+    #[cfg(all(feature = "metal", target_os = "macos"))]
     fn metal_fwd(
         &self,
         _: &candle_core::MetalStorage,
@@ -756,7 +761,7 @@ impl candle_core::CustomOp3 for SavedGrads {
         self.cuda_loss()
     }
 
-    #[cfg(feature = "metal")]
+    #[cfg(all(feature = "metal", target_os = "macos"))]
     fn metal_fwd(
         &self,
         _: &candle_core::MetalStorage,
