@@ -83,28 +83,20 @@ pub fn linear_cross_entropy(
         weight: weight.track_op(),
         bias: bias.is_some_and(|b| b.track_op()),
     };
-    let (hidden, weight) = (hidden.detach(), weight.detach());
-    let bias = bias.map(|b| b.detach());
-    let fast = hidden.device().is_cpu() && hidden.dtype() != DType::F64;
-    let out = if fast {
-        cpu_fused(&p, &hidden, &weight, bias.as_ref(), need)?
+    let (h, w, b) = (hidden.detach(), weight.detach(), bias.map(Tensor::detach));
+    let fast = h.device().is_cpu() && h.dtype() != DType::F64;
+    let op = if fast {
+        cpu_fused(&p, &h, &w, b.as_ref(), need)?
     } else {
-        chunked_ops(&p, &hidden, &weight, bias.as_ref(), need)?
+        chunked_ops(&p, &h, &w, b.as_ref(), need)?
     };
     if !(need.hidden || need.weight || need.bias) {
-        return Ok(out.loss);
+        return Ok(op.loss);
     }
-    let op = SavedGrads {
-        loss: out.loss,
-        hidden: out.hidden,
-        weight: out.weight,
-        bias: out.bias,
-    };
-    // The op's inputs are the caller's tensors, so autograd routes the saved gradients to them.
-    let (h, w) = (p.hidden_in.clone(), p.weight_in.clone());
-    match p.bias_in.clone() {
-        Some(b) => h.apply_op3(&w, &b, op),
-        None => h.apply_op2(&w, op),
+    // The node's inputs are the caller's tensors, so autograd routes the saved gradients to them.
+    match bias {
+        Some(bias) => hidden.apply_op3(weight, bias, op),
+        None => hidden.apply_op2(weight, op),
     }
 }
 
@@ -127,9 +119,6 @@ struct Problem {
     row_weight: Vec<f64>,
     smoothing: f64,
     z_loss: f64,
-    hidden_in: Tensor,
-    weight_in: Tensor,
-    bias_in: Option<Tensor>,
 }
 
 impl Problem {
@@ -242,9 +231,6 @@ impl Problem {
             row_weight,
             smoothing,
             z_loss: opts.z_loss,
-            hidden_in: hidden.clone(),
-            weight_in: weight.clone(),
-            bias_in: bias.cloned(),
         })
     }
 
@@ -256,14 +242,6 @@ impl Problem {
             self.targets[i] as usize
         }
     }
-}
-
-/// The loss and the gradients wanted, in the inputs' dtypes.
-struct Computed {
-    loss: Tensor,
-    hidden: Option<Tensor>,
-    weight: Option<Tensor>,
-    bias: Option<Tensor>,
 }
 
 /// `t` as contiguous f32: itself when it already is, else a converted copy.
@@ -286,7 +264,7 @@ fn cpu_fused(
     weight: &Tensor,
     bias: Option<&Tensor>,
     need: Need,
-) -> Result<Computed> {
+) -> Result<SavedGrads> {
     let (n, d, v) = (p.n, p.d, p.v);
     // Borrowed in place for f32 inputs; bf16/f16 are converted to f32 once.
     let (h32, w32) = (f32_contiguous(hidden)?, f32_contiguous(weight)?);
@@ -339,7 +317,7 @@ fn cpu_fused(
     let back = |g: Vec<f32>, shape: &[usize], like: &Tensor| {
         Tensor::from_vec(g, shape, dev)?.to_dtype(like.dtype())
     };
-    Ok(Computed {
+    Ok(SavedGrads {
         loss: Tensor::new(loss as f32, dev)?,
         hidden: need.hidden.then(|| back(dh, &[n, d], hidden)).transpose()?,
         weight: need.weight.then(|| back(dw, &[v, d], weight)).transpose()?,
@@ -530,7 +508,7 @@ fn chunked_ops(
     weight: &Tensor,
     bias: Option<&Tensor>,
     need: Need,
-) -> Result<Computed> {
+) -> Result<SavedGrads> {
     let dev = hidden.device();
     let cd = if hidden.dtype() == DType::F64 {
         DType::F64
@@ -607,7 +585,7 @@ fn chunked_ops(
     } else {
         loss.to_dtype(DType::F32)?
     };
-    Ok(Computed {
+    Ok(SavedGrads {
         loss,
         hidden: if need.hidden {
             let g = if dh.is_empty() {
@@ -632,8 +610,9 @@ fn chunked_ops(
     })
 }
 
-/// The graph node of a fused loss: forward hands out the loss computed beforehand, backward the
-/// saved gradients times the upstream gradient.
+/// The loss and the gradients wanted (in the inputs' dtypes), and the graph node of a fused
+/// loss: its forward hands out the loss computed beforehand, its backward the saved gradients
+/// times the upstream gradient.
 struct SavedGrads {
     loss: Tensor,
     hidden: Option<Tensor>,
