@@ -35,6 +35,7 @@ mod dropout;
 pub mod gpt2;
 mod layer_norm;
 mod linear;
+pub mod loss;
 pub mod rng;
 
 pub use activation::Activation;
@@ -47,3 +48,4 @@ pub use dropout::DropoutCtx;
 pub use gpt2::{generate, Gpt2, Gpt2Config, KvCache, Sampling};
 pub use layer_norm::LayerNorm;
 pub use linear::Linear;
+pub use loss::{linear_cross_entropy, CeOptions};

@@ -249,17 +249,12 @@ impl Net {
         }
     }
 
-    /// Mean cross-entropy (nats per predicted token), computed in f32.
+    /// Mean cross-entropy (nats per predicted token), computed in f32 through the fused head
+    /// (no logits). `train`: dropout on and differentiable; otherwise evaluation.
     pub fn loss(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         match (self, batch) {
             (Net::Gpt2(m), Batch::Causal { inputs, targets }) => {
-                let logits = m.forward(inputs, train)?;
-                let (b, t, v) = logits.dims3()?;
-                let logits = logits.reshape((b * t, v))?.to_dtype(DType::F32)?;
-                Ok(candle_nn::loss::cross_entropy(
-                    &logits,
-                    &targets.flatten_all()?,
-                )?)
+                Ok(m.loss(inputs, targets, train)?)
             }
             (
                 Net::Bert(m),
@@ -269,15 +264,7 @@ impl Net {
                     positions,
                     labels,
                 },
-            ) => {
-                let logits = m.forward(inputs, lengths, train)?;
-                let (b, t, v) = logits.dims3()?;
-                let picked = logits.reshape((b * t, v))?.index_select(positions, 0)?;
-                Ok(candle_nn::loss::cross_entropy(
-                    &picked.to_dtype(DType::F32)?,
-                    labels,
-                )?)
-            }
+            ) => Ok(m.masked_lm_loss(inputs, None, lengths, (positions, labels), None, train)?),
             _ => bail!("internal: batch kind does not match the model"),
         }
     }

@@ -90,7 +90,7 @@ pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()
         checkpoint::save(
             &out.join("checkpoints"),
             &opt.f32_params()?,
-            &opt.state(),
+            &opt.state()?,
             state,
             &config,
             &tok,

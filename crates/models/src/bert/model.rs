@@ -17,6 +17,7 @@ use crate::attention::AttentionKind;
 use crate::dropout::{DropoutCtx, SeedCounter};
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
+use crate::loss::{linear_cross_entropy, CeOptions};
 
 // Dropout sites of one forward: 0 is the embedding, three per layer, then the heads.
 fn site(layer: usize, which: u64) -> u64 {
@@ -352,17 +353,58 @@ impl BertForMaskedLM {
         lengths: &[usize],
         train: bool,
     ) -> Result<Tensor> {
-        let h = self
-            .bert
-            .forward(input_ids, token_type_ids, lengths, train)?;
+        let h = self.transformed(input_ids, token_type_ids, lengths, train)?;
         let (b, t, c) = h.dims3()?;
-        let h = self.act.forward(&self.transform.forward(&h)?)?;
-        let h = self.transform_ln.forward(&h)?;
         let vocab = self.bias.dim(0)?;
         h.reshape((b * t, c))?
             .matmul(&self.bert.embeddings.word.t()?)?
             .broadcast_add(&self.bias)?
             .reshape((b, t, vocab))
+    }
+
+    /// Mean masked-LM cross-entropy at `positions (m)` (u32 flat indices into `b·t`) against
+    /// their original ids `labels (m)`, through the fused decoder ([`linear_cross_entropy`] with
+    /// the word embeddings and `bias`): only the masked rows reach the head, and their logits
+    /// never exist. `labels` may hold `ignore_index` for rows that do not count. `train`: dropout
+    /// on and the loss differentiable; otherwise evaluation, with no gradient work.
+    pub fn masked_lm_loss(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        lengths: &[usize],
+        (positions, labels): (&Tensor, &Tensor),
+        ignore_index: Option<u32>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.transformed(input_ids, token_type_ids, lengths, train)?;
+        let (b, t, c) = h.dims3()?;
+        let h = h.reshape((b * t, c))?.index_select(positions, 0)?;
+        let (w, bias) = (&self.bert.embeddings.word, &self.bias);
+        let (h, w, bias) = if train {
+            (h, w.clone(), bias.clone())
+        } else {
+            (h.detach(), w.detach(), bias.detach())
+        };
+        let opts = CeOptions {
+            ignore_index,
+            ..CeOptions::default()
+        };
+        linear_cross_entropy(&h, &w, Some(&bias), labels, &opts)
+    }
+
+    /// The prediction head's transform of the encoder output, `(b, t, hidden)`.
+    fn transformed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        lengths: &[usize],
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self
+            .bert
+            .forward(input_ids, token_type_ids, lengths, train)?;
+        let h = self.act.forward(&self.transform.forward(&h)?)?;
+        self.transform_ln.forward(&h)
     }
 }
 

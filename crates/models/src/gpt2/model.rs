@@ -11,6 +11,7 @@ use crate::attention::AttentionKind;
 use crate::dropout::{DropoutCtx, SeedCounter};
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
+use crate::loss::{linear_cross_entropy, CeOptions};
 
 /// Keys and values of every layer for incremental decoding, `(b, len, heads, head_dim)` each.
 #[derive(Debug, Clone, Default)]
@@ -232,6 +233,29 @@ impl Gpt2 {
     pub fn forward_with_cache(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.hidden(input_ids, &DropoutCtx::eval(), Some(cache))?;
         self.lm_head(&h)
+    }
+
+    /// Mean next-token cross-entropy of `input_ids (b, t)` against `targets (b, t)` (u32), through
+    /// the fused LM head ([`linear_cross_entropy`] with `wte`): the `(b·t × vocab)` logits never
+    /// exist. `train`: dropout on, and the loss is differentiable (the head's gradients are
+    /// computed in the same pass); otherwise evaluation: no dropout, no gradient work.
+    pub fn loss(&self, input_ids: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor> {
+        if targets.dims() != input_ids.dims() {
+            bail!(
+                "gpt2: `targets` must have the shape of input_ids {:?}, got {:?}",
+                input_ids.dims(),
+                targets.dims()
+            )
+        }
+        let h = self.forward_hidden(input_ids, train)?;
+        let (b, t, c) = h.dims3()?;
+        let h = h.reshape((b * t, c))?;
+        let (h, w) = if train {
+            (h, self.wte.clone())
+        } else {
+            (h.detach(), self.wte.detach())
+        };
+        linear_cross_entropy(&h, &w, None, &targets.flatten_all()?, &CeOptions::default())
     }
 
     /// Final hidden states `(b, t, n_embd)` (after `ln_f`).
