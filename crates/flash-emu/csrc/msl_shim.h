@@ -20,7 +20,7 @@
 //    products are warp collectives: a kernel that reads elements through another path, or that
 //    multiplies in divergent control flow, fails here (wrong values or a deadlock abort).
 // Kernels register under their [[host_name]] via FLASH_INSTANCE and start with
-// emu_metal_launch() (kernels/emu-metal/metal_launch.cpp).
+// emu_metal_launch() (csrc/metal_launch.cpp).
 #pragma once
 #include <algorithm>
 #include <cmath>

@@ -1,19 +1,20 @@
 // Platform layer and building blocks shared by every FlashAttention kernel.
 //
-// Everything that differs between the GPU and the CPU emulation harness (kernels/emu) is behind
-// a small set of device functions here (and in flash_mma.cuh): each has an inline-PTX path for
-// the GPU (`__CUDA_ARCH__`) and a path through the emulator's collectives otherwise. The kernel
-// sources themselves are identical for both.
+// Everything that differs between the GPU and the CPU emulation harness (crates/flash-emu) is
+// behind a small set of device functions here (and in flash_mma.cuh): each has an inline-PTX
+// path for the GPU (`__CUDA_ARCH__`) and a path through the emulator's collectives otherwise.
+// The kernel sources themselves are identical for both.
 #pragma once
 
 #ifdef FLASH_EMU
-#include "cuda_shim.h"  // kernels/emu: threads as fibers, barriers, warp collectives
+#include "cuda_shim.h"  // crates/flash-emu/csrc: threads as fibers, barriers, warp collectives
 #else
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
 #endif
 
+#include "../head_dims.h"
 #include "flash_params.h"
 
 #define FLASH_DEV __device__ __forceinline__
@@ -247,8 +248,30 @@ struct Dropout {
     }
 };
 
-// Head dimensions with kernels; the Rust side picks the smallest >= head_dim (padding with
-// zero-filled columns).
-FLASH_DEV constexpr int pad16(int bytes_per_elem) { return 16 / bytes_per_elem; }
-
 }  // namespace flash
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: the extern "C" kernels the launch plan (src/plan/cuda.rs) names, one per element
+// type (FLASH_DTYPES) and head dim (FLASH_HEAD_DIMS, kernels/head_dims.h).
+
+// The element types with kernels, as X(name, type, args...).
+#define FLASH_DTYPES(X, ...) X(f32, float, __VA_ARGS__) X(f16, __half, __VA_ARGS__) X(bf16, __nv_bfloat16, __VA_ARGS__)
+
+// flash_<FN>_<dt>_d<D> for every element type and head dim: flash::FN<T, D>, a block of
+// CFG<T, D>::kThreads threads.
+#define FLASH_KERNEL_TD(D, DT, T, FN, CFG)                                                    \
+    extern "C" __global__ void __launch_bounds__(flash::CFG<T, D>::kThreads, 1)               \
+        flash_##FN##_##DT##_d##D(const FlashParams p) {                                       \
+        flash::FN<T, D>(p);                                                                   \
+    }                                                                                         \
+    FLASH_EMU_REGISTER(flash_##FN##_##DT##_d##D)
+#define FLASH_KERNELS_D(DT, T, FN, CFG) FLASH_HEAD_DIMS(FLASH_KERNEL_TD, DT, T, FN, CFG)
+#define FLASH_KERNELS_TD(FN, CFG) FLASH_DTYPES(FLASH_KERNELS_D, FN, CFG)
+
+// flash_<FN>_<dt> for every element type: flash::FN<T>, a block of at most THREADS threads.
+#define FLASH_KERNEL_T(DT, T, FN, THREADS)                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_##FN##_##DT(const FlashParams p) { \
+        flash::FN<T>(p);                                                                      \
+    }                                                                                         \
+    FLASH_EMU_REGISTER(flash_##FN##_##DT)
+#define FLASH_KERNELS_T(FN, THREADS) FLASH_DTYPES(FLASH_KERNEL_T, FN, THREADS)

@@ -1,4 +1,4 @@
-// Tile shapes per (element type, head dim). crates/flash-ops/src/cuda/plan.rs mirrors these
+// Tile shapes per (element type, head dim). crates/flash-ops/src/plan/cuda.rs mirrors these
 // numbers to size grids and dynamic shared memory; check_launch() traps on a mismatch.
 #pragma once
 #include "flash_common.cuh"

@@ -184,20 +184,4 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
 
 }  // namespace flash
 
-#define FLASH_FWD_V2(NAME, T, D)                                                              \
-    extern "C" __global__ void __launch_bounds__(flash::FwdCfg<T, D>::kThreads, 1)               \
-        NAME(const FlashParams p) {                                                           \
-        flash::fwd_v2<T, D>(p);                                                               \
-    }                                                                                         \
-    FLASH_EMU_REGISTER(NAME)
-
-#define FLASH_FWD_V2_ALL_D(DT, T)                  \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d32, T, 32)   \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d64, T, 64)   \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d96, T, 96)   \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d128, T, 128) \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d256, T, 256)
-
-FLASH_FWD_V2_ALL_D(f32, float)
-FLASH_FWD_V2_ALL_D(f16, __half)
-FLASH_FWD_V2_ALL_D(bf16, __nv_bfloat16)
+FLASH_KERNELS_TD(fwd_v2, FwdCfg)

@@ -5,9 +5,11 @@
 //! emulator only.
 
 pub mod cuda;
+mod head_dims;
 mod layout;
 pub mod metal;
 pub mod metal_source;
 
 pub use crate::params::{AttnParams, SeqSpan};
+pub use head_dims::HEAD_DIMS;
 pub use layout::{max_lens, seq_info, window_bound, Dt, InputLayout, SEQ_INFO_STRIDE};
