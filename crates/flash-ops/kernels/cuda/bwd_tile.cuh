@@ -21,10 +21,10 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
     using C = BwdCfg<T, D>;
     using M = Mma<T>;
     constexpr int kBc = C::kBc, kBr = C::kBr, kLd = C::kLd, kLdS = C::kLdS;
-    constexpr int kDW = C::kDW, kQT = kBr / 8, kDWT = kDW / 8;
+    constexpr int kSliceD = C::kSliceD, kQT = kBr / 8, kSliceT = kSliceD / 8;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-    const int wk = warp / C::kWD, wd = warp % C::kWD;
+    const int wk = warp / C::kWarpsD, wd = warp % C::kWarpsD;  // key group, slice
     FLASH_DYNAMIC_SMEM(smem_raw);
     T* sK = reinterpret_cast<T*>(smem_raw);
     T* sV = sK + kBc * kLd;
@@ -49,9 +49,9 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
                     p.v_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
     cp_async_commit();
 
-    float dk[kDWT][4], dv[kDWT][4];
+    float dk[kSliceT][4], dv[kSliceT][4];
 #pragma unroll
-    for (int t = 0; t < kDWT; ++t)
+    for (int t = 0; t < kSliceT; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
     const int key[2] = {j0 + wk * 16 + g, j0 + wk * 16 + g + 8};
@@ -127,12 +127,12 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
                 M::acc_to_a(apz, cg[2 * kq], cg[2 * kq + 1]);
                 M::acc_to_a(ads, dpt[2 * kq], dpt[2 * kq + 1]);
 #pragma unroll
-                for (int d2 = 0; d2 < kDW / 16; ++d2) {
+                for (int d2 = 0; d2 < kSliceD / 16; ++d2) {
                     typename M::FragB b0, b1;
-                    M::load_b_kn2(b0, b1, sdO + kq * 16 * kLd + wd * kDW + d2 * 16, kLd, lane);
+                    M::load_b_kn2(b0, b1, sdO + kq * 16 * kLd + wd * kSliceD + d2 * 16, kLd, lane);
                     M::mma(dv[2 * d2], apz, b0);
                     M::mma(dv[2 * d2 + 1], apz, b1);
-                    M::load_b_kn2(b0, b1, sQ + kq * 16 * kLd + wd * kDW + d2 * 16, kLd, lane);
+                    M::load_b_kn2(b0, b1, sQ + kq * 16 * kLd + wd * kSliceD + d2 * 16, kLd, lane);
                     M::mma(dk[2 * d2], ads, b0);
                     M::mma(dk[2 * d2 + 1], ads, b1);
                 }
@@ -185,10 +185,10 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
     T* gdk = static_cast<T*>(p.dk) + sq.dk_off + (long long)hk * p.head_dim;
     T* gdv = static_cast<T*>(p.dv) + sq.dk_off + (long long)hk * p.head_dim;
 #pragma unroll
-    for (int t = 0; t < kDWT; ++t)
+    for (int t = 0; t < kSliceT; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int j = key[e >> 1], col = wd * kDW + t * 8 + 2 * c + (e & 1);
+            const int j = key[e >> 1], col = wd * kSliceD + t * 8 + 2 * c + (e & 1);
             if (j < j0 + cols && col < p.head_dim) {
                 const long long o = (long long)j * p.dk_tok_stride + col;
                 gdk[o] = from_f32<T>(dk[t][e] * p.scale);
