@@ -10,7 +10,10 @@ const FILES: [(&str, &str); 6] = [
         "metal/flash_metal.h",
         include_str!("../../kernels/metal/flash_metal.h"),
     ),
-    ("metal/fwd.metal", include_str!("../../kernels/metal/fwd.metal")),
+    (
+        "metal/fwd.metal",
+        include_str!("../../kernels/metal/fwd.metal"),
+    ),
     (
         "metal/bwd_pre.metal",
         include_str!("../../kernels/metal/bwd_pre.metal"),
