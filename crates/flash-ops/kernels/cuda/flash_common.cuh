@@ -107,31 +107,15 @@ FLASH_DEV void check_launch(unsigned smem_needed, unsigned threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loading a tile of `nrows` rows x D columns into shared memory (row pitch `ld` elements).
-// Rows >= `valid_rows` and columns >= head_dim are zero-filled: padded keys then score 0 and
-// carry V = 0, so a masked probability can never multiply garbage (NaN * 0 = NaN).
+// One sequence of the batch, read from seq_info, and the rows of one head of each input.
 
-template <typename T, int D>
-FLASH_DEV void load_tile(T* smem, int ld, const T* gbase, long long tok_stride, int valid_rows,
-                         int nrows, int head_dim, bool vec, int tid, int nthreads) {
-    constexpr int kChunk = 16 / sizeof(T);  // elements per 16-byte copy
-    constexpr int kChunksPerRow = D / kChunk;
-    for (int idx = tid; idx < nrows * kChunksPerRow; idx += nthreads) {
-        int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * kChunk;
-        T* dst = smem + r * ld + c;
-        const T* src = gbase + (long long)r * tok_stride + c;
-        if (r < valid_rows && vec && c + kChunk <= head_dim) {
-            cp_async16(dst, src);
-        } else {
-#pragma unroll
-            for (int e = 0; e < kChunk; ++e)
-                dst[e] = (r < valid_rows && c + e < head_dim) ? src[e] : from_f32<T>(0.f);
-        }
-    }
-}
+// Row i of one head of one input at base + i * tok.
+template <typename T> struct Rows {
+    const T* base;
+    long long tok;
+    FLASH_DEV const T* row(int i) const { return base + (long long)i * tok; }
+};
 
-// ---------------------------------------------------------------------------------------------
-// One sequence of the batch, read from seq_info.
 struct Seq {
     int q_len, k_len;
     long long q_off, k_off, v_off, o_off, lse_off, dk_off;
@@ -146,7 +130,47 @@ struct Seq {
         lse_off = si[FLASH_SI_LSE_OFF];
         dk_off = si[FLASH_SI_DK_OFF];
     }
+    // Head h of q, d_o (laid out like o) and k/v head hk.
+    template <typename T> FLASH_DEV Rows<T> q(const FlashParams& p, int h) const {
+        return {static_cast<const T*>(p.q) + q_off + h * p.q_head_stride, p.q_tok_stride};
+    }
+    template <typename T> FLASH_DEV Rows<T> d_o(const FlashParams& p, int h) const {
+        return {static_cast<const T*>(p.d_o) + o_off + (long long)h * p.head_dim, p.o_tok_stride};
+    }
+    template <typename T> FLASH_DEV Rows<T> k(const FlashParams& p, int hk) const {
+        return {static_cast<const T*>(p.k) + k_off + hk * p.k_head_stride, p.k_tok_stride};
+    }
+    template <typename T> FLASH_DEV Rows<T> v(const FlashParams& p, int hk) const {
+        return {static_cast<const T*>(p.v) + v_off + hk * p.v_head_stride, p.v_tok_stride};
+    }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Loading rows [r0, r0 + valid_rows) of x, D columns, into an nrows-row tile of shared memory
+// (row pitch `ld` elements), by the block's nthreads threads. Rows past valid_rows and columns
+// >= head_dim are zero-filled: padded keys then score 0 and carry V = 0, so a masked
+// probability can never multiply garbage (NaN * 0 = NaN).
+
+template <typename T, int D>
+FLASH_DEV void load_tile(T* smem, int ld, Rows<T> x, int r0, int valid_rows, int nrows,
+                         const FlashParams& p, int tid, int nthreads) {
+    constexpr int kChunk = 16 / sizeof(T);  // elements per 16-byte copy
+    constexpr int kChunksPerRow = D / kChunk;
+    const T* gbase = x.row(r0);
+    const bool vec = p.vec_loads != 0;
+    for (int idx = tid; idx < nrows * kChunksPerRow; idx += nthreads) {
+        int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * kChunk;
+        T* dst = smem + r * ld + c;
+        const T* src = gbase + (long long)r * x.tok + c;
+        if (r < valid_rows && vec && c + kChunk <= p.head_dim) {
+            cp_async16(dst, src);
+        } else {
+#pragma unroll
+            for (int e = 0; e < kChunk; ++e)
+                dst[e] = (r < valid_rows && c + e < p.head_dim) ? src[e] : from_f32<T>(0.f);
+        }
+    }
+}
 
 // Visibility and score modifiers of one (sequence, query head): the CUDA twin of
 // flash_ops::mask::ScoreMods. Query i sees keys [i + diag - wl, i + diag + wr] within [0, k_len),
