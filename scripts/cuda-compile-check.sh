@@ -3,7 +3,8 @@
 # cubin for each architecture with `-Xptxas -v`; the script prints a register / shared-memory /
 # spill table and fails when a kernel spills registers or has a local-memory stack frame
 # (both mean slow local-memory traffic in the inner loop). It also checks with cuobjdump that
-# the f16/bf16 kernels really use tensor cores (HMMA) and ldmatrix (LDSM).
+# the f16/bf16 kernels really use tensor cores (HMMA) and ldmatrix (LDSM), and that every kernel
+# family with a head-dim suffix (_d<D>) has one kernel per head dim of kernels/head_dims.h.
 #
 # Usage: scripts/cuda-compile-check.sh [ARCH...]     (default: 80 90)
 # Env:   CUDA_CHECK_JOBS (parallel nvcc, default 2), CUDA_CHECK_OUT (cubins + logs, default
@@ -41,10 +42,12 @@ if [[ -z "${CUDA_CHECK_SKIP_COMPILE:-}" ]]; then  # =1: re-read the logs/cubins 
   printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c 'compile_one $0 $1'
 fi
 
-python3 - "$OUT" "${CUDA_CHECK_ALLOW_SPILL_F32:-0}" "${ARCHS[@]}" <<'PY'
+python3 - "$OUT" "${CUDA_CHECK_ALLOW_SPILL_F32:-0}" "$ROOT/crates/flash-ops/kernels/head_dims.h" "${ARCHS[@]}" <<'PY'
 import glob, os, re, subprocess, sys
-out, allow_f32, archs = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
+out, allow_f32, head_dims_h, archs = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4:]
 rows, bad = [], []
+define = next(l for l in open(head_dims_h) if l.startswith("#define FLASH_HEAD_DIMS("))
+head_dims = sorted(int(d) for d in re.findall(r"X\((\d+),", define))
 for arch in archs:
     for log in sorted(glob.glob(f"{out}/*.sm_{arch}.log")):
         cur = None
@@ -84,7 +87,18 @@ for r in rows:
     tc = ("_f16_" in r["name"] or "_bf16_" in r["name"]) and ("fwd" in r["name"] or "bwd_v" in r["name"] or "bwd_dq" in r["name"])
     if tc and (h == 0 or l == 0):
         bad.append(f"{r['name']} sm_{r['arch']}: no HMMA/LDSM in SASS")
-print(f"\n{len(rows)} kernels compiled for {', '.join('sm_' + a for a in archs)}")
+# Every family (name without its _d<D>) has a kernel per head dim, on every arch.
+families = {}
+for r in rows:
+    m = re.fullmatch(r"(\w+)_d(\d+)", r["name"])
+    if m: families.setdefault((m.group(1), r["arch"]), set()).add(int(m.group(2)))
+for (fam, arch), dims in sorted(families.items()):
+    if sorted(dims) != head_dims:
+        bad.append(f"{fam}_d* sm_{arch}: head dims {sorted(dims)}, kernels/head_dims.h has {head_dims}")
+n_fam = len({fam for fam, _ in families})
+print(f"\n{len(rows)} kernels compiled for {', '.join('sm_' + a for a in archs)} "
+      f"(per arch: {n_fam} families x head dims {head_dims}, "
+      f"{(len(rows) - sum(len(d) for d in families.values())) // len(archs)} without a head dim)")
 if bad:
     print("COMPILE GATE FAILED:"); [print("  " + b) for b in bad]; sys.exit(1)
 print("compile gate passed: no spills, no stack frames, tensor cores in every f16/bf16 kernel")

@@ -11,7 +11,6 @@ fn sources(dir: &Path, ext: &str) -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == ext))
         .collect();
     v.sort();
-    println!("cargo:rerun-if-changed={}", dir.display());
     v
 }
 
@@ -32,6 +31,8 @@ fn cxx() -> cc::Build {
 
 fn main() {
     let kernels = Path::new("../flash-ops/kernels");
+    // The whole folder: the dialects share kernels/head_dims.h.
+    println!("cargo:rerun-if-changed={}", kernels.display());
     println!("cargo:rerun-if-changed=csrc");
     cxx().file("csrc/simt.cpp").compile("flash_emu_simt");
 

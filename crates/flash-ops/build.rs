@@ -28,7 +28,11 @@ fn main() {
     }
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let kdir = manifest.join("kernels/cuda");
-    println!("cargo:rerun-if-changed={}", kdir.display());
+    // The whole folder: the .cu files include kernels/head_dims.h.
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("kernels").display()
+    );
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| {

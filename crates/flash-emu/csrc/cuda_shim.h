@@ -13,6 +13,7 @@
 #include <cstring>
 #include <algorithm>
 
+#include "fp16.h"
 #include "simt.h"
 
 #define __global__
@@ -46,7 +47,7 @@ struct uint4 { unsigned x, y, z, w; };
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __int_as_float(int i) { return emu_fp::bits_to_f32((uint32_t)i); }
 // Fibers of a launch share one OS thread and switch only at barriers: a plain add is atomic.
 inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
 
@@ -65,51 +66,10 @@ template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask
 struct __half { uint16_t x; };
 struct __nv_bfloat16 { uint16_t x; };
 
-inline float __half2float(__half h) {
-    const uint32_t sign = (uint32_t)(h.x & 0x8000) << 16, e = (h.x >> 10) & 0x1f, m = h.x & 0x3ff;
-    uint32_t bits;
-    if (e == 0) {
-        float v = std::ldexp((float)m, -24);
-        return sign ? -v : v;
-    } else if (e == 31) {
-        bits = sign | 0x7f800000u | (m << 13);
-    } else {
-        bits = sign | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-inline __half __float2half_rn(float f) {
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
-    const uint32_t ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) return {(uint16_t)(sign | (ax > 0x7f800000u ? 0x7e00 : 0x7c00))};
-    if (ax >= 0x477ff000u) return {(uint16_t)(sign | 0x7c00)};  // rounds past 65504: inf
-    if (ax < 0x38800000u) {  // below 2^-14: subnormal half, m * 2^-24 (exact scaling, RNE)
-        float v;
-        std::memcpy(&v, &ax, 4);
-        return {(uint16_t)(sign | (uint16_t)std::nearbyint(v * 16777216.0f))};
-    }
-    uint32_t h = (((ax >> 23) - 112) << 10) | ((ax & 0x7fffff) >> 13);
-    const uint32_t rem = ax & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;
-    return {(uint16_t)(sign | h)};
-}
-inline float __bfloat162float(__nv_bfloat16 b) {
-    uint32_t bits = (uint32_t)b.x << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    if ((x & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((x >> 16) | 0x40)};  // quiet NaN
-    x += 0x7fffu + ((x >> 16) & 1);
-    return {(uint16_t)(x >> 16)};
-}
+inline float __half2float(__half h) { return emu_fp::half_to_f32(h.x); }
+inline __half __float2half_rn(float f) { return {emu_fp::f32_to_half(f)}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return emu_fp::bf16_to_f32(b.x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {emu_fp::f32_to_bf16(f)}; }
 
 // ---- tensor-core operations, emulated from the PTX ISA fragment layouts -----------------------
 // ldmatrix.m8n8.x4.b16: lanes 8i..8i+7 give the row addresses of matrix i. Without .trans lane t

@@ -20,7 +20,7 @@
 //    products are warp collectives: a kernel that reads elements through another path, or that
 //    multiplies in divergent control flow, fails here (wrong values or a deadlock abort).
 // Kernels register under their [[host_name]] via FLASH_INSTANCE and start with
-// emu_metal_launch() (kernels/emu-metal/metal_launch.cpp).
+// emu_metal_launch() (csrc/metal_launch.cpp).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "fp16.h"
 #include "simt.h"
 
 // ---- scalar types and math ----------------------------------------------------------------------
@@ -55,65 +56,20 @@ using std::min;
 using std::tanh;
 inline uint mulhi(uint a, uint b) { return (uint)(((uint64_t)a * b) >> 32); }
 
-namespace msl_emu {
-inline float bits_to_f32(uint32_t b) {
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-}
-inline uint32_t f32_to_bits(float f) {
-    uint32_t b;
-    std::memcpy(&b, &f, 4);
-    return b;
-}
-}  // namespace msl_emu
-
 // IEEE binary16, converted with round-to-nearest-even (as Metal's float -> half).
 struct half {
     uint16_t bits;
     half() = default;
-    half(float f) {
-        const uint32_t x = msl_emu::f32_to_bits(f);
-        const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
-        const uint32_t ax = x & 0x7fffffffu;
-        if (ax >= 0x7f800000u) {
-            bits = (uint16_t)(sign | (ax > 0x7f800000u ? 0x7e00 : 0x7c00));
-        } else if (ax >= 0x477ff000u) {  // rounds past 65504: inf
-            bits = (uint16_t)(sign | 0x7c00);
-        } else if (ax < 0x38800000u) {  // subnormal half: m * 2^-24, exact scaling then RNE
-            bits = (uint16_t)(sign | (uint16_t)std::nearbyint(msl_emu::bits_to_f32(ax) * 16777216.0f));
-        } else {
-            uint32_t h = (((ax >> 23) - 112) << 10) | ((ax & 0x7fffff) >> 13);
-            const uint32_t rem = ax & 0x1fff;
-            if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;
-            bits = (uint16_t)(sign | h);
-        }
-    }
-    operator float() const {
-        const uint32_t sign = (uint32_t)(bits & 0x8000) << 16, e = (bits >> 10) & 0x1f, m = bits & 0x3ff;
-        if (e == 0) {
-            const float v = std::ldexp((float)m, -24);
-            return sign ? -v : v;
-        }
-        if (e == 31) return msl_emu::bits_to_f32(sign | 0x7f800000u | (m << 13));
-        return msl_emu::bits_to_f32(sign | ((e + 112) << 23) | (m << 13));
-    }
+    half(float f) : bits(emu_fp::f32_to_half(f)) {}
+    operator float() const { return emu_fp::half_to_f32(bits); }
 };
 
 // bfloat16 (MSL 3.1 `bfloat`), round-to-nearest-even.
 struct bfloat {
     uint16_t bits;
     bfloat() = default;
-    bfloat(float f) {
-        uint32_t x = msl_emu::f32_to_bits(f);
-        if ((x & 0x7fffffffu) > 0x7f800000u) {
-            bits = (uint16_t)((x >> 16) | 0x40);  // quiet NaN
-        } else {
-            x += 0x7fffu + ((x >> 16) & 1);
-            bits = (uint16_t)(x >> 16);
-        }
-    }
-    operator float() const { return msl_emu::bits_to_f32((uint32_t)bits << 16); }
+    bfloat(float f) : bits(emu_fp::f32_to_bf16(f)) {}
+    operator float() const { return emu_fp::bf16_to_f32(bits); }
 };
 #define __HAVE_BFLOAT__ 1
 

@@ -5,6 +5,7 @@
 // dK and dV. The price is recomputing S and dP once more (about 1.4x the backward FLOPs).
 //   S = Q K^T, P = exp(mod(scale S) - lse), dP = dO V^T, dS = P (dP Z - delta) softcap',
 //   dQ += scale dS K.
+#include "flash_acc.cuh"
 #include "flash_config.cuh"
 #include "flash_mma.cuh"
 
@@ -21,7 +22,6 @@ template <typename T, int D> struct DqCfg {
 
 template <typename T, int D> __device__ void bwd_dq(const FlashParams& p) {
     using C = DqCfg<T, D>;
-    using M = Mma<T>;
     constexpr int kBr = C::kBr, kBc = C::kBc, kLd = C::kLd, kNT = kBc / 8, kDT = D / 8;
     check_launch(C::kSmem, C::kThreads);
 
@@ -38,16 +38,10 @@ template <typename T, int D> __device__ void bwd_dq(const FlashParams& p) {
     T* sdO = sQ + kBr * kLd;
     T* sK = sdO + kBr * kLd;
     T* sV = sK + kBc * kLd;
-    const bool vec = p.vec_loads != 0;
-    const long long o_base = sq.o_off + (long long)h * p.head_dim;
     const long long lse_base = sq.lse_off + (long long)h * p.lse_head_stride;
 
-    load_tile<T, D>(sQ, kLd,
-                    static_cast<const T*>(p.q) + sq.q_off + h * p.q_head_stride +
-                        (long long)i0 * p.q_tok_stride,
-                    p.q_tok_stride, rows, kBr, p.head_dim, vec, tid, C::kThreads);
-    load_tile<T, D>(sdO, kLd, static_cast<const T*>(p.d_o) + o_base + (long long)i0 * p.o_tok_stride,
-                    p.o_tok_stride, rows, kBr, p.head_dim, vec, tid, C::kThreads);
+    load_tile<T, D>(sQ, kLd, sq.q<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
+    load_tile<T, D>(sdO, kLd, sq.d_o<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
     cp_async_commit();
 
     const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
@@ -59,47 +53,23 @@ template <typename T, int D> __device__ void bwd_dq(const FlashParams& p) {
         delta[r] = ok ? p.delta[lse_base + row[r]] : 0.f;
     }
     float acc[kDT][4];
-#pragma unroll
-    for (int t = 0; t < kDT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    zero_acc(acc);
 
     int k_lo, k_hi;
     md.key_range_rows(i0, i0 + rows, k_lo, k_hi);
     for (int j0 = k_lo; j0 < k_hi; j0 += kBc) {
         const int cols = min(kBc, k_hi - j0);
         __syncthreads();  // previous tile's readers of sK / sV are done
-        load_tile<T, D>(sK, kLd,
-                        static_cast<const T*>(p.k) + sq.k_off + hk * p.k_head_stride +
-                            (long long)j0 * p.k_tok_stride,
-                        p.k_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
-        load_tile<T, D>(sV, kLd,
-                        static_cast<const T*>(p.v) + sq.v_off + hk * p.v_head_stride +
-                            (long long)j0 * p.v_tok_stride,
-                        p.v_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
+        load_tile<T, D>(sK, kLd, sq.k<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
+        load_tile<T, D>(sV, kLd, sq.v<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
 
         float sc[kNT][4], dp[kNT][4];
-#pragma unroll
-        for (int n = 0; n < kNT; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            typename M::FragA a, ad;
-            M::load_a(a, sQ + warp * 16 * kLd + kk * 16, kLd, lane);
-            M::load_a(ad, sdO + warp * 16 * kLd + kk * 16, kLd, lane);
-#pragma unroll
-            for (int n2 = 0; n2 < kNT / 2; ++n2) {
-                typename M::FragB b0, b1;
-                M::load_b_nk2(b0, b1, sK + n2 * 16 * kLd + kk * 16, kLd, lane);
-                M::mma(sc[2 * n2], a, b0);
-                M::mma(sc[2 * n2 + 1], a, b1);
-                M::load_b_nk2(b0, b1, sV + n2 * 16 * kLd + kk * 16, kLd, lane);
-                M::mma(dp[2 * n2], ad, b0);
-                M::mma(dp[2 * n2 + 1], ad, b1);
-            }
-        }
+        zero_acc(sc);
+        zero_acc(dp);
+        mma_abt2<D>(sc, sQ + warp * 16 * kLd, sK, dp, sdO + warp * 16 * kLd, sV, kLd, lane);
 #pragma unroll
         for (int n = 0; n < kNT; ++n)
 #pragma unroll
@@ -112,50 +82,16 @@ template <typename T, int D> __device__ void bwd_dq(const FlashParams& p) {
                 dp[n][e] = pr * (dp[n][e] * z - delta[e >> 1]) * md.softcap_grad(raw);
             }
         // dQ += dS K, dS straight from registers as the A operand.
-#pragma unroll
-        for (int kk = 0; kk < kBc / 16; ++kk) {
-            typename M::FragA a;
-            M::acc_to_a(a, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-            for (int d2 = 0; d2 < D / 16; ++d2) {
-                typename M::FragB b0, b1;
-                M::load_b_kn2(b0, b1, sK + kk * 16 * kLd + d2 * 16, kLd, lane);
-                M::mma(acc[2 * d2], a, b0);
-                M::mma(acc[2 * d2 + 1], a, b1);
-            }
-        }
+        mma_pb(acc, dp, sK, kLd, lane);
     }
     cp_async_wait<0>();
-    T* gdq = static_cast<T*>(p.dq) + o_base;
+    T* gdq = static_cast<T*>(p.dq) + sq.o_off + (long long)h * p.head_dim;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (row[r] >= sq.q_len) continue;
-        T* dst = gdq + (long long)row[r] * p.o_tok_stride;
-#pragma unroll
-        for (int d = 0; d < kDT; ++d) {
-            const int col = d * 8 + 2 * c;
-            if (col < p.head_dim) dst[col] = from_f32<T>(acc[d][2 * r] * p.scale);
-            if (col + 1 < p.head_dim) dst[col + 1] = from_f32<T>(acc[d][2 * r + 1] * p.scale);
-        }
-    }
+    for (int r = 0; r < 2; ++r)
+        if (row[r] < sq.q_len)
+            store_row(gdq + (long long)row[r] * p.o_tok_stride, acc, r, c, p.scale, p.head_dim);
 }
 
 }  // namespace flash
 
-#define FLASH_BWD_DQ(NAME, T, D)                                                              \
-    extern "C" __global__ void __launch_bounds__(flash::DqCfg<T, D>::kThreads, 1)             \
-        NAME(const FlashParams p) {                                                           \
-        flash::bwd_dq<T, D>(p);                                                               \
-    }                                                                                         \
-    FLASH_EMU_REGISTER(NAME)
-
-#define FLASH_BWD_DQ_ALL_D(DT, T)                  \
-    FLASH_BWD_DQ(flash_bwd_dq_##DT##_d32, T, 32)   \
-    FLASH_BWD_DQ(flash_bwd_dq_##DT##_d64, T, 64)   \
-    FLASH_BWD_DQ(flash_bwd_dq_##DT##_d96, T, 96)   \
-    FLASH_BWD_DQ(flash_bwd_dq_##DT##_d128, T, 128) \
-    FLASH_BWD_DQ(flash_bwd_dq_##DT##_d256, T, 256)
-
-FLASH_BWD_DQ_ALL_D(f32, float)
-FLASH_BWD_DQ_ALL_D(f16, __half)
-FLASH_BWD_DQ_ALL_D(bf16, __nv_bfloat16)
+FLASH_KERNELS_TD(bwd_dq, DqCfg)

@@ -12,12 +12,4 @@ template <typename T> __device__ void bwd_post(const FlashParams& p) {
 }
 }  // namespace flash
 
-#define FLASH_BWD_POST(NAME, T)                                                 \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const FlashParams p) { \
-        flash::bwd_post<T>(p);                                                  \
-    }                                                                           \
-    FLASH_EMU_REGISTER(NAME)
-
-FLASH_BWD_POST(flash_bwd_post_f32, float)
-FLASH_BWD_POST(flash_bwd_post_f16, __half)
-FLASH_BWD_POST(flash_bwd_post_bf16, __nv_bfloat16)
+FLASH_KERNELS_T(bwd_post, 256)

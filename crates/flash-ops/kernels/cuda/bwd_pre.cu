@@ -28,12 +28,4 @@ template <typename T> __device__ void bwd_pre(const FlashParams& p) {
 }
 }  // namespace flash
 
-#define FLASH_BWD_PRE(NAME, T)                                                                \
-    extern "C" __global__ void __launch_bounds__(flash::kPreWarps * 32) NAME(const FlashParams p) { \
-        flash::bwd_pre<T>(p);                                                                 \
-    }                                                                                         \
-    FLASH_EMU_REGISTER(NAME)
-
-FLASH_BWD_PRE(flash_bwd_pre_f32, float)
-FLASH_BWD_PRE(flash_bwd_pre_f16, __half)
-FLASH_BWD_PRE(flash_bwd_pre_bf16, __nv_bfloat16)
+FLASH_KERNELS_T(bwd_pre, flash::kPreWarps * 32)

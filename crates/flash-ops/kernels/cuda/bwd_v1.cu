@@ -14,20 +14,4 @@ template <typename T, int D> __device__ void bwd_v1(const FlashParams& p) {
 }
 }  // namespace flash
 
-#define FLASH_BWD_V1(NAME, T, D)                                                              \
-    extern "C" __global__ void __launch_bounds__(flash::BwdCfg<T, D>::kThreads, 1)               \
-        NAME(const FlashParams p) {                                                           \
-        flash::bwd_v1<T, D>(p);                                                               \
-    }                                                                                         \
-    FLASH_EMU_REGISTER(NAME)
-
-#define FLASH_BWD_V1_ALL_D(DT, T)                  \
-    FLASH_BWD_V1(flash_bwd_v1_##DT##_d32, T, 32)   \
-    FLASH_BWD_V1(flash_bwd_v1_##DT##_d64, T, 64)   \
-    FLASH_BWD_V1(flash_bwd_v1_##DT##_d96, T, 96)   \
-    FLASH_BWD_V1(flash_bwd_v1_##DT##_d128, T, 128) \
-    FLASH_BWD_V1(flash_bwd_v1_##DT##_d256, T, 256)
-
-FLASH_BWD_V1_ALL_D(f32, float)
-FLASH_BWD_V1_ALL_D(f16, __half)
-FLASH_BWD_V1_ALL_D(bf16, __nv_bfloat16)
+FLASH_KERNELS_TD(bwd_v1, BwdCfg)

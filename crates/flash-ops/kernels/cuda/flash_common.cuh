@@ -1,19 +1,20 @@
 // Platform layer and building blocks shared by every FlashAttention kernel.
 //
-// Everything that differs between the GPU and the CPU emulation harness (kernels/emu) is behind
-// a small set of device functions here (and in flash_mma.cuh): each has an inline-PTX path for
-// the GPU (`__CUDA_ARCH__`) and a path through the emulator's collectives otherwise. The kernel
-// sources themselves are identical for both.
+// Everything that differs between the GPU and the CPU emulation harness (crates/flash-emu) is
+// behind a small set of device functions here (and in flash_mma.cuh): each has an inline-PTX
+// path for the GPU (`__CUDA_ARCH__`) and a path through the emulator's collectives otherwise.
+// The kernel sources themselves are identical for both.
 #pragma once
 
 #ifdef FLASH_EMU
-#include "cuda_shim.h"  // kernels/emu: threads as fibers, barriers, warp collectives
+#include "cuda_shim.h"  // crates/flash-emu/csrc: threads as fibers, barriers, warp collectives
 #else
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
 #endif
 
+#include "../head_dims.h"
 #include "flash_params.h"
 
 #define FLASH_DEV __device__ __forceinline__
@@ -106,31 +107,15 @@ FLASH_DEV void check_launch(unsigned smem_needed, unsigned threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loading a tile of `nrows` rows x D columns into shared memory (row pitch `ld` elements).
-// Rows >= `valid_rows` and columns >= head_dim are zero-filled: padded keys then score 0 and
-// carry V = 0, so a masked probability can never multiply garbage (NaN * 0 = NaN).
+// One sequence of the batch, read from seq_info, and the rows of one head of each input.
 
-template <typename T, int D>
-FLASH_DEV void load_tile(T* smem, int ld, const T* gbase, long long tok_stride, int valid_rows,
-                         int nrows, int head_dim, bool vec, int tid, int nthreads) {
-    constexpr int kChunk = 16 / sizeof(T);  // elements per 16-byte copy
-    constexpr int kChunksPerRow = D / kChunk;
-    for (int idx = tid; idx < nrows * kChunksPerRow; idx += nthreads) {
-        int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * kChunk;
-        T* dst = smem + r * ld + c;
-        const T* src = gbase + (long long)r * tok_stride + c;
-        if (r < valid_rows && vec && c + kChunk <= head_dim) {
-            cp_async16(dst, src);
-        } else {
-#pragma unroll
-            for (int e = 0; e < kChunk; ++e)
-                dst[e] = (r < valid_rows && c + e < head_dim) ? src[e] : from_f32<T>(0.f);
-        }
-    }
-}
+// Row i of one head of one input at base + i * tok.
+template <typename T> struct Rows {
+    const T* base;
+    long long tok;
+    FLASH_DEV const T* row(int i) const { return base + (long long)i * tok; }
+};
 
-// ---------------------------------------------------------------------------------------------
-// One sequence of the batch, read from seq_info.
 struct Seq {
     int q_len, k_len;
     long long q_off, k_off, v_off, o_off, lse_off, dk_off;
@@ -145,7 +130,47 @@ struct Seq {
         lse_off = si[FLASH_SI_LSE_OFF];
         dk_off = si[FLASH_SI_DK_OFF];
     }
+    // Head h of q, d_o (laid out like o) and k/v head hk.
+    template <typename T> FLASH_DEV Rows<T> q(const FlashParams& p, int h) const {
+        return {static_cast<const T*>(p.q) + q_off + h * p.q_head_stride, p.q_tok_stride};
+    }
+    template <typename T> FLASH_DEV Rows<T> d_o(const FlashParams& p, int h) const {
+        return {static_cast<const T*>(p.d_o) + o_off + (long long)h * p.head_dim, p.o_tok_stride};
+    }
+    template <typename T> FLASH_DEV Rows<T> k(const FlashParams& p, int hk) const {
+        return {static_cast<const T*>(p.k) + k_off + hk * p.k_head_stride, p.k_tok_stride};
+    }
+    template <typename T> FLASH_DEV Rows<T> v(const FlashParams& p, int hk) const {
+        return {static_cast<const T*>(p.v) + v_off + hk * p.v_head_stride, p.v_tok_stride};
+    }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Loading rows [r0, r0 + valid_rows) of x, D columns, into an nrows-row tile of shared memory
+// (row pitch `ld` elements), by the block's nthreads threads. Rows past valid_rows and columns
+// >= head_dim are zero-filled: padded keys then score 0 and carry V = 0, so a masked
+// probability can never multiply garbage (NaN * 0 = NaN).
+
+template <typename T, int D>
+FLASH_DEV void load_tile(T* smem, int ld, Rows<T> x, int r0, int valid_rows, int nrows,
+                         const FlashParams& p, int tid, int nthreads) {
+    constexpr int kChunk = 16 / sizeof(T);  // elements per 16-byte copy
+    constexpr int kChunksPerRow = D / kChunk;
+    const T* gbase = x.row(r0);
+    const bool vec = p.vec_loads != 0;
+    for (int idx = tid; idx < nrows * kChunksPerRow; idx += nthreads) {
+        int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * kChunk;
+        T* dst = smem + r * ld + c;
+        const T* src = gbase + (long long)r * x.tok + c;
+        if (r < valid_rows && vec && c + kChunk <= p.head_dim) {
+            cp_async16(dst, src);
+        } else {
+#pragma unroll
+            for (int e = 0; e < kChunk; ++e)
+                dst[e] = (r < valid_rows && c + e < p.head_dim) ? src[e] : from_f32<T>(0.f);
+        }
+    }
+}
 
 // Visibility and score modifiers of one (sequence, query head): the CUDA twin of
 // flash_ops::mask::ScoreMods. Query i sees keys [i + diag - wl, i + diag + wr] within [0, k_len),
@@ -247,8 +272,30 @@ struct Dropout {
     }
 };
 
-// Head dimensions with kernels; the Rust side picks the smallest >= head_dim (padding with
-// zero-filled columns).
-FLASH_DEV constexpr int pad16(int bytes_per_elem) { return 16 / bytes_per_elem; }
-
 }  // namespace flash
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: the extern "C" kernels the launch plan (src/plan/cuda.rs) names, one per element
+// type (FLASH_DTYPES) and head dim (FLASH_HEAD_DIMS, kernels/head_dims.h).
+
+// The element types with kernels, as X(name, type, args...).
+#define FLASH_DTYPES(X, ...) X(f32, float, __VA_ARGS__) X(f16, __half, __VA_ARGS__) X(bf16, __nv_bfloat16, __VA_ARGS__)
+
+// flash_<FN>_<dt>_d<D> for every element type and head dim: flash::FN<T, D>, a block of
+// CFG<T, D>::kThreads threads.
+#define FLASH_KERNEL_TD(D, DT, T, FN, CFG)                                                    \
+    extern "C" __global__ void __launch_bounds__(flash::CFG<T, D>::kThreads, 1)               \
+        flash_##FN##_##DT##_d##D(const FlashParams p) {                                       \
+        flash::FN<T, D>(p);                                                                   \
+    }                                                                                         \
+    FLASH_EMU_REGISTER(flash_##FN##_##DT##_d##D)
+#define FLASH_KERNELS_D(DT, T, FN, CFG) FLASH_HEAD_DIMS(FLASH_KERNEL_TD, DT, T, FN, CFG)
+#define FLASH_KERNELS_TD(FN, CFG) FLASH_DTYPES(FLASH_KERNELS_D, FN, CFG)
+
+// flash_<FN>_<dt> for every element type: flash::FN<T>, a block of at most THREADS threads.
+#define FLASH_KERNEL_T(DT, T, FN, THREADS)                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_##FN##_##DT(const FlashParams p) { \
+        flash::FN<T>(p);                                                                      \
+    }                                                                                         \
+    FLASH_EMU_REGISTER(flash_##FN##_##DT)
+#define FLASH_KERNELS_T(FN, THREADS) FLASH_DTYPES(FLASH_KERNEL_T, FN, THREADS)

@@ -1,4 +1,4 @@
-// Tile shapes per (element type, head dim). crates/flash-ops/src/cuda/plan.rs mirrors these
+// Tile shapes per (element type, head dim). crates/flash-ops/src/plan/cuda.rs mirrors these
 // numbers to size grids and dynamic shared memory; check_launch() traps on a mismatch.
 #pragma once
 #include "flash_common.cuh"
@@ -20,18 +20,19 @@ template <typename T, int D> struct FwdCfg {
     static constexpr unsigned kSmem = (unsigned)((kBr + 2 * kStages * kBc) * kLd * sizeof(T));
 };
 
-// Backward: a block owns kBc keys; warps form a (key group of 16) x (head-dim slice) grid. Each
-// warp accumulates dK and dV for its 16 keys and its kDW columns in registers (kDW <= 64 keeps
-// them at <= 64 registers), recomputing S^T and dP^T of its key group (the redundancy across
-// slices only exists for D > 64).
+// Backward: a block owns kBc keys; its warps form a kWarpsK x kWarpsD grid of (key group of 16)
+// x (head-dim slice of kSliceD columns). Each warp accumulates dK and dV for its 16 keys and its
+// slice in registers (kSliceD <= 64 keeps them at <= 64 registers), recomputing S^T and dP^T of
+// its key group (the redundancy across slices only exists for D > 64).
 template <typename T, int D> struct BwdCfg {
     static constexpr bool kF32 = sizeof(T) == 4;
     static constexpr int kBc = (kF32 || D > 128) ? 32 : 64;
     static constexpr int kBr = (kF32 || D > 128) ? 32 : 64;
-    static constexpr int kWK = kBc / 16;
-    static constexpr int kWD = D <= 64 ? 1 : (D == 96 ? 2 : D / 64);
-    static constexpr int kDW = D / kWD;
-    static constexpr int kWarps = kWK * kWD, kThreads = kWarps * 32;
+    static constexpr int kWarpsK = kBc / 16;
+    static constexpr int kWarpsD = D <= 64 ? 1 : (D == 96 ? 2 : D / 64);
+    static constexpr int kSliceD = D / kWarpsD;
+    static_assert(kSliceD * kWarpsD == D && kSliceD % 16 == 0, "head-dim slices of 16-column steps");
+    static constexpr int kWarps = kWarpsK * kWarpsD, kThreads = kWarps * 32;
     static constexpr int kLd = Pitch<T, D>::kLd;
     static constexpr int kLdS = kBr + 16 / (int)sizeof(T);  // dS^T tile [key][query]
     static constexpr unsigned kSmem =

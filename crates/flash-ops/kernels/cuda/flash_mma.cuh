@@ -21,43 +21,34 @@ template <typename T> struct Mma;
 
 // ---- f16 / bf16: tensor cores -----------------------------------------------------------------
 
-FLASH_DEV void ldsm_x4(uint32_t (&r)[4], const void* p) {
+// ldmatrix.x4: four 8x8 b16 matrices, lanes 8i..8i+7 giving the row addresses of matrix i
+// (.trans: each matrix transposed).
+template <bool kTrans> FLASH_DEV void ldsm_x4(uint32_t (&r)[4], const void* p) {
 #ifdef __CUDA_ARCH__
     unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
+#define FLASH_LDSM(SUFFIX)                                                                   \
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4" SUFFIX ".shared.b16 {%0,%1,%2,%3}, [%4];\n" \
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                            \
+                 : "r"(s))
+    if constexpr (kTrans) FLASH_LDSM(".trans");
+    else FLASH_LDSM("");
+#undef FLASH_LDSM
 #else
-    emu_ldmatrix_x4(r, p, false);
-#endif
-}
-FLASH_DEV void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-#ifdef __CUDA_ARCH__
-    unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-#else
-    emu_ldmatrix_x4(r, p, true);
+    emu_ldmatrix_x4(r, p, kTrans);
 #endif
 }
 
 template <bool kBf16>
 FLASH_DEV void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef __CUDA_ARCH__
-    if constexpr (kBf16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
+#define FLASH_MMA(AB)                                                                          \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB                            \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+    if constexpr (kBf16) FLASH_MMA("bf16");
+    else FLASH_MMA("f16");
+#undef FLASH_MMA
 #else
     emu_mma_m16n8k16_16bit(c, a, b, kBf16);
 #endif
@@ -69,22 +60,22 @@ template <typename T, bool kBf16> struct Mma16 {
 
     // A = 16x16 tile of row-major [m][k] storage at `base` (pitch ld).
     static FLASH_DEV void load_a(FragA& a, const T* base, int ld, int lane) {
-        ldsm_x4(a.r, base + (lane & 15) * ld + (lane >> 4) * 8);
+        ldsm_x4<false>(a.r, base + (lane & 15) * ld + (lane >> 4) * 8);
     }
     // A from transposed storage [k][m] (dS^T kept as [key][query]).
     static FLASH_DEV void load_a_trans(FragA& a, const T* base, int ld, int lane) {
-        ldsm_x4_trans(a.r, base + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
+        ldsm_x4<true>(a.r, base + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
     }
     // Two B tiles (n = 0..7, 8..15) of one k-step from [n][k] storage (K as the B of Q K^T).
     static FLASH_DEV void load_b_nk2(FragB& b0, FragB& b1, const T* base, int ld, int lane) {
         uint32_t r[4];
-        ldsm_x4(r, base + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
+        ldsm_x4<false>(r, base + ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8);
         b0.r[0] = r[0]; b0.r[1] = r[1]; b1.r[0] = r[2]; b1.r[1] = r[3];
     }
     // Two B tiles from [k][n] storage (V as the B of P V): ldmatrix.trans.
     static FLASH_DEV void load_b_kn2(FragB& b0, FragB& b1, const T* base, int ld, int lane) {
         uint32_t r[4];
-        ldsm_x4_trans(r, base + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8);
+        ldsm_x4<true>(r, base + ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8);
         b0.r[0] = r[0]; b0.r[1] = r[1]; b1.r[0] = r[2]; b1.r[1] = r[3];
     }
     // Accumulators of n-tiles 2t, 2t+1 as the A operand of k-step t (rounded to T).
@@ -180,5 +171,89 @@ template <> struct Mma<float> {
 #endif
     }
 };
+
+// ---- one warp's tile products ------------------------------------------------------------------
+// A 16 x 8N accumulator tile is float[N][4] per lane (layout C above). Operands in shared memory
+// are row-major with pitch ld; kk is the k-step (16 values of the reduced index).
+
+template <int N> FLASH_DEV void zero_acc(float (&c)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+}
+
+// n-tiles 2 n2, 2 n2 + 1 of C += A B for one k-step, A given: their B tiles at b, stored [n][k]
+// (kKN false: K in S = Q K^T) or [k][n] (V in O = P V).
+template <bool kKN, typename T, int N>
+FLASH_DEV void mma_pair(float (&c)[N][4], const typename Mma<T>::FragA& a, const T* b, int n2,
+                        int ld, int lane) {
+    using M = Mma<T>;
+    typename M::FragB b0, b1;
+    if constexpr (kKN) M::load_b_kn2(b0, b1, b, ld, lane);
+    else M::load_b_nk2(b0, b1, b, ld, lane);
+    M::mma(c[2 * n2], a, b0);
+    M::mma(c[2 * n2 + 1], a, b1);
+}
+
+// C (16 x 8N) += A B^T over K columns: A's 16 rows at a, B's 8N rows at b stored [n][k].
+template <int K, typename T, int N>
+FLASH_DEV void mma_abt(float (&c)[N][4], const T* a, const T* b, int ld, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        typename Mma<T>::FragA fa;
+        Mma<T>::load_a(fa, a + kk * 16, ld, lane);
+#pragma unroll
+        for (int n2 = 0; n2 < N / 2; ++n2)
+            mma_pair<false>(c, fa, b + n2 * 16 * ld + kk * 16, n2, ld, lane);
+    }
+}
+
+// Two such products interleaved over one k loop (the backward's S and dP; the order the
+// compile gate's register counts were measured with).
+template <int K, typename T, int N>
+FLASH_DEV void mma_abt2(float (&c0)[N][4], const T* a0, const T* b0, float (&c1)[N][4],
+                        const T* a1, const T* b1, int ld, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        typename Mma<T>::FragA f0, f1;
+        Mma<T>::load_a(f0, a0 + kk * 16, ld, lane);
+        Mma<T>::load_a(f1, a1 + kk * 16, ld, lane);
+#pragma unroll
+        for (int n2 = 0; n2 < N / 2; ++n2) {
+            mma_pair<false>(c0, f0, b0 + n2 * 16 * ld + kk * 16, n2, ld, lane);
+            mma_pair<false>(c1, f1, b1 + n2 * 16 * ld + kk * 16, n2, ld, lane);
+        }
+    }
+}
+
+// C (16 x 8N) += P B: P (16 x 8NP) the accumulators, two n-tiles per k-step as the A operand
+// (rounded to T: the probabilities never leave registers), B's rows at b stored [k][n].
+template <typename T, int N, int NP>
+FLASH_DEV void mma_pb(float (&c)[N][4], const float (&p)[NP][4], const T* b, int ld, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < NP / 2; ++kk) {
+        typename Mma<T>::FragA fa;
+        Mma<T>::acc_to_a(fa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int n2 = 0; n2 < N / 2; ++n2)
+            mma_pair<true>(c, fa, b + kk * 16 * ld + n2 * 16, n2, ld, lane);
+    }
+}
+
+// Two such products interleaved over one k loop (the backward's dV and dK).
+template <typename T, int N, int NP>
+FLASH_DEV void mma_pb2(float (&c0)[N][4], const float (&p0)[NP][4], const T* b0, float (&c1)[N][4],
+                       const float (&p1)[NP][4], const T* b1, int ld, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < NP / 2; ++kk) {
+        typename Mma<T>::FragA f0, f1;
+        Mma<T>::acc_to_a(f0, p0[2 * kk], p0[2 * kk + 1]);
+        Mma<T>::acc_to_a(f1, p1[2 * kk], p1[2 * kk + 1]);
+#pragma unroll
+        for (int n2 = 0; n2 < N / 2; ++n2) {
+            mma_pair<true>(c0, f0, b0 + kk * 16 * ld + n2 * 16, n2, ld, lane);
+            mma_pair<true>(c1, f1, b1 + kk * 16 * ld + n2 * 16, n2, ld, lane);
+        }
+    }
+}
 
 }  // namespace flash

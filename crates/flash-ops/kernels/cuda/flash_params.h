@@ -1,4 +1,4 @@
-// Kernel parameters, shared with Rust: crates/flash-ops/src/cuda/params.rs mirrors this struct
+// Kernel parameters, shared with Rust: crates/flash-ops/src/plan/cuda.rs mirrors this struct
 // field for field (#[repr(C)], pointers as u64). Change both together; the Rust side has a
 // size/offset test against the numbers below.
 //

@@ -4,6 +4,7 @@
 // from global memory, rescaled and written back (an f32 accumulator, converted once at the
 // end). That traffic and the batch x heads parallelism are what FlashAttention-2 removed; this
 // kernel exists to reproduce the comparison. Saves m and l (m_l), like the CPU V1 path.
+#include "flash_acc.cuh"
 #include "flash_config.cuh"
 #include "flash_mma.cuh"
 
@@ -11,7 +12,6 @@ namespace flash {
 
 template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
     using C = FwdCfg<T, D>;  // same tiles as V2; uses sQ + one K/V stage of its smem
-    using M = Mma<T>;
     constexpr int kBr = C::kBr, kBc = C::kBc, kLd = C::kLd, kNT = kBc / 8, kDT = D / 8;
     check_launch(C::kSmem, C::kThreads);
 
@@ -25,7 +25,6 @@ template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
     T* sQ = reinterpret_cast<T*>(smem_raw);
     T* sK = sQ + kBr * kLd;
     T* sV = sK + kBc * kLd;
-    const bool vec = p.vec_loads != 0;
 
     const long long st = sq.lse_off + (long long)h * p.lse_head_stride;  // m at st + i
     float* gm = p.m_l + st;
@@ -44,94 +43,33 @@ template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
         md.query_range_keys(j0, j0 + cols, q_lo, q_hi);
         if (q_lo >= q_hi) continue;  // block skipping (uniform over the block)
         __syncthreads();  // previous tile: sK/sV readers and m/l writers done
-        load_tile<T, D>(sK, kLd,
-                        static_cast<const T*>(p.k) + sq.k_off + hk * p.k_head_stride +
-                            (long long)j0 * p.k_tok_stride,
-                        p.k_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
-        load_tile<T, D>(sV, kLd,
-                        static_cast<const T*>(p.v) + sq.v_off + hk * p.v_head_stride +
-                            (long long)j0 * p.v_tok_stride,
-                        p.v_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
+        load_tile<T, D>(sK, kLd, sq.k<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
+        load_tile<T, D>(sV, kLd, sq.v<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
         cp_async_commit();
         for (int i0 = q_lo; i0 < q_hi; i0 += kBr) {
             const int rows = min(kBr, q_hi - i0);
             __syncthreads();
-            load_tile<T, D>(sQ, kLd,
-                            static_cast<const T*>(p.q) + sq.q_off + h * p.q_head_stride +
-                                (long long)i0 * p.q_tok_stride,
-                            p.q_tok_stride, rows, kBr, p.head_dim, vec, tid, C::kThreads);
+            load_tile<T, D>(sQ, kLd, sq.q<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
             cp_async_commit();
             cp_async_wait<0>();
             __syncthreads();
 
             float sc[kNT][4];
-#pragma unroll
-            for (int n = 0; n < kNT; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                typename M::FragA a;
-                M::load_a(a, sQ + warp * 16 * kLd + kk * 16, kLd, lane);
-#pragma unroll
-                for (int n2 = 0; n2 < kNT / 2; ++n2) {
-                    typename M::FragB b0, b1;
-                    M::load_b_nk2(b0, b1, sK + n2 * 16 * kLd + kk * 16, kLd, lane);
-                    M::mma(sc[2 * n2], a, b0);
-                    M::mma(sc[2 * n2 + 1], a, b1);
-                }
-            }
+            zero_acc(sc);
+            mma_abt<D>(sc, sQ + warp * 16 * kLd, sK, kLd, lane);
             const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-#pragma unroll
-            for (int n = 0; n < kNT; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = row[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
-                    const float x = sc[n][e] * p.scale;
-                    sc[n][e] = (j < j0 + cols && md.visible(i, j)) ? md.modify(x, i, j) : -FLASH_INF;
-                }
+            mask_scores(sc, md, p.scale, row, j0, cols, c, false);
             // Tile statistics m~, l~ and P~ = exp(S - m~) (Algorithm 1 line 10).
             float mt[2], lt[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float mx = -FLASH_INF;
-#pragma unroll
-                for (int n = 0; n < kNT; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-                mt[r] = quad_max(mx);
-                const float base = mt[r] == -FLASH_INF ? 0.f : mt[r];
-                float sum = 0.f;
-#pragma unroll
-                for (int n = 0; n < kNT; ++n) {
-                    sc[n][2 * r] = fexp(sc[n][2 * r] - base);
-                    sc[n][2 * r + 1] = fexp(sc[n][2 * r + 1] - base);
-                    sum += sc[n][2 * r] + sc[n][2 * r + 1];
-                }
-                lt[r] = quad_sum(sum);
+                mt[r] = row_max(sc, r, -FLASH_INF);
+                lt[r] = quad_sum(exp_row(sc, r, exp_base(mt[r])));
             }
-            if (p.has_dropout) {
-#pragma unroll
-                for (int n = 0; n < kNT; ++n)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        float f0, f1;
-                        dr.pair(row[r], j0 + n * 8 + 2 * c, f0, f1);
-                        sc[n][2 * r] *= f0;
-                        sc[n][2 * r + 1] *= f1;
-                    }
-            }
+            if (p.has_dropout) apply_dropout(sc, dr, row, j0, c);
             float pv[kDT][4];
-#pragma unroll
-            for (int d = 0; d < kDT; ++d) pv[d][0] = pv[d][1] = pv[d][2] = pv[d][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < kBc / 16; ++kk) {
-                typename M::FragA a;
-                M::acc_to_a(a, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-                for (int d2 = 0; d2 < D / 16; ++d2) {
-                    typename M::FragB b0, b1;
-                    M::load_b_kn2(b0, b1, sV + kk * 16 * kLd + d2 * 16, kLd, lane);
-                    M::mma(pv[2 * d2], a, b0);
-                    M::mma(pv[2 * d2 + 1], a, b1);
-                }
-            }
+            zero_acc(pv);
+            mma_pb(pv, sc, sV, kLd, lane);
             // O_i <- diag(l_new)^-1 (diag(l_i) e^{m_i - m_new} O_i + e^{m~ - m_new} P~ V_j),
             // through global memory (Algorithm 1 lines 11-13).
             float m_new[2], l_new[2];
@@ -175,20 +113,4 @@ template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
 
 }  // namespace flash
 
-#define FLASH_FWD_V1(NAME, T, D)                                                              \
-    extern "C" __global__ void __launch_bounds__(flash::FwdCfg<T, D>::kThreads, 1)               \
-        NAME(const FlashParams p) {                                                           \
-        flash::fwd_v1<T, D>(p);                                                               \
-    }                                                                                         \
-    FLASH_EMU_REGISTER(NAME)
-
-#define FLASH_FWD_V1_ALL_D(DT, T)                  \
-    FLASH_FWD_V1(flash_fwd_v1_##DT##_d32, T, 32)   \
-    FLASH_FWD_V1(flash_fwd_v1_##DT##_d64, T, 64)   \
-    FLASH_FWD_V1(flash_fwd_v1_##DT##_d96, T, 96)   \
-    FLASH_FWD_V1(flash_fwd_v1_##DT##_d128, T, 128) \
-    FLASH_FWD_V1(flash_fwd_v1_##DT##_d256, T, 256)
-
-FLASH_FWD_V1_ALL_D(f32, float)
-FLASH_FWD_V1_ALL_D(f16, __half)
-FLASH_FWD_V1_ALL_D(bf16, __nv_bfloat16)
+FLASH_KERNELS_TD(fwd_v1, FwdCfg)

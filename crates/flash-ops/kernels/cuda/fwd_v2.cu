@@ -5,6 +5,7 @@
 // K/V tiles stream through shared memory with cp.async double buffering (the next tile loads
 // while this one is multiplied). Tiles that no row of the block can see (causal, window) are
 // never visited: the k loop runs over the visible key range of the block only.
+#include "flash_acc.cuh"
 #include "flash_config.cuh"
 #include "flash_mma.cuh"
 
@@ -12,7 +13,6 @@ namespace flash {
 
 template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
     using C = FwdCfg<T, D>;
-    using M = Mma<T>;
     constexpr int kBr = C::kBr, kBc = C::kBc, kLd = C::kLd, kNT = kBc / 8, kDT = D / 8;
     check_launch(C::kSmem, C::kThreads);
 
@@ -30,13 +30,7 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
     T* sK = sQ + kBr * kLd;                   // [stage][kBc][kLd]
     T* sV = sK + C::kStages * kBc * kLd;      // [stage][kBc][kLd]
 
-    const T* gq = static_cast<const T*>(p.q) + sq.q_off + h * p.q_head_stride +
-                  (long long)i0 * p.q_tok_stride;
-    const T* gk = static_cast<const T*>(p.k) + sq.k_off + hk * p.k_head_stride;
-    const T* gv = static_cast<const T*>(p.v) + sq.v_off + hk * p.v_head_stride;
-    const bool vec = p.vec_loads != 0;
-
-    load_tile<T, D>(sQ, kLd, gq, p.q_tok_stride, rows, kBr, p.head_dim, vec, tid, C::kThreads);
+    load_tile<T, D>(sQ, kLd, sq.q<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
     cp_async_commit();
 
     int k_lo, k_hi;
@@ -44,17 +38,15 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
     const int n_tiles = k_hi > k_lo ? (k_hi - k_lo + kBc - 1) / kBc : 0;
 
     float acc[kDT][4];
-#pragma unroll
-    for (int t = 0; t < kDT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    zero_acc(acc);
     float m[2] = {-FLASH_INF, -FLASH_INF}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
     const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
 
+    const Rows<T> gk = sq.k<T>(p, hk), gv = sq.v<T>(p, hk);
     auto load_kv = [&](int t, int stage) {
         int j0 = k_lo + t * kBc, cols = min(kBc, k_hi - j0);
-        load_tile<T, D>(sK + stage * kBc * kLd, kLd, gk + (long long)j0 * p.k_tok_stride,
-                        p.k_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
-        load_tile<T, D>(sV + stage * kBc * kLd, kLd, gv + (long long)j0 * p.v_tok_stride,
-                        p.v_tok_stride, cols, kBc, p.head_dim, vec, tid, C::kThreads);
+        load_tile<T, D>(sK + stage * kBc * kLd, kLd, gk, j0, cols, kBc, p, tid, C::kThreads);
+        load_tile<T, D>(sV + stage * kBc * kLd, kLd, gv, j0, cols, kBc, p, tid, C::kThreads);
         cp_async_commit();
     };
     if (n_tiles > 0) load_kv(0, 0);
@@ -73,57 +65,23 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
         const T* cV = sV + stage * kBc * kLd;
         const int j0 = k_lo + t * kBc, cols = min(kBc, k_hi - j0);
 
-        // S = Q K^T for this warp's 16 rows.
+        // S = Q K^T for this warp's 16 rows; scale, modifiers, mask (skipped for interior tiles).
         float sc[kNT][4];
-#pragma unroll
-        for (int n = 0; n < kNT; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            typename M::FragA a;
-            M::load_a(a, sQ + warp * 16 * kLd + kk * 16, kLd, lane);
-#pragma unroll
-            for (int n2 = 0; n2 < kNT / 2; ++n2) {
-                typename M::FragB b0, b1;
-                M::load_b_nk2(b0, b1, cK + n2 * 16 * kLd + kk * 16, kLd, lane);
-                M::mma(sc[2 * n2], a, b0);
-                M::mma(sc[2 * n2 + 1], a, b1);
-            }
-        }
-
-        // Scale, modifiers, mask. The per-element path is skipped for interior tiles.
+        zero_acc(sc);
+        mma_abt<D>(sc, sQ + warp * 16 * kLd, cK, kLd, lane);
         const bool plain = !md.has_mods() && cols == kBc &&
                            md.tile_fully_visible(i0, i0 + rows, j0, j0 + cols);
-#pragma unroll
-        for (int n = 0; n < kNT; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = sc[n][e] * p.scale;
-                if (!plain) {
-                    int i = row[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
-                    x = (j < j0 + cols && md.visible(i, j)) ? md.modify(x, i, j) : -FLASH_INF;
-                }
-                sc[n][e] = x;
-            }
+        mask_scores(sc, md, p.scale, row, j0, cols, c, plain);
 
         // Online softmax: new row max, rescale the accumulator, exponentiate. l stays a
         // per-lane partial sum (reduced over the quad once, at the end).
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float mx = m[r];
-#pragma unroll
-            for (int n = 0; n < kNT; ++n) mx = fmaxf(mx, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
-            mx = quad_max(mx);
-            const float base = mx == -FLASH_INF ? 0.f : mx;  // fully masked so far: exp(-inf) = 0
+            const float mx = row_max(sc, r, m[r]);
+            const float base = exp_base(mx);
             const float corr = fexp(m[r] - base);
             m[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int n = 0; n < kNT; ++n) {
-                sc[n][2 * r] = fexp(sc[n][2 * r] - base);
-                sc[n][2 * r + 1] = fexp(sc[n][2 * r + 1] - base);
-                sum += sc[n][2 * r] + sc[n][2 * r + 1];
-            }
-            l[r] = l[r] * corr + sum;
+            l[r] = l[r] * corr + exp_row(sc, r, base);
 #pragma unroll
             for (int d = 0; d < kDT; ++d) {
                 acc[d][2 * r] *= corr;
@@ -131,31 +89,10 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
             }
         }
         // Dropout acts on the normalised probabilities: l above uses the undropped weights.
-        if (p.has_dropout) {
-#pragma unroll
-            for (int n = 0; n < kNT; ++n)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float f0, f1;
-                    dr.pair(row[r], j0 + n * 8 + 2 * c, f0, f1);
-                    sc[n][2 * r] *= f0;
-                    sc[n][2 * r + 1] *= f1;
-                }
-        }
+        if (p.has_dropout) apply_dropout(sc, dr, row, j0, c);
 
         // O += P V, P taken from the S registers.
-#pragma unroll
-        for (int kk = 0; kk < kBc / 16; ++kk) {
-            typename M::FragA a;
-            M::acc_to_a(a, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-            for (int d2 = 0; d2 < D / 16; ++d2) {
-                typename M::FragB b0, b1;
-                M::load_b_kn2(b0, b1, cV + kk * 16 * kLd + d2 * 16, kLd, lane);
-                M::mma(acc[2 * d2], a, b0);
-                M::mma(acc[2 * d2 + 1], a, b1);
-            }
-        }
+        mma_pb(acc, sc, cV, kLd, lane);
         __syncthreads();  // the next prefetch overwrites this stage
     }
     cp_async_wait<0>();
@@ -165,16 +102,10 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float lt = quad_sum(l[r]);
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
         const int i = row[r];
         if (i < sq.q_len) {
-            T* orow = go + (long long)i * p.o_tok_stride;
-#pragma unroll
-            for (int d = 0; d < kDT; ++d) {
-                int col = d * 8 + 2 * c;
-                if (col < p.head_dim) orow[col] = from_f32<T>(acc[d][2 * r] * inv);
-                if (col + 1 < p.head_dim) orow[col + 1] = from_f32<T>(acc[d][2 * r + 1] * inv);
-            }
+            store_row(go + (long long)i * p.o_tok_stride, acc, r, c, lt > 0.f ? 1.f / lt : 0.f,
+                      p.head_dim);
             if (c == 0)
                 p.lse[sq.lse_off + (long long)h * p.lse_head_stride + i] =
                     lt > 0.f ? m[r] + logf(lt) : -FLASH_INF;
@@ -184,20 +115,4 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
 
 }  // namespace flash
 
-#define FLASH_FWD_V2(NAME, T, D)                                                              \
-    extern "C" __global__ void __launch_bounds__(flash::FwdCfg<T, D>::kThreads, 1)               \
-        NAME(const FlashParams p) {                                                           \
-        flash::fwd_v2<T, D>(p);                                                               \
-    }                                                                                         \
-    FLASH_EMU_REGISTER(NAME)
-
-#define FLASH_FWD_V2_ALL_D(DT, T)                  \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d32, T, 32)   \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d64, T, 64)   \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d96, T, 96)   \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d128, T, 128) \
-    FLASH_FWD_V2(flash_fwd_v2_##DT##_d256, T, 256)
-
-FLASH_FWD_V2_ALL_D(f32, float)
-FLASH_FWD_V2_ALL_D(f16, __half)
-FLASH_FWD_V2_ALL_D(bf16, __nv_bfloat16)
+FLASH_KERNELS_TD(fwd_v2, FwdCfg)

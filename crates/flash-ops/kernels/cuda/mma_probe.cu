@@ -1,5 +1,5 @@
 // Probe of the warp-level operand loads and products of flash_mma.cuh, for checking that the
-// emulator's ldmatrix / mma (kernels/emu/cuda_shim.h) agree with the hardware: run on both, each
+// emulator's ldmatrix / mma (crates/flash-emu/csrc/cuda_shim.h) agree with the hardware: run on both, each
 // result compared with a plain matrix product. One warp; A = q, B = k (16x16 each, row-major,
 // in the kernel dtype); writes three 16x16 f32 products to dq_accum:
 //   [0]  A B^T  (load_a + load_b_nk2: B stored [n][k], as K in Q K^T)
@@ -45,12 +45,4 @@ template <typename T> __device__ void mma_probe(const FlashParams& p) {
 }
 }  // namespace flash
 
-#define FLASH_MMA_PROBE(NAME, T)                                                 \
-    extern "C" __global__ void __launch_bounds__(32) NAME(const FlashParams p) { \
-        flash::mma_probe<T>(p);                                                  \
-    }                                                                            \
-    FLASH_EMU_REGISTER(NAME)
-
-FLASH_MMA_PROBE(flash_mma_probe_f32, float)
-FLASH_MMA_PROBE(flash_mma_probe_f16, __half)
-FLASH_MMA_PROBE(flash_mma_probe_bf16, __nv_bfloat16)
+FLASH_KERNELS_T(mma_probe, 32)

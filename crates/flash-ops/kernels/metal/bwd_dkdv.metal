@@ -90,15 +90,4 @@ template <typename T, int D>
                            j0, j1, hd, tid, NT, sg, 1.0f);
 }
 
-#define FLASH_DKDV_DIMS(T, tn)                                       \
-    FLASH_INSTANCE(flash_bwd_dkdv_##tn##_d32, flash_bwd_dkdv, T, 32)   \
-    FLASH_INSTANCE(flash_bwd_dkdv_##tn##_d64, flash_bwd_dkdv, T, 64)   \
-    FLASH_INSTANCE(flash_bwd_dkdv_##tn##_d96, flash_bwd_dkdv, T, 96)   \
-    FLASH_INSTANCE(flash_bwd_dkdv_##tn##_d128, flash_bwd_dkdv, T, 128) \
-    FLASH_INSTANCE(flash_bwd_dkdv_##tn##_d256, flash_bwd_dkdv, T, 256)
-
-FLASH_DKDV_DIMS(float, f32)
-FLASH_DKDV_DIMS(half, f16)
-#if defined(__HAVE_BFLOAT__)
-FLASH_DKDV_DIMS(bfloat, bf16)
-#endif
+FLASH_INSTANCES_TD(flash_bwd_dkdv)

@@ -79,15 +79,4 @@ template <typename T, int D>
                            (int)si.q_len, hd, tid, NT, sg, p.scale);
 }
 
-#define FLASH_DQ_DIMS(T, tn)                                     \
-    FLASH_INSTANCE(flash_bwd_dq_##tn##_d32, flash_bwd_dq, T, 32)   \
-    FLASH_INSTANCE(flash_bwd_dq_##tn##_d64, flash_bwd_dq, T, 64)   \
-    FLASH_INSTANCE(flash_bwd_dq_##tn##_d96, flash_bwd_dq, T, 96)   \
-    FLASH_INSTANCE(flash_bwd_dq_##tn##_d128, flash_bwd_dq, T, 128) \
-    FLASH_INSTANCE(flash_bwd_dq_##tn##_d256, flash_bwd_dq, T, 256)
-
-FLASH_DQ_DIMS(float, f32)
-FLASH_DQ_DIMS(half, f16)
-#if defined(__HAVE_BFLOAT__)
-FLASH_DQ_DIMS(bfloat, bf16)
-#endif
+FLASH_INSTANCES_TD(flash_bwd_dq)

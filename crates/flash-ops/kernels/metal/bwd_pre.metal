@@ -25,9 +25,5 @@ template <typename T, int D>
     }
 }
 
-// The head dim is a run-time loop bound here: one instance per element type (D unused).
-FLASH_INSTANCE(flash_bwd_pre_f32, flash_bwd_pre, float, 0)
-FLASH_INSTANCE(flash_bwd_pre_f16, flash_bwd_pre, half, 0)
-#if defined(__HAVE_BFLOAT__)
-FLASH_INSTANCE(flash_bwd_pre_bf16, flash_bwd_pre, bfloat, 0)
-#endif
+// The head dim is a run-time loop bound here: one instance per element type.
+FLASH_INSTANCES_T(flash_bwd_pre)

@@ -5,14 +5,15 @@
 //  * the Metal backend (crates/flash-ops/src/metal): it concatenates this header and the
 //    kernel files (dropping the `#include "..."` lines, since newLibraryWithSource has no file
 //    system) and compiles the result at run time;
-//  * the SIMT emulator (kernels/emu-metal): g++ -DFLASH_EMU compiles the same files as C++
-//    against kernels/emu/msl_shim.h.
+//  * the SIMT emulator (crates/flash-emu): g++ -DFLASH_EMU compiles the same files as C++
+//    against its csrc/msl_shim.h.
 //
 // Design (the metal-flash-attention / MLX split): every tile GEMM is a chain of 8x8
 // `simdgroup_matrix` multiply-accumulates on f32 operands, and everything that needs single
 // elements (masking, softmax, dS) goes through threadgroup memory, so the kernels never depend
 // on how a simdgroup_matrix is spread over the lanes (Apple leaves that undocumented).
 #pragma once
+#include "../head_dims.h"
 
 #ifdef FLASH_EMU
 #include "msl_shim.h"
@@ -32,7 +33,25 @@ using namespace metal;
 #define FLASH_CHECK_SMEM(bytes)
 #endif
 
-// Mirrored by `MetalParams` in crates/flash-ops/src/metal/plan.rs (#[repr(C)], same order).
+// The element types with kernels, as X(name, type, args...): bf16 where the compiler has MSL
+// 3.1's `bfloat`.
+#if defined(__HAVE_BFLOAT__)
+#define FLASH_BF16(X, ...) X(bf16, bfloat, __VA_ARGS__)
+#else
+#define FLASH_BF16(X, ...)
+#endif
+#define FLASH_DTYPES(X, ...) X(f32, float, __VA_ARGS__) X(f16, half, __VA_ARGS__) FLASH_BF16(X, __VA_ARGS__)
+
+// Every instance of the kernel template fn<T, D> the launch plan (src/plan/metal.rs) names:
+// fn_<dt>_d<D> per element type and head dim (FLASH_INSTANCES_TD), or fn_<dt> for a kernel
+// whose head dim is a run-time loop bound (FLASH_INSTANCES_T, D = 0).
+#define FLASH_INSTANCE_TD(D, tn, T, fn) FLASH_INSTANCE(fn##_##tn##_d##D, fn, T, D)
+#define FLASH_INSTANCES_D(tn, T, fn) FLASH_HEAD_DIMS(FLASH_INSTANCE_TD, tn, T, fn)
+#define FLASH_INSTANCES_TD(fn) FLASH_DTYPES(FLASH_INSTANCES_D, fn)
+#define FLASH_INSTANCE_T(tn, T, fn) FLASH_INSTANCE(fn##_##tn, fn, T, 0)
+#define FLASH_INSTANCES_T(fn) FLASH_DTYPES(FLASH_INSTANCE_T, fn)
+
+// Mirrored by `MetalParams` in crates/flash-ops/src/plan/metal.rs (#[repr(C)], same order).
 struct MetalFlashParams {
     long q_tok_stride, q_head_stride;
     long k_tok_stride, k_head_stride;
@@ -247,7 +266,7 @@ inline void scale_rows(thread simdgroup_float8x8 *acc, threadgroup const float *
     }
 }
 
-// Tile sizes (mirrored by crates/flash-ops/src/metal/plan.rs). 4 simdgroups of 32 threads;
+// Tile sizes (mirrored by crates/flash-ops/src/plan/metal.rs). 4 simdgroups of 32 threads;
 // every f32 tile fits Apple's 32 KiB of threadgroup memory for D up to 256.
 #define FLASH_THREADS 128
 #define FLASH_BR 32  // query rows per forward / dQ threadgroup, 8 per simdgroup

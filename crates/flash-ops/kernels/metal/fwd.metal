@@ -105,15 +105,4 @@ template <typename T, int D>
                            (int)si.q_len, hd, tid, NT, sg, 1.0f);
 }
 
-#define FLASH_FWD_DIMS(T, tn)                    \
-    FLASH_INSTANCE(flash_fwd_##tn##_d32, flash_fwd, T, 32)   \
-    FLASH_INSTANCE(flash_fwd_##tn##_d64, flash_fwd, T, 64)   \
-    FLASH_INSTANCE(flash_fwd_##tn##_d96, flash_fwd, T, 96)   \
-    FLASH_INSTANCE(flash_fwd_##tn##_d128, flash_fwd, T, 128) \
-    FLASH_INSTANCE(flash_fwd_##tn##_d256, flash_fwd, T, 256)
-
-FLASH_FWD_DIMS(float, f32)
-FLASH_FWD_DIMS(half, f16)
-#if defined(__HAVE_BFLOAT__)
-FLASH_FWD_DIMS(bfloat, bf16)
-#endif
+FLASH_INSTANCES_TD(flash_fwd)

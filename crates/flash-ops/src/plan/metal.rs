@@ -42,9 +42,7 @@ pub struct MetalParams {
 pub const PARAMS_SIZE: usize = 144;
 const _: () = assert!(std::mem::size_of::<MetalParams>() == PARAMS_SIZE);
 
-/// Head dimensions with compiled kernels; a problem runs on the smallest one >= its head_dim
-/// (the extra columns are zero in threadgroup memory and never stored).
-pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+pub use super::HEAD_DIMS;
 
 pub fn kernel_head_dim(d: usize) -> Option<usize> {
     HEAD_DIMS.iter().copied().find(|&k| k >= d)
