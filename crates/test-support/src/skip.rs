@@ -28,7 +28,11 @@ mod tests {
     #[test]
     fn fails_where_promised_skips_elsewhere() {
         const VAR: &str = "FLASH_TEST_SUPPORT_SELFTEST_REQUIRE";
-        skip_or_fail("skip_or_fail self-test", "this SKIPPED line is expected", VAR);
+        skip_or_fail(
+            "skip_or_fail self-test",
+            "this SKIPPED line is expected",
+            VAR,
+        );
         std::env::set_var(VAR, "1");
         let r = std::panic::catch_unwind(|| skip_or_fail("selftest", "nothing here", VAR));
         std::env::remove_var(VAR);
