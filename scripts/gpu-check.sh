@@ -101,6 +101,8 @@ run() {
   echo "## probe: emulated mma/ldmatrix layouts vs the hardware" | tee -a "$log"
   "$bin/flash_ops_unit" mma_probe --nocapture 2>&1 | tee -a "$log" || status=1
   echo "## CUDA test suite" | tee -a "$log"
+  # A GPU is promised here: a suite that cannot open the device fails instead of skipping.
+  export FLASH_OPS_REQUIRE_GPU=1
   "$bin/cuda_tests" --nocapture --test-threads=1 2>&1 | tee -a "$log" || status=1
   local san="$CARRY/sanitizer/compute-sanitizer"
   command -v compute-sanitizer >/dev/null && san="$(command -v compute-sanitizer)"

@@ -7,7 +7,8 @@ use flash_ops::AttnOptions;
 
 mod shared;
 use emu::{host_input, Dt};
-use shared::{case, check, Rng, DTYPES};
+use flash_test_support::{to_f64_vec, Rng};
+use shared::{case, check, DTYPES};
 
 pub fn tol(dtype: DType) -> f64 {
     // About 4x the largest error measured (f16 3.7e-4, bf16 3.0e-3, f32 3.3e-7): the output
@@ -47,7 +48,7 @@ fn deterministic_dq() {
 fn mma_probe_matches_matmul() {
     use emu::{launch, plan, Buf};
     for dt in [Dt::F16, Dt::Bf16, Dt::F32] {
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         let dtype = match dt {
             Dt::F16 => DType::F16,
             Dt::Bf16 => DType::BF16,
@@ -66,20 +67,8 @@ fn mma_probe_matches_matmul() {
         };
         launch(&plan::probe_launch(dt), &fp).unwrap();
         let got = out.to_f32(Dt::F32);
-        let af: Vec<f32> = a
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let bf: Vec<f32> = b
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let f32s = |t: &Tensor| -> Vec<f32> { to_f64_vec(t).iter().map(|&x| x as f32).collect() };
+        let (af, bf) = (f32s(&a), f32s(&b));
         let round = |x: f32| match dt {
             Dt::F16 => half::f16::from_f32(x).to_f32(),
             Dt::Bf16 => half::bf16::from_f32(x).to_f32(),

@@ -1,19 +1,17 @@
 //! `flash-ops-check` reads q, k, v, do from safetensors and writes o, lse, dq, dk, dv that agree
 //! with the f64 reference; bad arguments exit non-zero with a message naming them.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use flash_ops::AttnOptions;
+use flash_test_support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flash-ops-check");
 
 fn write_inputs(dir: &std::path::Path, with_alibi: bool) -> (Tensor, Tensor, Tensor, Tensor) {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let q = rng.tensor(&[2, 37, 4, 32]);
     let k = rng.tensor(&[2, 53, 2, 32]);
     let v = rng.tensor(&[2, 53, 2, 32]);

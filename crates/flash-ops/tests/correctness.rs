@@ -1,13 +1,9 @@
 //! Seeded random sweep over shapes and every option: output, log-sum-exp and dq, dk, dv of both
 //! schedules against the f64 reference, by relative error.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
-use common::*;
-use flash_ops::{
-    flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions, Varlen,
-};
+use flash_ops::{flash_attn_varlen_with_lse, flash_attn_with_lse, Algorithm, AttnOptions, Varlen};
+use flash_test_support::*;
 
 const F32_TOL: f64 = 1e-5;
 const HALF_TOL: f64 = 2e-2;
@@ -79,10 +75,7 @@ fn random_case(rng: &mut Rng, max_len: usize) -> Case {
 
 fn check_case(rng: &mut Rng, case: &Case, dtype: DType, tol: f64, worst: &mut [f64; 5]) {
     let hq = case.hk * case.group;
-    let q = rng.tensor(&[case.b, case.sq, hq, case.d]);
-    let k = rng.tensor(&[case.b, case.sk, case.hk, case.d]);
-    let v = rng.tensor(&[case.b, case.sk, case.hk, case.d]);
-    let d_out = rng.tensor(&[case.b, case.sq, hq, case.d]);
+    let [q, k, v, d_out] = rng.attn_inputs((case.b, case.sq, case.sk, hq, case.hk, case.d));
     let want = oracle(&q, &k, &v, &d_out, &case.opts);
     for alg in [Algorithm::V1, Algorithm::V2] {
         let opts = case.opts.clone().algorithm(alg);
@@ -90,7 +83,7 @@ fn check_case(rng: &mut Rng, case: &Case, dtype: DType, tol: f64, worst: &mut [f
             flash_attn_with_lse(q, k, v, &opts)
         })
         .unwrap();
-        let e = errors(&got, &want);
+        let e = got.errors(&want);
         let el = lse_err(&got.lse, &want.lse);
         for (w, x) in worst.iter_mut().zip(e.iter().chain([el].iter())) {
             *w = w.max(*x);
@@ -108,7 +101,7 @@ fn check_case(rng: &mut Rng, case: &Case, dtype: DType, tol: f64, worst: &mut [f
 }
 
 fn sweep(seed: u64, cases: usize, max_len: usize, dtype: DType, tol: f64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut worst = [0f64; 5];
     for _ in 0..cases {
         let case = random_case(&mut rng, max_len);
@@ -138,7 +131,7 @@ fn bf16_matches_f64_reference_on_random_cases() {
 /// Several full tiles plus ragged edges, the shapes the kernels' block loops care about.
 #[test]
 fn multi_tile_shapes_match_reference() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut worst = [0f64; 5];
     for (sq, sk, causal) in [
         (64, 64, false),
@@ -162,7 +155,7 @@ fn multi_tile_shapes_match_reference() {
 
 #[test]
 fn varlen_matches_reference() {
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let mut worst = [0f64; 5];
     for trial in 0..12 {
         let nseq = 1 + rng.below(4);
@@ -172,15 +165,8 @@ fn varlen_matches_reference() {
         } else {
             (0..nseq).map(|_| rng.below(150)).collect()
         };
-        let cu = |l: &[usize]| {
-            let mut c = vec![0u32];
-            for &x in l {
-                c.push(c.last().unwrap() + x as u32);
-            }
-            c
-        };
-        let (cq, ck) = (cu(&lens_q), cu(&lens_k));
-        let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
+        let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
+        let (tq, tk) = (lens_q.iter().sum(), lens_k.iter().sum());
         let (hk, group, d) = (
             1 + rng.below(2),
             1 + rng.below(2),
@@ -202,23 +188,19 @@ fn varlen_matches_reference() {
         let k = rng.tensor(&[tk, hk, d]);
         let v = rng.tensor(&[tk, hk, d]);
         let d_out = rng.tensor(&[tq, hq, d]);
-        let cq = Tensor::new(cq.as_slice(), &Device::Cpu).unwrap();
-        let ck = Tensor::new(ck.as_slice(), &Device::Cpu).unwrap();
         let (mq, mk) = (
             lens_q.iter().copied().max().unwrap(),
             lens_k.iter().copied().max().unwrap(),
         );
-        let want = run_with_grads(&q, &k, &v, &d_out, DType::F64, |q, k, v| {
-            reference::naive_attention_varlen(q, k, v, &cq, &ck, mq, mk, &opts)
-        })
-        .unwrap();
+        let batch = Varlen::new(&cq, &ck, mq, mk);
+        let want = oracle_varlen(&q, &k, &v, &d_out, &batch, &opts);
         for alg in [Algorithm::V1, Algorithm::V2] {
             let o = opts.clone().algorithm(alg);
             let got = run_with_grads(&q, &k, &v, &d_out, DType::F32, |q, k, v| {
-                flash_attn_varlen_with_lse(q, k, v, &Varlen::new(&cq, &ck, mq, mk), &o)
+                flash_attn_varlen_with_lse(q, k, v, &batch, &o)
             })
             .unwrap();
-            let e = errors(&got, &want);
+            let e = got.errors(&want);
             let el = lse_err(&got.lse, &want.lse);
             for (w, x) in worst.iter_mut().zip(e.iter().chain([el].iter())) {
                 *w = w.max(*x);
@@ -235,11 +217,8 @@ fn varlen_matches_reference() {
 /// Rows that see no key (key_lengths 0; causal with sq > sk): zeros, zero gradients, no NaN.
 #[test]
 fn fully_masked_rows_are_zero_and_finite() {
-    let mut rng = Rng(5);
-    let q = rng.tensor(&[2, 40, 2, 16]);
-    let k = rng.tensor(&[2, 10, 2, 16]);
-    let v = rng.tensor(&[2, 10, 2, 16]);
-    let d_out = rng.tensor(&[2, 40, 2, 16]);
+    let mut rng = Rng::new(5);
+    let [q, k, v, d_out] = rng.attn_inputs((2, 40, 10, 2, 2, 16));
     let opts = AttnOptions::new().causal(true).key_lengths(vec![0, 10]);
     for alg in [Algorithm::V1, Algorithm::V2] {
         let o = opts.clone().algorithm(alg);
@@ -282,7 +261,7 @@ fn fully_masked_rows_are_zero_and_finite() {
         let lse: Vec<f32> = got.lse.flatten_all().unwrap().to_vec1().unwrap();
         assert!(lse[..80].iter().all(|x| *x == f32::NEG_INFINITY));
         let want = oracle(&q, &k, &v, &d_out, &opts);
-        let e = errors(&got, &want);
+        let e = got.errors(&want);
         assert!(e.iter().all(|x| *x <= F32_TOL), "{alg:?} {e:?}");
     }
 }
@@ -291,7 +270,7 @@ fn fully_masked_rows_are_zero_and_finite() {
 /// the same result as contiguous ones.
 #[test]
 fn strided_inputs_match_contiguous() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let qkv = rng.tensor(&[2, 70, 3, 4, 32]).to_dtype(DType::F32).unwrap();
     let q = qkv.narrow(2, 0, 1).unwrap().squeeze(2).unwrap();
     let k = qkv.narrow(2, 1, 1).unwrap().squeeze(2).unwrap();

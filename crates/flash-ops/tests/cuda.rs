@@ -1,46 +1,26 @@
 //! The CUDA backend on a GPU: the shared GPU suite (common/gpu_suite.rs: the CPU backend's
 //! property checks against the f64 oracle, and the benchmark that `scripts/gpu-check.sh` reports
 //! with `--ignored bench`) plus the deterministic backward. Without a device (e.g. the stub
-//! libcuda of scripts/setup-cuda-toolchain.sh) every test prints why and passes.
+//! libcuda of scripts/setup-cuda-toolchain.sh) every test says SKIPPED on stderr and passes,
+//! or fails under `FLASH_OPS_REQUIRE_GPU=1` (scripts/gpu-check.sh).
 #![cfg(feature = "cuda")]
 
-mod common;
 #[path = "common/gpu_suite.rs"]
 mod gpu_suite;
 
 use candle_core::{DType, Device};
-use common::{run_with_grads, Rng};
 use flash_ops::{flash_attn_with_lse, AttnOptions};
+use flash_test_support::{run_with_grads, Rng};
 
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("no CUDA device, skipping: {e}");
-            None
-        }
-    }
-}
-
-#[test]
-fn dense_options_match_oracle() {
-    if let Some(dev) = gpu() {
-        gpu_suite::dense_options_match_oracle(&dev)
-    }
-}
-
-#[test]
-fn varlen_matches_oracle() {
-    if let Some(dev) = gpu() {
-        gpu_suite::varlen_matches_oracle(&dev)
-    }
-}
+gpu_tests!("cuda", || Device::new_cuda(0));
 
 /// `deterministic(true)`: dQ by bwd_dq (no atomics), so two runs agree bit for bit.
 #[test]
 fn deterministic_backward_is_reproducible() {
-    let Some(dev) = gpu() else { return };
-    let mut rng = Rng(11);
+    let Some(dev) = gpu("deterministic_backward_is_reproducible") else {
+        return;
+    };
+    let mut rng = Rng::new(11);
     let opts = AttnOptions::new()
         .causal(true)
         .dropout(0.1, 1)
@@ -88,7 +68,7 @@ fn deterministic_backward_is_reproducible() {
 #[test]
 #[ignore]
 fn bench() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu("bench") {
         gpu_suite::bench(&dev, None)
     }
 }

@@ -1,12 +1,10 @@
 //! Backward is bit-for-bit reproducible; dropout keeps 1 − p of the weights and its gradient
 //! matches the reference computed with the same (regenerated) mask.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use flash_ops::dropout::DropoutMask;
 use flash_ops::{flash_attn, Algorithm, AttnOptions};
+use flash_test_support::*;
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()
@@ -20,12 +18,9 @@ fn bits(t: &Tensor) -> Vec<u32> {
 
 #[test]
 fn backward_is_deterministic() {
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     // Few (batch, kv-head) units so V2 splits k/v tiles into several dQ partials.
-    let q = rng.tensor(&[1, 333, 4, 64]);
-    let k = rng.tensor(&[1, 517, 1, 64]);
-    let v = rng.tensor(&[1, 517, 1, 64]);
-    let d_out = rng.tensor(&[1, 333, 4, 64]);
+    let [q, k, v, d_out] = rng.attn_inputs((1, 333, 517, 4, 1, 64));
     for alg in [Algorithm::V1, Algorithm::V2] {
         let opts = AttnOptions::new()
             .causal(true)
@@ -49,22 +44,23 @@ fn backward_is_deterministic() {
     }
 }
 
+/// `v` of shape `(b, sk, h, sk)` that is the identity for every batch entry and head: the output
+/// row of query `i` is then row `i` of the (dropped-out) probability matrix.
+fn identity_v(b: usize, sk: usize, h: usize) -> Tensor {
+    Tensor::eye(sk, DType::F32, &Device::Cpu)
+        .and_then(|eye| eye.unsqueeze(1)?.unsqueeze(0)?.expand((b, sk, h, sk)))
+        .unwrap()
+}
+
 /// With `v` the identity (sk = d), row i of the output is row i of the dropped-out probability
 /// matrix: count its zeros to measure the keep rate through the op itself.
 #[test]
 fn dropout_keep_rate_matches_one_minus_p() {
     let (sq, sk, h) = (512, 128, 4);
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     let q = rng.tensor(&[1, sq, h, sk]).to_dtype(DType::F32).unwrap();
     let k = rng.tensor(&[1, sk, h, sk]).to_dtype(DType::F32).unwrap();
-    let eye = Tensor::eye(sk, DType::F32, &Device::Cpu).unwrap();
-    let v = eye
-        .unsqueeze(1)
-        .unwrap()
-        .expand((sk, h, sk))
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let v = identity_v(1, sk, h);
     for p in [0.1f32, 0.5] {
         for alg in [Algorithm::V1, Algorithm::V2] {
             let opts = AttnOptions::new()
@@ -100,19 +96,10 @@ fn dropout_keep_rate_matches_one_minus_p() {
 #[test]
 fn dropout_pattern_is_the_shared_mask() {
     let (sq, sk, h) = (70, 64, 2);
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let q = rng.tensor(&[2, sq, h, sk]).to_dtype(DType::F32).unwrap();
     let k = rng.tensor(&[2, sk, h, sk]).to_dtype(DType::F32).unwrap();
-    let eye = Tensor::eye(sk, DType::F32, &Device::Cpu).unwrap();
-    let v = eye
-        .unsqueeze(1)
-        .unwrap()
-        .expand((sk, h, sk))
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-        .expand((2, sk, h, sk))
-        .unwrap();
+    let v = identity_v(2, sk, h);
     let opts = AttnOptions::new().softmax_scale(0.05).dropout(0.3, 5);
     let out = flash_attn(&q, &k, &v, &opts).unwrap();
     let out: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
@@ -131,11 +118,8 @@ fn dropout_pattern_is_the_shared_mask() {
 
 #[test]
 fn dropout_gradients_match_reference_with_same_mask() {
-    let mut rng = Rng(10);
-    let q = rng.tensor(&[2, 90, 4, 32]);
-    let k = rng.tensor(&[2, 150, 2, 32]);
-    let v = rng.tensor(&[2, 150, 2, 32]);
-    let d_out = rng.tensor(&[2, 90, 4, 32]);
+    let mut rng = Rng::new(10);
+    let [q, k, v, d_out] = rng.attn_inputs((2, 90, 150, 4, 2, 32));
     for causal in [false, true] {
         let opts = AttnOptions::new().causal(causal).dropout(0.4, 0xDEAD);
         let want = oracle(&q, &k, &v, &d_out, &opts);
@@ -145,7 +129,7 @@ fn dropout_gradients_match_reference_with_same_mask() {
                 flash_ops::flash_attn_with_lse(q, k, v, &o)
             })
             .unwrap();
-            let e = errors(&got, &want);
+            let e = got.errors(&want);
             assert!(
                 e.iter().all(|x| *x < 1e-5),
                 "{alg:?} causal={causal}: {e:?}"

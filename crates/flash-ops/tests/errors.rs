@@ -1,10 +1,8 @@
 //! Every bad input is a `candle::Error` that names the argument and the expectation.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
-use common::Rng;
 use flash_ops::{flash_attn, flash_attn_varlen, AttnOptions, Varlen};
+use flash_test_support::Rng;
 
 fn t(rng: &mut Rng, dims: &[usize]) -> Tensor {
     rng.tensor(dims).to_dtype(DType::F32).unwrap()
@@ -22,7 +20,7 @@ fn expect_err(r: candle_core::Result<Tensor>, needles: &[&str]) {
 
 #[test]
 fn shape_rank_dtype_and_head_errors() {
-    let mut r = Rng(1);
+    let mut r = Rng::new(1);
     let q = t(&mut r, &[2, 10, 4, 16]);
     let k = t(&mut r, &[2, 12, 2, 16]);
     let v = t(&mut r, &[2, 12, 2, 16]);
@@ -35,33 +33,16 @@ fn shape_rank_dtype_and_head_errors() {
         flash_attn(&q, &k, &t(&mut r, &[2, 13, 2, 16]), &o),
         &["`k` and `v`", "same shape"],
     );
-    expect_err(
-        flash_attn(
-            &q,
-            &t(&mut r, &[3, 12, 2, 16]),
-            &t(&mut r, &[3, 12, 2, 16]),
-            &o,
-        ),
-        &["`k` batch 3", "`q` batch 2"],
-    );
-    expect_err(
-        flash_attn(
-            &q,
-            &t(&mut r, &[2, 12, 2, 8]),
-            &t(&mut r, &[2, 12, 2, 8]),
-            &o,
-        ),
-        &["`k` head_dim 8", "16"],
-    );
-    expect_err(
-        flash_attn(
-            &q,
-            &t(&mut r, &[2, 12, 3, 16]),
-            &t(&mut r, &[2, 12, 3, 16]),
-            &o,
-        ),
-        &["heads", "multiple", "GQA"],
-    );
+    // k and v of one (bad) shape each.
+    let bad_kv: [(&[usize], &[&str]); 3] = [
+        (&[3, 12, 2, 16], &["`k` batch 3", "`q` batch 2"]),
+        (&[2, 12, 2, 8], &["`k` head_dim 8", "16"]),
+        (&[2, 12, 3, 16], &["heads", "multiple", "GQA"]),
+    ];
+    for (dims, needles) in bad_kv {
+        let kv = t(&mut r, dims);
+        expect_err(flash_attn(&q, &kv, &kv, &o), needles);
+    }
     let big = t(&mut r, &[1, 4, 1, 300]);
     expect_err(
         flash_attn(&big, &big, &big, &o),
@@ -82,7 +63,7 @@ fn shape_rank_dtype_and_head_errors() {
 
 #[test]
 fn option_errors() {
-    let mut r = Rng(2);
+    let mut r = Rng::new(2);
     let q = t(&mut r, &[2, 10, 4, 16]);
     let k = t(&mut r, &[2, 12, 2, 16]);
     let v = t(&mut r, &[2, 12, 2, 16]);
@@ -124,7 +105,7 @@ fn option_errors() {
 
 #[test]
 fn cu_seqlens_errors() {
-    let mut r = Rng(3);
+    let mut r = Rng::new(3);
     let q = t(&mut r, &[10, 2, 16]);
     let k = t(&mut r, &[12, 2, 16]);
     let v = t(&mut r, &[12, 2, 16]);

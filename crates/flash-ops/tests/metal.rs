@@ -2,45 +2,23 @@
 //! and every gradient against the f64 oracle, on random ragged shapes with every option), plus
 //! the benchmark that `scripts/metal-check.sh` prints (`--ignored bench`): the CUDA protocol,
 //! with candle's Metal `sdpa` (forward only: it has no backward) as the fused baseline.
-//! macOS with `--features metal` only; without a Metal device every test prints why and passes.
+//! macOS with `--features metal` only; without a Metal device every test says SKIPPED on stderr and
+//! passes, or fails under `FLASH_OPS_REQUIRE_GPU=1`.
 #![cfg(all(feature = "metal", target_os = "macos"))]
 
-mod common;
 #[path = "common/gpu_suite.rs"]
 mod gpu_suite;
 
 use candle_core::Device;
 
-fn gpu() -> Option<Device> {
-    match Device::new_metal(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("no Metal device, skipping: {e}");
-            None
-        }
-    }
-}
-
-#[test]
-fn dense_options_match_oracle() {
-    if let Some(dev) = gpu() {
-        gpu_suite::dense_options_match_oracle(&dev)
-    }
-}
-
-#[test]
-fn varlen_matches_oracle() {
-    if let Some(dev) = gpu() {
-        gpu_suite::varlen_matches_oracle(&dev)
-    }
-}
+gpu_tests!("metal", || Device::new_metal(0));
 
 /// FlashAttention-2 paper protocol (bf16, 16k tokens, hidden 2048): ours V2/V1, candle naive,
 /// and candle's fused Metal `sdpa` (forward only: it has no backward).
 #[test]
 #[ignore]
 fn bench() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu("bench") {
         let sdpa =
             |q: &candle_core::Tensor,
              k: &candle_core::Tensor,

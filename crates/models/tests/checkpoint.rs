@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use common::{randomize, varmap, Rng};
+use common::{randomize, varmap};
 use flash_ops_models::{
     load_hf_safetensors, save_hf_dir, save_hf_safetensors, save_tensors, AttentionKind, BertConfig,
     BertForMaskedLM, BertModel, Gpt2, Gpt2Config,
 };
+use flash_test_support::Rng;
 
 fn tmp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("flash-ops-models-{}", std::process::id()));
@@ -100,7 +101,7 @@ fn hf_bert_keys(c: &BertConfig, prefix: &str, pooler: bool) -> Vec<(String, Vec<
 }
 
 fn random_file(keys: &[(String, Vec<usize>)], seed: u64) -> Result<BTreeMap<String, Tensor>> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     keys.iter()
         .map(|(n, s)| Ok((n.clone(), rng.normal_tensor(s, 0.5, DType::F32)?)))
         .collect()
@@ -123,7 +124,7 @@ fn gpt2_save_load_round_trip_is_exact() -> Result<()> {
     let report = load_hf_safetensors(&vm2, &path)?;
     assert!(report.is_exact(), "{report}");
     assert!(report.skipped.is_empty());
-    let ids = Rng(2).ids(2, 20, cfg.vocab_size)?;
+    let ids = Rng::new(2).ids(2, 20, cfg.vocab_size)?;
     let (a, b) = (m.forward(&ids, false)?, m2.forward(&ids, false)?);
     assert_eq!(
         a.flatten_all()?.to_vec1::<f32>()?,
@@ -158,7 +159,7 @@ fn bert_save_load_round_trip_is_exact() -> Result<()> {
     let m2 = BertForMaskedLM::new(&cfg2, vb2, AttentionKind::FlashV1)?;
     let report = load_hf_safetensors(&vm2, dir.join("model.safetensors"))?;
     assert!(report.is_exact(), "{report}");
-    let ids = Rng(4).ids(2, 16, cfg.vocab_size)?;
+    let ids = Rng::new(4).ids(2, 16, cfg.vocab_size)?;
     let (a, b) = (
         m.forward(&ids, &[16, 9], false)?,
         m2.forward(&ids, &[16, 9], false)?,

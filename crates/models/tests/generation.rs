@@ -5,8 +5,9 @@ mod common;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use common::{randomize, rel_err, varmap, Rng};
+use common::{randomize, varmap};
 use flash_ops_models::{generate, AttentionKind, Gpt2, Gpt2Config, KvCache, Sampling};
+use flash_test_support::{rel_err, Rng};
 
 fn model() -> Result<(candle_nn::VarMap, Gpt2)> {
     let (vm, vb) = varmap(DType::F32);
@@ -18,7 +19,7 @@ fn model() -> Result<(candle_nn::VarMap, Gpt2)> {
 #[test]
 fn cached_decoding_matches_full_forward() -> Result<()> {
     let (_vm, mut m) = model()?;
-    let ids = Rng(22).ids(1, 24, m.config().vocab_size)?;
+    let ids = Rng::new(22).ids(1, 24, m.config().vocab_size)?;
     m.set_attention(AttentionKind::Naive);
     let full = m.forward(&ids, false)?;
     for kind in AttentionKind::ALL {
@@ -33,7 +34,7 @@ fn cached_decoding_matches_full_forward() -> Result<()> {
         }
         assert_eq!(cache.len(), 24);
         let cached = Tensor::cat(&pieces, 1)?;
-        let e = rel_err(&cached, &full)?;
+        let e = rel_err(&cached, &full);
         println!("{kind}: cached vs full logits rel err {e:.2e}");
         assert!(e < 1e-5, "{kind}: {e}");
     }

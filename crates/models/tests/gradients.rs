@@ -10,10 +10,11 @@ mod common;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
-use common::{gradient_is_zero_by_design, named_vars, randomize, varmap, Rng};
+use common::{gradient_is_zero_by_design, named_vars, randomize, varmap};
 use flash_ops_models::{
     AttentionKind, BertConfig, BertForMaskedLM, BertForSequenceClassification, Gpt2, Gpt2Config,
 };
+use flash_test_support::Rng;
 
 const EPS: f64 = 1e-5;
 /// Candle's GELU backward uses 6-digit constants (relative error ~1e-6); anything wrong or
@@ -26,7 +27,7 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 fn check_gradients(name: &str, vm: &VarMap, loss: &dyn Fn() -> Result<Tensor>) -> Result<()> {
     let grads = loss()?.backward()?;
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let vars = named_vars(vm);
     let mut worst = 0f64;
     let mut all = Vec::new();
@@ -115,7 +116,7 @@ fn gpt2_every_parameter_gradient_matches_finite_differences() -> Result<()> {
     let (vm, vb) = varmap(DType::F64);
     let m = Gpt2::new(&cfg, vb, AttentionKind::Naive)?;
     randomize(&vm, 11)?;
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     // Every position index is used, so every row of `wpe` gets a gradient.
     let ids = rng.ids(2, cfg.n_positions, cfg.vocab_size)?;
     let w = rng.normal_tensor(&[2, cfg.n_positions, cfg.vocab_size], 1.0, DType::F64)?;
@@ -135,7 +136,7 @@ fn bert_mlm_every_parameter_gradient_matches_finite_differences() -> Result<()> 
     let (vm, vb) = varmap(DType::F64);
     let m = BertForMaskedLM::new(&cfg, vb, AttentionKind::Naive)?;
     randomize(&vm, 13)?;
-    let mut rng = Rng(14);
+    let mut rng = Rng::new(14);
     let t = cfg.max_position_embeddings;
     let ids = rng.ids(2, t, cfg.vocab_size)?;
     let tt = rng.ids(2, t, 2)?;
@@ -158,7 +159,7 @@ fn bert_classifier_every_parameter_gradient_matches_finite_differences() -> Resu
     let (vm, vb) = varmap(DType::F64);
     let m = BertForSequenceClassification::new(&cfg, vb, AttentionKind::Naive)?;
     randomize(&vm, 15)?;
-    let mut rng = Rng(16);
+    let mut rng = Rng::new(16);
     let t = cfg.max_position_embeddings;
     let ids = rng.ids(3, t, cfg.vocab_size)?;
     let tt = rng.ids(3, t, 2)?;

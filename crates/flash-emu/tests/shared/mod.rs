@@ -4,70 +4,16 @@
 //! kernel dtype first, so the errors measure the kernels alone. The including test file names the
 //! emulator module `emu` (both dialects expose the same API) and defines the tolerances `tol(dtype)`.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result};
 use flash_ops::plan::lse_host;
-use flash_ops::{reference, Algorithm, AttnOptions, Varlen};
+use flash_ops::{reference, AttnOptions, Varlen};
+use flash_test_support::{
+    cu_seqlens, lse_err_slices, option_cases, oracle, oracle_varlen, rel_err_slices, to_f64_vec,
+    Rng,
+};
 
 use super::emu::{backward, forward, host_input, AttnParams, Inputs};
 use super::tol;
-
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    pub fn tensor(&mut self, dims: &[usize]) -> Tensor {
-        let n: usize = dims.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                let (u1, u2) = (self.next(), self.next());
-                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            })
-            .collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-}
-
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn lse_rel(a: &[f64], b: &[f64]) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        if y.is_infinite() {
-            assert_eq!(x, y, "a row that sees no key must have lse = -inf");
-            continue;
-        }
-        num += (x - y) * (x - y);
-        den += y * y;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 #[derive(Clone)]
 pub struct Case {
@@ -106,7 +52,7 @@ pub fn case(
 
 /// Errors of (out, lse, dq, dk, dv) against the f64 oracle.
 fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (q, k, v, d_out) = match &c.varlen {
         None => {
             let q = if c.strided_q {
@@ -139,57 +85,28 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
         v.to_dtype(c.dtype)?,
     );
     let d_out = d_out.to_dtype(c.dtype)?;
-    let cu = |f: fn(&(usize, usize)) -> usize| -> Tensor {
-        let l = c.varlen.as_ref().unwrap();
-        let mut acc = vec![0u32];
-        for x in l {
-            acc.push(acc.last().unwrap() + f(x) as u32);
-        }
-        Tensor::new(acc, &Device::Cpu).unwrap()
-    };
-    let max =
-        |f: fn(&(usize, usize)) -> usize| c.varlen.as_ref().unwrap().iter().map(f).max().unwrap();
 
-    // Oracle: f64 naive attention, gradients by autograd, loss = sum(out * d_out).
-    let (qv, kv, vv) = (
-        Var::from_tensor(&q.to_dtype(DType::F64)?)?,
-        Var::from_tensor(&k.to_dtype(DType::F64)?)?,
-        Var::from_tensor(&v.to_dtype(DType::F64)?)?,
-    );
-    let (o_ref, lse_ref) = match &c.varlen {
-        None => reference::naive_attention_with_lse(
-            qv.as_tensor(),
-            kv.as_tensor(),
-            vv.as_tensor(),
-            &c.opts,
-        )?,
-        Some(_) => reference::naive_attention_varlen(
-            qv.as_tensor(),
-            kv.as_tensor(),
-            vv.as_tensor(),
-            &cu(|x| x.0),
-            &cu(|x| x.1),
-            max(|x| x.0),
-            max(|x| x.1),
-            &c.opts,
-        )?,
+    // The oracle (f64, gradients by autograd) and the resolved problem the kernels get.
+    let (want, p) = match &c.varlen {
+        None => (
+            oracle(&q, &k, &v, &d_out, &c.opts),
+            AttnParams::dense(&q, &k, &v, &c.opts)?,
+        ),
+        Some(l) => {
+            let lens_q: Vec<usize> = l.iter().map(|x| x.0).collect();
+            let lens_k: Vec<usize> = l.iter().map(|x| x.1).collect();
+            let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
+            let mq = lens_q.iter().copied().max().unwrap_or(0);
+            let mk = lens_k.iter().copied().max().unwrap_or(0);
+            let batch = Varlen::new(&cq, &ck, mq, mk);
+            (
+                oracle_varlen(&q, &k, &v, &d_out, &batch, &c.opts),
+                AttnParams::varlen(&q, &k, &v, &batch, &c.opts)?,
+            )
+        }
     };
-    let grads = (o_ref.clone() * d_out.to_dtype(DType::F64)?)?
-        .sum_all()?
-        .backward()?;
-    let g = |x: &Var| flat(grads.get(x.as_tensor()).unwrap());
 
     // Emulated kernels, through the backend's own launch plan.
-    let p = match &c.varlen {
-        None => AttnParams::dense(&q, &k, &v, &c.opts)?,
-        Some(_) => AttnParams::varlen(
-            &q,
-            &k,
-            &v,
-            &Varlen::new(&cu(|x| x.0), &cu(|x| x.1), max(|x| x.0), max(|x| x.1)),
-            &c.opts,
-        )?,
-    };
     let mut inp = Inputs::new(&p, &q, &k, &v)?;
     let mut fwd = forward(&p, &mut inp)?;
     let mut d_out_buf = host_input(&d_out.contiguous()?)?.0;
@@ -197,11 +114,11 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
     let lse: Vec<f64> = lse_host(&p, &fwd.stats).iter().map(|&x| x as f64).collect();
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     Ok([
-        rel(&f(&fwd.out), &flat(&o_ref)),
-        lse_rel(&lse, &flat(&lse_ref)),
-        rel(&f(&gr.dq), &g(&qv)),
-        rel(&f(&gr.dk), &g(&kv)),
-        rel(&f(&gr.dv), &g(&vv)),
+        rel_err_slices(&f(&fwd.out), &to_f64_vec(&want.out)),
+        lse_err_slices(&lse, &to_f64_vec(&want.lse)),
+        rel_err_slices(&f(&gr.dq), &to_f64_vec(&want.dq)),
+        rel_err_slices(&f(&gr.dk), &to_f64_vec(&want.dk)),
+        rel_err_slices(&f(&gr.dv), &to_f64_vec(&want.dv)),
     ])
 }
 
@@ -248,26 +165,15 @@ fn causal_and_block_skipping() {
     check("causal sq90 > sk40 (empty rows)", &c);
 }
 
+/// Every option of the shared table (`flash_test_support::option_cases`), V1 schedule included.
 #[test]
-fn window_alibi_softcap() {
-    for dt in DTYPES {
-        let mut c = case(dt, (1, 100, 130), (2, 2, 64));
-        c.opts = AttnOptions::new().window(Some(20), Some(7));
-        check("window (20, 7)", &c);
-        let slopes = Tensor::new(&[0.25f32, 0.0625], &Device::Cpu).unwrap();
-        c.opts = AttnOptions::new().alibi_slopes(slopes).causal(true);
-        check("alibi + causal", &c);
-        c.opts = AttnOptions::new().softcap(5.0).softmax_scale(0.4);
-        check("softcap 5, scale 0.4", &c);
-    }
-}
-
-#[test]
-fn dropout_regenerated_in_backward() {
-    for dt in DTYPES {
-        let mut c = case(dt, (2, 67, 75), (2, 1, 64));
-        c.opts = AttnOptions::new().dropout(0.2, 1234);
-        check("dropout 0.2", &c);
+fn every_option() {
+    for (name, opts) in option_cases(2, 90, 2) {
+        for dt in DTYPES {
+            let mut c = case(dt, (2, 70, 90), (2, 1, 64));
+            c.opts = opts.clone();
+            check(name, &c);
+        }
     }
 }
 
@@ -279,9 +185,6 @@ fn varlen_and_key_lengths() {
         c.opts = AttnOptions::new().causal(true);
         check("varlen causal", &c);
     }
-    let mut c = case(DType::BF16, (3, 40, 72), (2, 1, 64));
-    c.opts = AttnOptions::new().key_lengths(vec![72, 5, 40]);
-    check("dense key_lengths", &c);
 }
 
 #[test]
@@ -303,30 +206,13 @@ fn head_dims_and_strides() {
     }
 }
 
-#[test]
-fn flash_attention_v1_schedule() {
-    for dt in DTYPES {
-        let mut c = case(dt, (2, 100, 70), (4, 2, 64));
-        c.opts = AttnOptions::new()
-            .algorithm(Algorithm::V1)
-            .causal(true)
-            .dropout(0.1, 7);
-        check("v1 causal dropout", &c);
-        c.opts = AttnOptions::new()
-            .algorithm(Algorithm::V1)
-            .window(Some(9), None)
-            .softcap(3.0);
-        check("v1 window softcap", &c);
-    }
-}
-
 /// The comparison can fail: a kernel run without the causal mask is far from the causal oracle.
 #[test]
 fn comparison_detects_a_wrong_mask() {
     let c = case(DType::F32, (1, 40, 40), (1, 1, 32));
     let mut causal = c.clone();
     causal.opts = AttnOptions::new().causal(true);
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     let q = rng.tensor(&[1, 40, 1, 32]).to_dtype(DType::F32).unwrap();
     let k = rng.tensor(&[1, 40, 1, 32]).to_dtype(DType::F32).unwrap();
     let v = rng.tensor(&[1, 40, 1, 32]).to_dtype(DType::F32).unwrap();
@@ -340,9 +226,9 @@ fn comparison_detects_a_wrong_mask() {
         &causal.opts,
     )
     .unwrap();
-    let e = rel(
+    let e = rel_err_slices(
         &out.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-        &flat(&want),
+        &to_f64_vec(&want),
     );
     assert!(
         e > 0.1,

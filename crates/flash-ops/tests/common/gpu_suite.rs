@@ -2,13 +2,53 @@
 //! backend's property checks on a device (output, lse and every gradient against the f64 oracle,
 //! on random ragged shapes with every option) and the FlashAttention-2 paper's benchmark protocol
 //! (`--ignored bench`, parsed by scripts/gpu-check.sh and scripts/metal-check.sh).
+//! [`gpu_tests!`] defines the tests of a backend from its device constructor.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use flash_ops::{
     flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions, Varlen,
 };
 
-use crate::common::{self, errors, lse_err, oracle, run_with_grads, Rng};
+use flash_test_support::{
+    cu_seqlens, lse_err, option_cases, oracle, rel_err, run_with_grads, skip_or_fail, Rng,
+    HEAD_DIMS, REQUIRE_GPU,
+};
+
+/// The device, or `None` after a loud skip (a failure under `FLASH_OPS_REQUIRE_GPU=1`).
+pub fn device(test: &str, open: impl FnOnce() -> Result<Device>) -> Option<Device> {
+    match open() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            skip_or_fail(test, &format!("no device ({e})"), REQUIRE_GPU);
+            None
+        }
+    }
+}
+
+/// The shared tests of one backend: `gpu_tests!("cuda", || Device::new_cuda(0));` defines
+/// `gpu()` (the device or a loud skip) and the oracle checks, dense and varlen.
+#[macro_export]
+macro_rules! gpu_tests {
+    ($backend:literal, $open:expr) => {
+        fn gpu(test: &str) -> Option<candle_core::Device> {
+            gpu_suite::device(&format!("{} {test}", $backend), $open)
+        }
+
+        #[test]
+        fn dense_options_match_oracle() {
+            if let Some(dev) = gpu("dense_options_match_oracle") {
+                gpu_suite::dense_options_match_oracle(&dev)
+            }
+        }
+
+        #[test]
+        fn varlen_matches_oracle() {
+            if let Some(dev) = gpu("varlen_matches_oracle") {
+                gpu_suite::varlen_matches_oracle(&dev)
+            }
+        }
+    };
+}
 
 /// A device's own fused attention forward on `(b, h, s, d)` inputs: `(q, k, v, causal, scale)`.
 pub type FusedForward = dyn Fn(&Tensor, &Tensor, &Tensor, bool, f32) -> Result<Tensor>;
@@ -28,21 +68,18 @@ fn check_dense(
     dims: (usize, usize, usize, usize, usize, usize),
     opts: &AttnOptions,
 ) {
-    let (b, sq, sk, hq, hk, d) = dims;
+    let (_, sq, sk, ..) = dims;
     for dtype in [DType::F16, DType::BF16, DType::F32] {
-        let mut rng = Rng(0xC0DA ^ (sq * 31 + sk) as u64);
+        let mut rng = Rng::new(0xC0DA ^ (sq * 31 + sk) as u64);
         let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
-        let q = round(rng.tensor(&[b, sq, hq, d]));
-        let k = round(rng.tensor(&[b, sk, hk, d]));
-        let v = round(rng.tensor(&[b, sk, hk, d]));
-        let d_out = round(rng.tensor(&[b, sq, hq, d]));
+        let [q, k, v, d_out] = rng.attn_inputs(dims).map(round);
         let want = oracle(&q, &k, &v, &d_out, opts);
         let on = |t: &Tensor| t.to_device(dev).unwrap();
         let got = run_with_grads(&on(&q), &on(&k), &on(&v), &on(&d_out), dtype, |q, k, v| {
             flash_attn_with_lse(q, k, v, opts)
         })
         .unwrap();
-        let e = errors(&got, &want);
+        let e = got.errors(&want);
         let le = lse_err(&got.lse, &want.lse);
         println!(
             "{name:28} {dtype:?}: out {:.1e} lse {le:.1e} dq {:.1e} dk {:.1e} dv {:.1e}",
@@ -56,8 +93,7 @@ fn check_dense(
 }
 
 pub fn dense_options_match_oracle(dev: &Device) {
-    let slopes = Tensor::new(&[0.5f32, 0.25, 0.125, 0.0625], &Device::Cpu).unwrap();
-    for d in [32, 64, 80, 96, 128, 256] {
+    for d in HEAD_DIMS {
         check_dense(
             dev,
             &format!("plain d{d}"),
@@ -65,32 +101,7 @@ pub fn dense_options_match_oracle(dev: &Device) {
             &AttnOptions::new(),
         );
     }
-    let cases = [
-        ("causal", AttnOptions::new().causal(true)),
-        (
-            "window 64/16",
-            AttnOptions::new().window(Some(64), Some(16)),
-        ),
-        (
-            "alibi causal",
-            AttnOptions::new().alibi_slopes(slopes).causal(true),
-        ),
-        ("softcap 30", AttnOptions::new().softcap(30.0)),
-        ("dropout 0.15", AttnOptions::new().dropout(0.15, 99)),
-        ("key_lengths", AttnOptions::new().key_lengths(vec![300, 17])),
-        (
-            "v1 causal",
-            AttnOptions::new().algorithm(Algorithm::V1).causal(true),
-        ),
-        (
-            "v1 dropout window",
-            AttnOptions::new()
-                .algorithm(Algorithm::V1)
-                .dropout(0.1, 5)
-                .window(Some(40), None),
-        ),
-    ];
-    for (name, opts) in cases {
+    for (name, opts) in option_cases(2, 300, 4) {
         check_dense(dev, name, (2, 257, 300, 4, 2, 64), &opts);
     }
     // sq > sk, causal: leading rows see no key.
@@ -105,17 +116,12 @@ pub fn dense_options_match_oracle(dev: &Device) {
 pub fn varlen_matches_oracle(dev: &Device) {
     let lens = [(100usize, 260usize), (257, 31), (1, 1), (128, 128)];
     let (tq, tk) = lens.iter().fold((0, 0), |a, l| (a.0 + l.0, a.1 + l.1));
-    let cu = |f: fn(&(usize, usize)) -> usize| {
-        let mut c = vec![0u32];
-        for l in &lens {
-            c.push(c.last().unwrap() + f(l) as u32);
-        }
-        Tensor::new(c, &Device::Cpu).unwrap()
-    };
-    let (cq, ck) = (cu(|l| l.0), cu(|l| l.1));
+    let cq = cu_seqlens(&lens.map(|l| l.0));
+    let ck = cu_seqlens(&lens.map(|l| l.1));
+    let batch = Varlen::new(&cq, &ck, 257, 260);
     let opts = AttnOptions::new().causal(true);
     for dtype in [DType::F16, DType::BF16, DType::F32] {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
         let (q, k, v) = (
             round(rng.tensor(&[tq, 8, 64])),
@@ -123,7 +129,7 @@ pub fn varlen_matches_oracle(dev: &Device) {
             round(rng.tensor(&[tk, 2, 64])),
         );
         let (want, want_lse) =
-            reference::naive_attention_varlen(&q, &k, &v, &cq, &ck, 257, 260, &opts).unwrap();
+            reference::naive_attention_varlen(&q, &k, &v, &batch, &opts).unwrap();
         let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
         let (got, got_lse) = flash_attn_varlen_with_lse(
             &on(&q),
@@ -138,7 +144,7 @@ pub fn varlen_matches_oracle(dev: &Device) {
             &opts,
         )
         .unwrap();
-        let e = common::rel_err(&got, &want);
+        let e = rel_err(&got, &want);
         let le = lse_err(&got_lse, &want_lse);
         println!("varlen {dtype:?}: out {e:.1e} lse {le:.1e}");
         assert!(e < tol(dtype) && le < 1e-4);

@@ -1,0 +1,17 @@
+//! What the flash-ops test suites share (flash-ops' integration tests, the emulated kernels of
+//! flash-emu, the models' tests): one seeded random source, one definition of the relative
+//! error and of the log-sum-exp comparison, the f64 oracle run with its gradients, the case
+//! tables the CPU, GPU and emulator suites draw from, and the rule for tests whose resource
+//! (a GPU, a checkpoint) is missing.
+
+mod cases;
+mod compare;
+mod oracle;
+mod rng;
+mod skip;
+
+pub use cases::{cu_seqlens, option_cases, HEAD_DIMS};
+pub use compare::{lse_err, lse_err_slices, rel_err, rel_err_slices, to_f64_vec};
+pub use oracle::{oracle, oracle_varlen, run_with_grads, Run};
+pub use rng::Rng;
+pub use skip::{skip_or_fail, REQUIRE_GPU, REQUIRE_MINILM};
