@@ -31,6 +31,8 @@ cargo build -p flash-ops --features metal --release
 
 if [[ "$MODE" == all || "$MODE" == test ]]; then
   echo "== tests on the GPU"
+  # A GPU is promised here: a suite that cannot open the device fails instead of skipping.
+  export FLASH_OPS_REQUIRE_GPU=1
   cargo test -p flash-ops --features metal --release --test metal -- --nocapture --test-threads=1 \
     | tee "$OUT/$STAMP-metal-tests.log"
   cargo test -p flash-ops --features metal --release --lib
