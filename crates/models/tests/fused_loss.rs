@@ -144,6 +144,13 @@ fn fused<'a>(
     }
 }
 
+/// The reference: the unfused loss of the case in f64, and its gradients by autograd.
+fn reference(c: &Case, upstream: f64, opts: &CeOptions) -> Result<Grads> {
+    run(c, DType::F64, upstream, |h, w, b| {
+        unfused(h, w, b, &c.targets, opts)
+    })
+}
+
 /// `max |a − b| / max |b|` (0 when both are zero).
 fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -197,9 +204,7 @@ fn f32_matches_unfused_loss_and_every_gradient() -> Result<()> {
                 let c = case(7, (37, 24, 301), bias, Some(3))?;
                 let opts = options(smoothing, z_loss, chunk);
                 let what = format!("bias={bias} eps={smoothing} z={z_loss} chunk={chunk:?}");
-                let want = run(&c, DType::F64, 1.7, |h, w, b| {
-                    unfused(h, w, b, &c.targets, &opts)
-                })?;
+                let want = reference(&c, 1.7, &opts)?;
                 let got = run(&c, DType::F32, 1.7, fused(&c.targets, &opts))?;
                 assert_close(&what, &got, &want, 1e-5)?;
             }
@@ -216,9 +221,7 @@ fn f64_chunked_ops_path_matches_unfused() -> Result<()> {
             let c = case(11, (29, 16, 97), bias, Some(4))?;
             let opts = options(smoothing, z_loss, Some(6));
             let what = format!("f64 bias={bias} eps={smoothing} z={z_loss}");
-            let want = run(&c, DType::F64, 0.3, |h, w, b| {
-                unfused(h, w, b, &c.targets, &opts)
-            })?;
+            let want = reference(&c, 0.3, &opts)?;
             let got = run(&c, DType::F64, 0.3, fused(&c.targets, &opts))?;
             assert_close(&what, &got, &want, 1e-10)?;
         }
@@ -230,9 +233,7 @@ fn f64_chunked_ops_path_matches_unfused() -> Result<()> {
 fn bf16_and_f16_within_two_percent() -> Result<()> {
     let c = case(5, (33, 32, 211), true, Some(5))?;
     let opts = options(0.1, 1e-3, Some(7));
-    let want = run(&c, DType::F64, 1.0, |h, w, b| {
-        unfused(h, w, b, &c.targets, &opts)
-    })?;
+    let want = reference(&c, 1.0, &opts)?;
     for dtype in [DType::BF16, DType::F16] {
         // The reference sees the same rounded inputs.
         let rounded = Case {
@@ -244,9 +245,7 @@ fn bf16_and_f16_within_two_percent() -> Result<()> {
                 .transpose()?,
             targets: c.targets.clone(),
         };
-        let want_r = run(&rounded, DType::F64, 1.0, |h, w, b| {
-            unfused(h, w, b, &c.targets, &opts)
-        })?;
+        let want_r = reference(&rounded, 1.0, &opts)?;
         let got = run(&c, dtype, 1.0, fused(&c.targets, &opts))?;
         assert_close(&format!("{dtype:?}"), &got, &want_r, 2e-2)?;
         assert_close(&format!("{dtype:?} vs exact inputs"), &got, &want, 2e-2)?;
