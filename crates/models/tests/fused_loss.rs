@@ -151,6 +151,20 @@ fn reference(c: &Case, upstream: f64, opts: &CeOptions) -> Result<Grads> {
     })
 }
 
+/// The fused loss of `c` in `dtype` against the reference, both scaled by `upstream`.
+fn check_fused(
+    c: &Case,
+    dtype: DType,
+    upstream: f64,
+    opts: &CeOptions,
+    what: &str,
+    tol: f64,
+) -> Result<()> {
+    let want = reference(c, upstream, opts)?;
+    let got = run(c, dtype, upstream, fused(&c.targets, opts))?;
+    assert_close(what, &got, &want, tol)
+}
+
 /// `max |a − b| / max |b|` (0 when both are zero).
 fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -204,9 +218,7 @@ fn f32_matches_unfused_loss_and_every_gradient() -> Result<()> {
                 let c = case(7, (37, 24, 301), bias, Some(3))?;
                 let opts = options(smoothing, z_loss, chunk);
                 let what = format!("bias={bias} eps={smoothing} z={z_loss} chunk={chunk:?}");
-                let want = reference(&c, 1.7, &opts)?;
-                let got = run(&c, DType::F32, 1.7, fused(&c.targets, &opts))?;
-                assert_close(&what, &got, &want, 1e-5)?;
+                check_fused(&c, DType::F32, 1.7, &opts, &what, 1e-5)?;
             }
         }
     }
@@ -221,9 +233,7 @@ fn f64_chunked_ops_path_matches_unfused() -> Result<()> {
             let c = case(11, (29, 16, 97), bias, Some(4))?;
             let opts = options(smoothing, z_loss, Some(6));
             let what = format!("f64 bias={bias} eps={smoothing} z={z_loss}");
-            let want = reference(&c, 0.3, &opts)?;
-            let got = run(&c, DType::F64, 0.3, fused(&c.targets, &opts))?;
-            assert_close(&what, &got, &want, 1e-10)?;
+            check_fused(&c, DType::F64, 0.3, &opts, &what, 1e-10)?;
         }
     }
     Ok(())
