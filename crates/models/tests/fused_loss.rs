@@ -310,6 +310,8 @@ fn bad_input_is_an_error_naming_the_argument() -> Result<()> {
         Ok(_) => panic!("accepted bad input"),
         Err(e) => e.to_string(),
     };
+    // Otherwise valid input with one option out of range.
+    let bad_option = |opts: CeOptions| err(linear_cross_entropy(&h, &w, None, &t, &opts));
     let cases: Vec<(&str, String)> = vec![
         (
             "`weight`",
@@ -397,42 +399,24 @@ fn bad_input_is_an_error_naming_the_argument() -> Result<()> {
         ),
         (
             "`label_smoothing`",
-            err(linear_cross_entropy(
-                &h,
-                &w,
-                None,
-                &t,
-                &CeOptions {
-                    label_smoothing: 1.0,
-                    ..o.clone()
-                },
-            )),
+            bad_option(CeOptions {
+                label_smoothing: 1.0,
+                ..o.clone()
+            }),
         ),
         (
             "`z_loss`",
-            err(linear_cross_entropy(
-                &h,
-                &w,
-                None,
-                &t,
-                &CeOptions {
-                    z_loss: -1.0,
-                    ..o.clone()
-                },
-            )),
+            bad_option(CeOptions {
+                z_loss: -1.0,
+                ..o.clone()
+            }),
         ),
         (
             "`chunk_rows`",
-            err(linear_cross_entropy(
-                &h,
-                &w,
-                None,
-                &t,
-                &CeOptions {
-                    chunk_rows: Some(0),
-                    ..o.clone()
-                },
-            )),
+            bad_option(CeOptions {
+                chunk_rows: Some(0),
+                ..o.clone()
+            }),
         ),
     ];
     for (needle, msg) in cases {
