@@ -144,6 +144,27 @@ fn fused<'a>(
     }
 }
 
+/// The reference: the unfused loss of the case in f64, and its gradients by autograd.
+fn reference(c: &Case, upstream: f64, opts: &CeOptions) -> Result<Grads> {
+    run(c, DType::F64, upstream, |h, w, b| {
+        unfused(h, w, b, &c.targets, opts)
+    })
+}
+
+/// The fused loss of `c` in `dtype` against the reference, both scaled by `upstream`.
+fn check_fused(
+    c: &Case,
+    dtype: DType,
+    upstream: f64,
+    opts: &CeOptions,
+    what: &str,
+    tol: f64,
+) -> Result<()> {
+    let want = reference(c, upstream, opts)?;
+    let got = run(c, dtype, upstream, fused(&c.targets, opts))?;
+    assert_close(what, &got, &want, tol)
+}
+
 /// `max |a − b| / max |b|` (0 when both are zero).
 fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -197,11 +218,7 @@ fn f32_matches_unfused_loss_and_every_gradient() -> Result<()> {
                 let c = case(7, (37, 24, 301), bias, Some(3))?;
                 let opts = options(smoothing, z_loss, chunk);
                 let what = format!("bias={bias} eps={smoothing} z={z_loss} chunk={chunk:?}");
-                let want = run(&c, DType::F64, 1.7, |h, w, b| {
-                    unfused(h, w, b, &c.targets, &opts)
-                })?;
-                let got = run(&c, DType::F32, 1.7, fused(&c.targets, &opts))?;
-                assert_close(&what, &got, &want, 1e-5)?;
+                check_fused(&c, DType::F32, 1.7, &opts, &what, 1e-5)?;
             }
         }
     }
@@ -216,11 +233,7 @@ fn f64_chunked_ops_path_matches_unfused() -> Result<()> {
             let c = case(11, (29, 16, 97), bias, Some(4))?;
             let opts = options(smoothing, z_loss, Some(6));
             let what = format!("f64 bias={bias} eps={smoothing} z={z_loss}");
-            let want = run(&c, DType::F64, 0.3, |h, w, b| {
-                unfused(h, w, b, &c.targets, &opts)
-            })?;
-            let got = run(&c, DType::F64, 0.3, fused(&c.targets, &opts))?;
-            assert_close(&what, &got, &want, 1e-10)?;
+            check_fused(&c, DType::F64, 0.3, &opts, &what, 1e-10)?;
         }
     }
     Ok(())
@@ -230,9 +243,7 @@ fn f64_chunked_ops_path_matches_unfused() -> Result<()> {
 fn bf16_and_f16_within_two_percent() -> Result<()> {
     let c = case(5, (33, 32, 211), true, Some(5))?;
     let opts = options(0.1, 1e-3, Some(7));
-    let want = run(&c, DType::F64, 1.0, |h, w, b| {
-        unfused(h, w, b, &c.targets, &opts)
-    })?;
+    let want = reference(&c, 1.0, &opts)?;
     for dtype in [DType::BF16, DType::F16] {
         // The reference sees the same rounded inputs.
         let rounded = Case {
@@ -244,9 +255,7 @@ fn bf16_and_f16_within_two_percent() -> Result<()> {
                 .transpose()?,
             targets: c.targets.clone(),
         };
-        let want_r = run(&rounded, DType::F64, 1.0, |h, w, b| {
-            unfused(h, w, b, &c.targets, &opts)
-        })?;
+        let want_r = reference(&rounded, 1.0, &opts)?;
         let got = run(&c, dtype, 1.0, fused(&c.targets, &opts))?;
         assert_close(&format!("{dtype:?}"), &got, &want_r, 2e-2)?;
         assert_close(&format!("{dtype:?} vs exact inputs"), &got, &want, 2e-2)?;
@@ -301,6 +310,8 @@ fn bad_input_is_an_error_naming_the_argument() -> Result<()> {
         Ok(_) => panic!("accepted bad input"),
         Err(e) => e.to_string(),
     };
+    // Otherwise valid input with one option out of range.
+    let bad_option = |opts: CeOptions| err(linear_cross_entropy(&h, &w, None, &t, &opts));
     let cases: Vec<(&str, String)> = vec![
         (
             "`weight`",
@@ -388,42 +399,24 @@ fn bad_input_is_an_error_naming_the_argument() -> Result<()> {
         ),
         (
             "`label_smoothing`",
-            err(linear_cross_entropy(
-                &h,
-                &w,
-                None,
-                &t,
-                &CeOptions {
-                    label_smoothing: 1.0,
-                    ..o.clone()
-                },
-            )),
+            bad_option(CeOptions {
+                label_smoothing: 1.0,
+                ..o.clone()
+            }),
         ),
         (
             "`z_loss`",
-            err(linear_cross_entropy(
-                &h,
-                &w,
-                None,
-                &t,
-                &CeOptions {
-                    z_loss: -1.0,
-                    ..o.clone()
-                },
-            )),
+            bad_option(CeOptions {
+                z_loss: -1.0,
+                ..o.clone()
+            }),
         ),
         (
             "`chunk_rows`",
-            err(linear_cross_entropy(
-                &h,
-                &w,
-                None,
-                &t,
-                &CeOptions {
-                    chunk_rows: Some(0),
-                    ..o.clone()
-                },
-            )),
+            bad_option(CeOptions {
+                chunk_rows: Some(0),
+                ..o.clone()
+            }),
         ),
     ];
     for (needle, msg) in cases {

@@ -16,9 +16,9 @@ use serde_json::json;
 
 use crate::batching::causal_batch;
 use crate::masking::{mlm_batch, MlmIds, MlmSettings};
-use crate::model::{self, ModelKind, Net, Preset, SizeOverrides};
+use crate::model::{self, ModelKind, Net, SizeOverrides};
 use crate::optim::{self, AdamW, AdamWConfig, Grads};
-use crate::{DTypeArg, DeviceArg};
+use crate::{DTypeArg, DeviceArg, SizeArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchModel {
@@ -30,14 +30,8 @@ pub enum BenchModel {
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "gpt2")]
     pub model: BenchModel,
-    #[arg(long, value_enum, default_value = "tiny")]
-    pub preset: Preset,
-    #[arg(long)]
-    pub n_layer: Option<usize>,
-    #[arg(long)]
-    pub n_head: Option<usize>,
-    #[arg(long)]
-    pub n_embd: Option<usize>,
+    #[command(flatten)]
+    pub size: SizeArgs,
     /// Sequence lengths to measure.
     #[arg(long, value_delimiter = ',', default_value = "256,512,1024")]
     pub seq_lens: Vec<usize>,
@@ -102,12 +96,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let max_seq = *a.seq_lens.iter().max().unwrap_or(&1024);
     let config = model::model_config(
         kind,
-        a.preset,
+        a.size.preset,
         vocab,
         &SizeOverrides {
-            n_layer: a.n_layer,
-            n_head: a.n_head,
-            n_embd: a.n_embd,
+            n_layer: a.size.n_layer,
+            n_head: a.size.n_head,
+            n_embd: a.size.n_embd,
             n_positions: None,
             vocab_size: None,
             dropout: Some(0.0),
@@ -151,7 +145,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     println!(
         "bench: {:?} {:?}, {:.2}M params ({} layers, width {}), {} tokens/step, {} timed + {} warm-up steps per cell, dtype {:?}, device {:?}, {} threads; MFU peak {:.1} GFLOP/s ({peak_src})",
         kind,
-        a.preset,
+        a.size.preset,
         params as f64 / 1e6,
         dims.layers,
         dims.hidden,
@@ -303,7 +297,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     let report = json!({
-        "model": format!("{kind:?}"), "preset": format!("{:?}", a.preset), "config": config,
+        "model": format!("{kind:?}"), "preset": format!("{:?}", a.size.preset), "config": config,
         "params": params, "tokens_per_step": a.tokens_per_step, "steps": a.steps, "warmup": a.warmup,
         "dtype": format!("{:?}", a.dtype), "device": format!("{:?}", dev.location()),
         "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),

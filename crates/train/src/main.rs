@@ -86,11 +86,9 @@ pub fn parse_attn(s: &str) -> std::result::Result<AttentionKind, String> {
     s.parse()
 }
 
+/// The model size flags shared by `train` and `bench`: a preset and its overrides.
 #[derive(Args, Debug, Clone)]
-pub struct TrainArgs {
-    /// Attention implementation: naive, flash1 (FlashAttention) or flash2 (FlashAttention-2).
-    #[arg(long, default_value = "flash2", value_parser = parse_attn)]
-    pub attn: AttentionKind,
+pub struct SizeArgs {
     /// Model size preset (tiny for CPU).
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: Preset,
@@ -103,6 +101,15 @@ pub struct TrainArgs {
     /// Override the model width (hidden size).
     #[arg(long, alias = "hidden")]
     pub n_embd: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Attention implementation: naive, flash1 (FlashAttention) or flash2 (FlashAttention-2).
+    #[arg(long, default_value = "flash2", value_parser = parse_attn)]
+    pub attn: AttentionKind,
+    #[command(flatten)]
+    pub size: SizeArgs,
     /// Override the number of learned positions (maximum sequence length).
     #[arg(long)]
     pub n_positions: Option<usize>,

@@ -106,7 +106,7 @@ impl Hyper {
     /// The preset's recipe with the command line's overrides, for a model of `positions`
     /// learned positions.
     pub fn resolve(kind: ModelKind, a: &TrainArgs, positions: usize) -> Result<Self> {
-        let r = recipe(kind, a.preset);
+        let r = recipe(kind, a.size.preset);
         let seq_len = a.seq_len.unwrap_or(r.seq_len.min(positions));
         if seq_len > positions {
             bail!(

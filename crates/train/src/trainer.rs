@@ -197,7 +197,7 @@ fn setup(kind: ModelKind, a: &TrainArgs, mlm: Option<MlmSettings>) -> Result<Set
     let resume_dir = resume_source(&out, a)?;
     let (tok, tok_desc) = pick_tokenizer(kind, a.tokenizer.as_deref(), resume_dir.as_deref())?;
     let tok_vocab = crate::tokenizer::vocab_size(&tok);
-    let config = model::model_config(kind, a.preset, tok_vocab, &size_overrides(a))?;
+    let config = model::model_config(kind, a.size.preset, tok_vocab, &size_overrides(a))?;
     let dims = model::dims(&config)?;
     let hp = Hyper::resolve(kind, a, dims.positions)?;
 
@@ -216,7 +216,7 @@ fn setup(kind: ModelKind, a: &TrainArgs, mlm: Option<MlmSettings>) -> Result<Set
     let mut opt = AdamW::new(&varmap, hp.adamw)?;
     let settings = RunSettings {
         model: kind,
-        preset: a.preset,
+        preset: a.size.preset,
         attn: a.attn.to_string(),
         config: config.clone(),
         tokenizer: tok_desc,
@@ -356,7 +356,7 @@ fn default_out(kind: ModelKind, a: &TrainArgs) -> PathBuf {
         ModelKind::Gpt2 => "gpt2",
         ModelKind::Bert => "bert",
     };
-    let preset = format!("{:?}", a.preset).to_lowercase();
+    let preset = format!("{:?}", a.size.preset).to_lowercase();
     PathBuf::from(format!("runs/{name}-{preset}-{}", a.attn))
 }
 
@@ -415,9 +415,9 @@ fn pick_tokenizer(
 
 fn size_overrides(a: &TrainArgs) -> SizeOverrides {
     SizeOverrides {
-        n_layer: a.n_layer,
-        n_head: a.n_head,
-        n_embd: a.n_embd,
+        n_layer: a.size.n_layer,
+        n_head: a.size.n_head,
+        n_embd: a.size.n_embd,
         n_positions: a.n_positions,
         vocab_size: a.vocab_size,
         dropout: a.dropout,
