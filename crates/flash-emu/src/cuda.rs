@@ -118,11 +118,7 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
         }
     }
     launch(&plan::forward_launch(p, dt), &fp)?;
-    Ok(Forward {
-        out: out.to_f32(dt),
-        out_buf: out,
-        stats: stats.to_f32(Dt::F32),
-    })
+    Ok(Forward::read(out, &stats, dt))
 }
 
 /// The backward pass as the CUDA backend runs it; `d_out` contiguous `(total_q, hq, d)` in the
@@ -136,16 +132,12 @@ pub fn backward(
     let dt = inp.dt;
     let (mut fp, _si, _alibi) = inp.params(p);
     let n = p.lse_len();
-    let (nq, nk) = (p.q_elems(), p.k_elems());
     let mut stats = Buf::from_f32(&fwd.stats);
     let mut lse = Buf::zeros(4 * n);
     let mut delta = Buf::zeros(4 * n);
-    let mut dq_accum = Buf::zeros(4 * nq);
-    let (mut dq, mut dk, mut dv) = (
-        Buf::zeros(nq * dt.size()),
-        Buf::zeros(nk * dt.size()),
-        Buf::zeros(nk * dt.size()),
-    );
+    let mut dq_accum = Buf::zeros(4 * p.q_elems());
+    let mut grads = Grads::buffers(p, dt);
+    let [dq, dk, dv] = &mut grads;
     fp.o = fwd.out_buf.addr();
     fp.d_o = d_out.addr();
     match p.algorithm {
@@ -165,9 +157,5 @@ pub fn backward(
     for l in plan::backward_launches(p, dt) {
         launch(&l, &fp)?;
     }
-    Ok(Grads {
-        dq: dq.to_f32(dt),
-        dk: dk.to_f32(dt),
-        dv: dv.to_f32(dt),
-    })
+    Ok(Grads::read(&grads, dt))
 }

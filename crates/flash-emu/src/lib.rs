@@ -111,3 +111,30 @@ pub struct Grads {
     pub dk: Vec<f32>,
     pub dv: Vec<f32>,
 }
+
+impl Forward {
+    /// Reads back what a forward launch wrote: `out` in the inputs' dtype, `stats` in f32.
+    fn read(out: Buf, stats: &Buf, dt: Dt) -> Self {
+        Self {
+            out: out.to_f32(dt),
+            out_buf: out,
+            stats: stats.to_f32(Dt::F32),
+        }
+    }
+}
+
+impl Grads {
+    /// Zeroed `[dq, dk, dv]` buffers in the inputs' dtype, for both dialects' backward.
+    fn buffers(p: &AttnParams, dt: Dt) -> [Buf; 3] {
+        let (nq, nk) = (p.q_elems(), p.k_elems());
+        [nq, nk, nk].map(|n| Buf::zeros(n * dt.size()))
+    }
+
+    fn read([dq, dk, dv]: &[Buf; 3], dt: Dt) -> Self {
+        Self {
+            dq: dq.to_f32(dt),
+            dk: dk.to_f32(dt),
+            dv: dv.to_f32(dt),
+        }
+    }
+}

@@ -107,11 +107,7 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
         stats.ptr(),
     ];
     launch(&plan::forward_launch(p, dt), &args)?;
-    Ok(Forward {
-        out: out.to_f32(dt),
-        out_buf: out,
-        stats: stats.to_f32(Dt::F32),
-    })
+    Ok(Forward::read(out, &stats, dt))
 }
 
 /// The backward pass as the Metal backend dispatches it; `d_out` contiguous `(total_q, hq, d)`
@@ -124,14 +120,10 @@ pub fn backward(
 ) -> Result<Grads> {
     let dt = inp.dt;
     let n = p.lse_len();
-    let (nq, nk) = (p.q_elems(), p.k_elems());
     let mut stats = Buf::from_f32(&fwd.stats);
     let (mut lse, mut delta) = (Buf::zeros(4 * n), Buf::zeros(4 * n));
-    let (mut dq, mut dk, mut dv) = (
-        Buf::zeros(nq * dt.size()),
-        Buf::zeros(nk * dt.size()),
-        Buf::zeros(nk * dt.size()),
-    );
+    let mut grads = Grads::buffers(p, dt);
+    let [dq, dk, dv] = &mut grads;
     let [pre, dq_l, dkdv_l] = plan::backward_launches(p, dt);
     launch(
         &pre,
@@ -162,9 +154,5 @@ pub fn backward(
     let mut a = common.to_vec();
     a.extend([dk.ptr(), dv.ptr()]);
     launch(&dkdv_l, &a)?;
-    Ok(Grads {
-        dq: dq.to_f32(dt),
-        dk: dk.to_f32(dt),
-        dv: dv.to_f32(dt),
-    })
+    Ok(Grads::read(&grads, dt))
 }
