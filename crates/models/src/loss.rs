@@ -94,10 +94,7 @@ pub fn linear_cross_entropy(
         return Ok(op.loss);
     }
     // The node's inputs are the caller's tensors, so autograd routes the saved gradients to them.
-    match bias {
-        Some(bias) => hidden.apply_op3(weight, bias, op),
-        None => hidden.apply_op2(weight, op),
-    }
+    hidden.apply_op3(weight, bias.unwrap_or(weight), op)
 }
 
 /// Which gradients are wanted.
@@ -621,30 +618,17 @@ struct SavedGrads {
 }
 
 impl SavedGrads {
-    fn cpu_loss(&self) -> Result<(CpuStorage, Shape)> {
+    /// The loss handed out as the node's forward result, on the device `unpack` accepts.
+    fn loss_on<S>(
+        &self,
+        device: &str,
+        unpack: impl FnOnce(&Storage, &Layout) -> Option<Result<S>>,
+    ) -> Result<(S, Shape)> {
         let (s, l) = self.loss.storage_and_layout();
-        let Storage::Cpu(s) = &*s else {
-            bail!("linear_cross_entropy: the loss is not on the cpu")
-        };
-        Ok((s.try_clone(l)?, Shape::from(())))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_loss(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (s, l) = self.loss.storage_and_layout();
-        let Storage::Cuda(s) = &*s else {
-            bail!("linear_cross_entropy: the loss is not on the cuda device")
-        };
-        Ok((s.try_clone(l)?, Shape::from(())))
-    }
-
-    #[cfg(all(feature = "metal", target_os = "macos"))]
-    fn metal_loss(&self) -> Result<(candle_core::MetalStorage, Shape)> {
-        let (s, l) = self.loss.storage_and_layout();
-        let Storage::Metal(s) = &*s else {
-            bail!("linear_cross_entropy: the loss is not on the metal device")
-        };
-        Ok((s.try_clone(l)?, Shape::from(())))
+        match unpack(&s, l) {
+            Some(s) => Ok((s?, Shape::from(()))),
+            None => bail!("linear_cross_entropy: the loss is not on the {device}"),
+        }
     }
 
     fn scaled(g: &Option<Tensor>, grad_out: &Tensor) -> Result<Option<Tensor>> {
@@ -659,57 +643,8 @@ impl SavedGrads {
     }
 }
 
-impl candle_core::CustomOp2 for SavedGrads {
-    fn name(&self) -> &'static str {
-        "linear-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_loss()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda_loss()
-    }
-
-    #[cfg(all(feature = "metal", target_os = "macos"))]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.metal_loss()
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            Self::scaled(&self.hidden, grad_out)?,
-            Self::scaled(&self.weight, grad_out)?,
-        ))
-    }
-}
-
+// A bias-free loss hands the weight in again as the third operand; its gradient slot is the
+// (absent) bias gradient, so autograd adds nothing more to the weight.
 impl candle_core::CustomOp3 for SavedGrads {
     fn name(&self) -> &'static str {
         "linear-cross-entropy"
@@ -724,7 +659,10 @@ impl candle_core::CustomOp3 for SavedGrads {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_loss()
+        self.loss_on("cpu", |s, l| match s {
+            Storage::Cpu(s) => Some(s.try_clone(l)),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -737,7 +675,10 @@ impl candle_core::CustomOp3 for SavedGrads {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda_loss()
+        self.loss_on("cuda device", |s, l| match s {
+            Storage::Cuda(s) => Some(s.try_clone(l)),
+            _ => None,
+        })
     }
 
     #[cfg(all(feature = "metal", target_os = "macos"))]
@@ -750,7 +691,10 @@ impl candle_core::CustomOp3 for SavedGrads {
         _: &candle_core::MetalStorage,
         _: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.metal_loss()
+        self.loss_on("metal device", |s, l| match s {
+            Storage::Metal(s) => Some(s.try_clone(l)),
+            _ => None,
+        })
     }
 
     fn bwd(
