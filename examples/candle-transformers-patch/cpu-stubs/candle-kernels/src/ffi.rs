@@ -3,7 +3,8 @@
 #![allow(clippy::all, unused, non_snake_case)]
 use core::ffi::c_void;
 
-/// One stub per name, all with the argument list that follows the names.
+/// One stub per name, all with the argument list that follows the names (the groups of entry
+/// points that share a signature; the others are written out above).
 macro_rules! stubs {
     ($([$($name:ident),+ $(,)?] $args:tt;)*) => {$($(
         pub unsafe extern "C" fn $name $args {
@@ -32,59 +33,65 @@ pub unsafe extern "C" fn candle_launch_moe_align(
     unreachable!("candle-kernels stub: candle_launch_moe_align (no CUDA on this machine)")
 }
 
+pub unsafe extern "C" fn moe_gemm_wmma(
+    input: *const c_void,         // device pointer [size_m, size_k]
+    weights: *const c_void,       // device pointer [num_experts, size_n, size_k]
+    sorted_token_ids: *const i32, // device pointer [size_m]
+    expert_ids: *const i32,       // host array [size_m] (expert id per sorted token)
+    topk_weights: *const f32,
+    output: *mut c_void,      // device pointer [size_m, size_n]
+    expert_counts: *mut i32,  // pre-allocated buffer [num_experts]
+    expert_offsets: *mut i32, // pre-allocated buffer [num_experts + 1]
+    num_experts: i32,
+    topk: i32,
+    size_m: i32,
+    size_n: i32,
+    size_k: i32,
+    dtype: i32, // 0=float16, 1=bf16 (for input/output)
+    is_prefill: bool,
+    stream: i64,
+) {
+    unreachable!("candle-kernels stub: moe_gemm_wmma (no CUDA on this machine)")
+}
+
+pub unsafe extern "C" fn moe_gemm_gguf(
+    input: *const f32,      // input [size_m, size_k]
+    weights: *const c_void, // weights [num_experts, size_n, size_k]
+    sorted_token_ids: *const i32,
+    expert_ids: *const i32,
+    topk_weights: *const f32, // device ptr or nullptr
+    output: *mut c_void,      // float output [size_m, size_n]
+    num_experts: i32,
+    topk: i32,
+    size_m: i32,
+    size_n: i32,
+    size_k: i32,
+    gguf_dtype: i32, // Q8_0: 0, Q4K: 1, Q2K: 2, Q3k: 3,  Q5K: 4, Q6K: 5  (for weights)
+    stream: i64,
+) {
+    unreachable!("candle-kernels stub: moe_gemm_gguf (no CUDA on this machine)")
+}
+
+pub unsafe extern "C" fn moe_gemm_gguf_prefill(
+    input: *const c_void, // input [size_m, size_k]
+    weights: *const u8,   // weights [num_experts, size_n, size_k]
+    sorted_token_ids: *const i32,
+    expert_ids: *const i32,   //must be host ptr
+    topk_weights: *const f32, // device ptr or nullptr
+    output: *mut c_void,      // float output [size_m, size_n]
+    num_experts: i32,
+    topk: i32,
+    size_m: i32,
+    size_n: i32,
+    size_k: i32,
+    input_dtype: i32, // 0=f16, 1=bf16 (for inputs)
+    gguf_dtype: i32,  //Q8_0: 0, Q4K: 1, Q2K: 2, Q3k: 3,  Q5K: 4, Q6K: 5  (for weights)
+    stream: i64,
+) {
+    unreachable!("candle-kernels stub: moe_gemm_gguf_prefill (no CUDA on this machine)")
+}
+
 stubs! {
-    [moe_gemm_wmma] (
-        input: *const c_void,         // device pointer [size_m, size_k]
-        weights: *const c_void,       // device pointer [num_experts, size_n, size_k]
-        sorted_token_ids: *const i32, // device pointer [size_m]
-        expert_ids: *const i32,       // host array [size_m] (expert id per sorted token)
-        topk_weights: *const f32,
-        output: *mut c_void,      // device pointer [size_m, size_n]
-        expert_counts: *mut i32,  // pre-allocated buffer [num_experts]
-        expert_offsets: *mut i32, // pre-allocated buffer [num_experts + 1]
-        num_experts: i32,
-        topk: i32,
-        size_m: i32,
-        size_n: i32,
-        size_k: i32,
-        dtype: i32, // 0=float16, 1=bf16 (for input/output)
-        is_prefill: bool,
-        stream: i64,
-    );
-
-    [moe_gemm_gguf] (
-        input: *const f32,      // input [size_m, size_k]
-        weights: *const c_void, // weights [num_experts, size_n, size_k]
-        sorted_token_ids: *const i32,
-        expert_ids: *const i32,
-        topk_weights: *const f32, // device ptr or nullptr
-        output: *mut c_void,      // float output [size_m, size_n]
-        num_experts: i32,
-        topk: i32,
-        size_m: i32,
-        size_n: i32,
-        size_k: i32,
-        gguf_dtype: i32, // Q8_0: 0, Q4K: 1, Q2K: 2, Q3k: 3,  Q5K: 4, Q6K: 5  (for weights)
-        stream: i64,
-    );
-
-    [moe_gemm_gguf_prefill] (
-        input: *const c_void, // input [size_m, size_k]
-        weights: *const u8,   // weights [num_experts, size_n, size_k]
-        sorted_token_ids: *const i32,
-        expert_ids: *const i32,   //must be host ptr
-        topk_weights: *const f32, // device ptr or nullptr
-        output: *mut c_void,      // float output [size_m, size_n]
-        num_experts: i32,
-        topk: i32,
-        size_m: i32,
-        size_n: i32,
-        size_k: i32,
-        input_dtype: i32, // 0=f16, 1=bf16 (for inputs)
-        gguf_dtype: i32,  //Q8_0: 0, Q4K: 1, Q2K: 2, Q3k: 3,  Q5K: 4, Q6K: 5  (for weights)
-        stream: i64,
-    );
-
     [
         launch_mmvq_gguf_q4_0_bf16_plain,
         launch_mmvq_gguf_q4_1_bf16_plain,
