@@ -68,20 +68,6 @@ fn mma_probe_matches_matmul() {
         launch(&plan::probe_launch(dt), &fp).unwrap();
         let got = out.to_f32(Dt::F32);
         let f32s = |t: &Tensor| -> Vec<f32> { to_f64_vec(t).iter().map(|&x| x as f32).collect() };
-        let (af, bf) = (f32s(&a), f32s(&b));
-        let round = |x: f32| match dt {
-            Dt::F16 => half::f16::from_f32(x).to_f32(),
-            Dt::Bf16 => half::bf16::from_f32(x).to_f32(),
-            Dt::F32 => x,
-        };
-        let want = plan::probe_expected(&af, &bf, round);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                "{dt:?} product {} element {}: {g} vs {w}",
-                i / 256,
-                i % 256
-            );
-        }
+        plan::probe_check(dt, &f32s(&a), &f32s(&b), &got).unwrap();
     }
 }

@@ -2,8 +2,8 @@
 //! `FlashParams`, the tile configurations of `flash_config.cuh`, and which kernels run with
 //! which grids for a problem.
 
+pub use super::{kernel_head_dim, seq_info, Dt, InputLayout, Strides, HEAD_DIMS, SEQ_INFO_STRIDE};
 use super::{max_lens, shared_params, AttnParams};
-pub use super::{seq_info, Dt, InputLayout, SEQ_INFO_STRIDE};
 use crate::Algorithm;
 
 /// Mirror of `FlashParams` in `kernels/cuda/flash_params.h` (same order, pointers as `u64`).
@@ -25,16 +25,7 @@ pub struct FlashParams {
     pub dv: u64,
     pub seq_info: u64,
     pub alibi: u64,
-    pub q_tok_stride: i64,
-    pub q_head_stride: i64,
-    pub k_tok_stride: i64,
-    pub k_head_stride: i64,
-    pub v_tok_stride: i64,
-    pub v_head_stride: i64,
-    pub o_tok_stride: i64,
-    pub dk_tok_stride: i64,
-    pub lse_head_stride: i64,
-    pub lse_len: i64,
+    pub strides: Strides,
     pub total_q: i64,
     pub batch: i32,
     pub heads_q: i32,
@@ -57,12 +48,6 @@ pub struct FlashParams {
 /// `sizeof(FlashParams)` in C; the emulator checks it at every launch.
 pub const FLASH_PARAMS_SIZE: usize = 272;
 const _: () = assert!(std::mem::size_of::<FlashParams>() == FLASH_PARAMS_SIZE);
-
-pub use super::HEAD_DIMS;
-
-pub fn kernel_head_dim(d: usize) -> Option<usize> {
-    HEAD_DIMS.iter().copied().find(|&k| k >= d)
-}
 
 /// Threads, dynamic shared memory and tile sizes of one kernel (mirrors flash_config.cuh).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,10 +239,16 @@ pub fn probe_launch(dt: Dt) -> Launch {
     }
 }
 
-/// What the probe must produce, from the f32 values of A and B (row-major 16x16) and a
-/// rounding function of `dt`: A·Bᵀ, A·B, Aᵀ·B, round(A·Bᵀ)·B.
+/// Checks what the probe wrote (`got`, 4 x 256 f32) against the products it computes, from the
+/// f32 values of A and B (row-major 16x16, already in `dt`): A·Bᵀ, A·B, Aᵀ·B, and round(A·Bᵀ)·B
+/// with the rounding to `dt` the kernel applies to its first product before reusing it.
 #[allow(dead_code)]
-pub fn probe_expected(a: &[f32], b: &[f32], round: impl Fn(f32) -> f32) -> Vec<f32> {
+pub fn probe_check(dt: Dt, a: &[f32], b: &[f32], got: &[f32]) -> candle_core::Result<()> {
+    let round = |x: f32| match dt {
+        Dt::F16 => half::f16::from_f32(x).to_f32(),
+        Dt::Bf16 => half::bf16::from_f32(x).to_f32(),
+        Dt::F32 => x,
+    };
     let mm = |x: &dyn Fn(usize, usize) -> f32, y: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
         (0..256)
             .map(|e| {
@@ -272,5 +263,19 @@ pub fn probe_expected(a: &[f32], b: &[f32], round: impl Fn(f32) -> f32) -> Vec<f
     let c2 = mm(&|i, k| a[k * 16 + i], &|k, j| b[k * 16 + j]);
     let r0: Vec<f32> = c0.iter().map(|&x| round(x)).collect();
     let c3 = mm(&|i, k| r0[i * 16 + k], &|k, j| b[k * 16 + j]);
-    [c0, c1, c2, c3].concat()
+    let want = [c0, c1, c2, c3].concat();
+    if got.len() != want.len() {
+        candle_core::bail!("mma probe: {} values, want {}", got.len(), want.len());
+    }
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let close = (g - w).abs() <= 1e-4 * (1.0 + w.abs()); // false for a NaN
+        if !close {
+            candle_core::bail!(
+                "mma probe {dt:?}: product {} element {}: {g} vs {w}",
+                i / 256,
+                i % 256
+            );
+        }
+    }
+    Ok(())
 }

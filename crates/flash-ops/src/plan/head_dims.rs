@@ -10,6 +10,11 @@ const ENTRY_TAIL: &[u8] = b", __VA_ARGS__)";
 /// the smallest one >= its head_dim, the extra columns zero-filled and never stored.
 pub const HEAD_DIMS: [usize; count(HEADER)] = parse(HEADER);
 
+/// The kernel head dim a problem of head dim `d` runs on (`None`: larger than every kernel).
+pub fn kernel_head_dim(d: usize) -> Option<usize> {
+    HEAD_DIMS.iter().copied().find(|&k| k >= d)
+}
+
 const fn starts_at(s: &[u8], i: usize, pat: &[u8]) -> bool {
     if i + pat.len() > s.len() {
         return false;

@@ -125,6 +125,44 @@ pub fn dropout_fields(p: &AttnParams) -> (i32, u32, f32, u64) {
     }
 }
 
+/// The block of 64-bit strides and lengths that `FlashParams` (CUDA) and `MetalFlashParams`
+/// (Metal) both declare, in the same order: element strides of q, k, v (token, head), of the
+/// contiguous outputs, and of the statistics. Eight-byte fields at an eight-byte offset in both,
+/// so nesting it leaves the C layout unchanged.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Strides {
+    pub q_tok_stride: i64,
+    pub q_head_stride: i64,
+    pub k_tok_stride: i64,
+    pub k_head_stride: i64,
+    pub v_tok_stride: i64,
+    pub v_head_stride: i64,
+    /// `heads_q * head_dim`: o, d_o and dq are contiguous `(total_q, hq, d)`.
+    pub o_tok_stride: i64,
+    /// `heads_k * head_dim`: dk and dv are contiguous `(total_k, hk, d)`.
+    pub dk_tok_stride: i64,
+    pub lse_head_stride: i64,
+    pub lse_len: i64,
+}
+
+impl Strides {
+    pub fn new(p: &AttnParams, [q, k, v]: [&InputLayout; 3]) -> Self {
+        Self {
+            q_tok_stride: q.tok_stride() as i64,
+            q_head_stride: q.head_stride() as i64,
+            k_tok_stride: k.tok_stride() as i64,
+            k_head_stride: k.head_stride() as i64,
+            v_tok_stride: v.tok_stride() as i64,
+            v_head_stride: v.head_stride() as i64,
+            o_tok_stride: (p.heads_q * p.head_dim) as i64,
+            dk_tok_stride: (p.heads_k * p.head_dim) as i64,
+            lse_head_stride: p.lse_head_stride() as i64,
+            lse_len: p.lse_len() as i64,
+        }
+    }
+}
+
 /// Builds `$ty { .. }` with the fields `FlashParams` (CUDA) and `MetalFlashParams` (Metal)
 /// declare alike — strides, sizes, window, scale, softcap, dropout — filled from
 /// `$p: &AttnParams` and the `$q`, `$k`, `$v` [`InputLayout`]s, plus the `$extra` fields.
@@ -133,16 +171,7 @@ macro_rules! shared_params {
         let p: &$crate::plan::AttnParams = $p;
         let (has_dropout, dropout_threshold, dropout_scale, seed) = $crate::plan::layout::dropout_fields(p);
         $ty {
-            q_tok_stride: $q.tok_stride() as i64,
-            q_head_stride: $q.head_stride() as i64,
-            k_tok_stride: $k.tok_stride() as i64,
-            k_head_stride: $k.head_stride() as i64,
-            v_tok_stride: $v.tok_stride() as i64,
-            v_head_stride: $v.head_stride() as i64,
-            o_tok_stride: (p.heads_q * p.head_dim) as i64,
-            dk_tok_stride: (p.heads_k * p.head_dim) as i64,
-            lse_head_stride: p.lse_head_stride() as i64,
-            lse_len: p.lse_len() as i64,
+            strides: $crate::plan::Strides::new(p, [$q, $k, $v]),
             batch: p.batch() as i32,
             heads_q: p.heads_q as i32,
             heads_k: p.heads_k as i32,

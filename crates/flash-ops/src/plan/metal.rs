@@ -2,24 +2,15 @@
 //! `MetalFlashParams`, the tile sizes of `flash_metal.h`, and which kernels run with which
 //! grids.
 
+pub use super::{kernel_head_dim, seq_info, Dt, InputLayout, Strides, HEAD_DIMS, SEQ_INFO_STRIDE};
 use super::{max_lens, shared_params, AttnParams};
-pub use super::{seq_info, Dt, InputLayout, SEQ_INFO_STRIDE};
 use crate::Algorithm;
 
 /// Mirror of `MetalFlashParams` in `kernels/metal/flash_metal.h` (same order; `long` is i64).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MetalParams {
-    pub q_tok_stride: i64,
-    pub q_head_stride: i64,
-    pub k_tok_stride: i64,
-    pub k_head_stride: i64,
-    pub v_tok_stride: i64,
-    pub v_head_stride: i64,
-    pub o_tok_stride: i64,
-    pub dk_tok_stride: i64,
-    pub lse_head_stride: i64,
-    pub lse_len: i64,
+    pub strides: Strides,
     pub batch: i32,
     pub heads_q: i32,
     pub heads_k: i32,
@@ -41,12 +32,6 @@ pub struct MetalParams {
 /// `sizeof(MetalFlashParams)`.
 pub const PARAMS_SIZE: usize = 144;
 const _: () = assert!(std::mem::size_of::<MetalParams>() == PARAMS_SIZE);
-
-pub use super::HEAD_DIMS;
-
-pub fn kernel_head_dim(d: usize) -> Option<usize> {
-    HEAD_DIMS.iter().copied().find(|&k| k >= d)
-}
 
 /// Threads per threadgroup of the tile kernels (4 simdgroups).
 pub const THREADS: u32 = 128;

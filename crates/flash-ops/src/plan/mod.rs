@@ -13,6 +13,6 @@ pub mod metal_source;
 pub use crate::params::{AttnParams, SeqLayout, SeqSpan};
 /// The log-sum-exp of saved statistics read back to the host (the emulator's tests).
 pub use crate::stats::lse_host;
-pub use head_dims::HEAD_DIMS;
+pub use head_dims::{kernel_head_dim, HEAD_DIMS};
 use layout::shared_params;
-pub use layout::{max_lens, seq_info, window_bound, Dt, InputLayout, SEQ_INFO_STRIDE};
+pub use layout::{max_lens, seq_info, window_bound, Dt, InputLayout, Strides, SEQ_INFO_STRIDE};
