@@ -12,7 +12,7 @@ use flash_ops::Algorithm;
 pub use crate::{host_input, AttnParams, Buf, Dt, Forward, Grads};
 pub use flash_ops::plan::cuda as plan;
 
-use crate::{dt_of, InputLayout};
+use crate::{dt_of, BackwardBufs, InputLayout};
 use plan::FlashParams;
 
 extern "C" {
@@ -97,6 +97,15 @@ impl Inputs {
     }
 }
 
+/// Binds the saved statistics where the kernels of `p.algorithm` keep them: V2 the lse, V1
+/// m ‖ l.
+fn bind_stats(fp: &mut FlashParams, p: &AttnParams, stats: &mut Buf) {
+    match p.algorithm {
+        Algorithm::V2 => fp.lse = stats.addr(),
+        Algorithm::V1 => fp.m_l = stats.addr(),
+    }
+}
+
 /// The forward pass as the CUDA backend runs it.
 pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     let dt = inp.dt;
@@ -104,18 +113,12 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     let n_out = p.q_elems();
     let mut out = Buf::zeros(n_out * dt.size());
     let mut stats = Buf::zeros(4 * p.stats_len());
-    let mut o_accum = Buf::zeros(if p.algorithm == Algorithm::V1 {
-        4 * n_out
-    } else {
-        0
-    });
+    // V1 accumulates the output in f32 in global memory.
+    let mut o_accum = (p.algorithm == Algorithm::V1).then(|| Buf::zeros(4 * n_out));
     fp.o = out.addr();
-    match p.algorithm {
-        Algorithm::V2 => fp.lse = stats.addr(),
-        Algorithm::V1 => {
-            fp.m_l = stats.addr();
-            fp.o_accum = o_accum.addr();
-        }
+    bind_stats(&mut fp, p, &mut stats);
+    if let Some(acc) = &mut o_accum {
+        fp.o_accum = acc.addr();
     }
     launch(&plan::forward_launch(p, dt), &fp)?;
     Ok(Forward::read(out, &stats, dt))
@@ -131,31 +134,25 @@ pub fn backward(
 ) -> Result<Grads> {
     let dt = inp.dt;
     let (mut fp, _si, _alibi) = inp.params(p);
-    let n = p.lse_len();
-    let mut stats = Buf::from_f32(&fwd.stats);
-    let mut lse = Buf::zeros(4 * n);
-    let mut delta = Buf::zeros(4 * n);
+    let mut b = BackwardBufs::new(p, fwd, dt);
     let mut dq_accum = Buf::zeros(4 * p.q_elems());
-    let mut grads = Grads::buffers(p, dt);
-    let [dq, dk, dv] = &mut grads;
     fp.o = fwd.out_buf.addr();
     fp.d_o = d_out.addr();
-    match p.algorithm {
-        Algorithm::V2 => fp.lse = stats.addr(),
-        Algorithm::V1 => {
-            fp.m_l = stats.addr();
-            fp.lse = lse.addr();
-        }
+    bind_stats(&mut fp, p, &mut b.stats);
+    if p.algorithm == Algorithm::V1 {
+        // bwd_pre turns m ‖ l into the lse the main kernel reads.
+        fp.lse = b.lse.addr();
     }
-    fp.delta = delta.addr();
+    fp.delta = b.delta.addr();
     if !plan::separate_dq(p) {
         fp.dq_accum = dq_accum.addr();
     }
+    let [dq, dk, dv] = &mut b.grads;
     fp.dq = dq.addr();
     fp.dk = dk.addr();
     fp.dv = dv.addr();
     for l in plan::backward_launches(p, dt) {
         launch(&l, &fp)?;
     }
-    Ok(Grads::read(&grads, dt))
+    Ok(Grads::read(&b.grads, dt))
 }

@@ -124,17 +124,33 @@ impl Forward {
 }
 
 impl Grads {
-    /// Zeroed `[dq, dk, dv]` buffers in the inputs' dtype, for both dialects' backward.
-    fn buffers(p: &AttnParams, dt: Dt) -> [Buf; 3] {
-        let (nq, nk) = (p.q_elems(), p.k_elems());
-        [nq, nk, nk].map(|n| Buf::zeros(n * dt.size()))
-    }
-
     fn read([dq, dk, dv]: &[Buf; 3], dt: Dt) -> Self {
         Self {
             dq: dq.to_f32(dt),
             dk: dk.to_f32(dt),
             dv: dv.to_f32(dt),
+        }
+    }
+}
+
+/// The buffers of a backward pass in both dialects: the saved statistics, the lse and delta of
+/// the preprocessing kernel (f32, one per query row and head), and zeroed `[dq, dk, dv]` in the
+/// inputs' dtype.
+struct BackwardBufs {
+    stats: Buf,
+    lse: Buf,
+    delta: Buf,
+    grads: [Buf; 3],
+}
+
+impl BackwardBufs {
+    fn new(p: &AttnParams, fwd: &Forward, dt: Dt) -> Self {
+        let (n, nq, nk) = (p.lse_len(), p.q_elems(), p.k_elems());
+        Self {
+            stats: Buf::from_f32(&fwd.stats),
+            lse: Buf::zeros(4 * n),
+            delta: Buf::zeros(4 * n),
+            grads: [nq, nk, nk].map(|n| Buf::zeros(n * dt.size())),
         }
     }
 }

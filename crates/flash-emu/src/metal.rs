@@ -12,7 +12,7 @@ pub use crate::{host_input, AttnParams, Buf, Dt, Forward, Grads};
 pub use flash_ops::plan::metal as plan;
 pub use flash_ops::plan::metal_source as source;
 
-use crate::dt_of;
+use crate::{dt_of, BackwardBufs};
 use plan::{Launch, MetalParams};
 
 extern "C" {
@@ -89,6 +89,18 @@ impl Inputs {
             alibi: Buf::from_f32(p.alibi.as_deref().unwrap_or(&[0.0])),
         })
     }
+
+    /// The buffers the forward, dQ and dK/dV kernels bind first, in their index order.
+    fn problem_buffers(&mut self) -> [*mut c_void; 6] {
+        [
+            self.params.ptr(),
+            self.seq_info.ptr(),
+            self.alibi.ptr(),
+            self.q.ptr(),
+            self.k.ptr(),
+            self.v.ptr(),
+        ]
+    }
 }
 
 /// The forward pass as the Metal backend dispatches it.
@@ -96,16 +108,8 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     let dt = inp.dt;
     let mut out = Buf::zeros(p.q_elems() * dt.size());
     let mut stats = Buf::zeros(4 * p.stats_len());
-    let args = [
-        inp.params.ptr(),
-        inp.seq_info.ptr(),
-        inp.alibi.ptr(),
-        inp.q.ptr(),
-        inp.k.ptr(),
-        inp.v.ptr(),
-        out.ptr(),
-        stats.ptr(),
-    ];
+    let mut args = inp.problem_buffers().to_vec();
+    args.extend([out.ptr(), stats.ptr()]);
     launch(&plan::forward_launch(p, dt), &args)?;
     Ok(Forward::read(out, &stats, dt))
 }
@@ -119,11 +123,7 @@ pub fn backward(
     d_out: &mut Buf,
 ) -> Result<Grads> {
     let dt = inp.dt;
-    let n = p.lse_len();
-    let mut stats = Buf::from_f32(&fwd.stats);
-    let (mut lse, mut delta) = (Buf::zeros(4 * n), Buf::zeros(4 * n));
-    let mut grads = Grads::buffers(p, dt);
-    let [dq, dk, dv] = &mut grads;
+    let mut b = BackwardBufs::new(p, fwd, dt);
     let [pre, dq_l, dkdv_l] = plan::backward_launches(p, dt);
     launch(
         &pre,
@@ -132,27 +132,19 @@ pub fn backward(
             inp.seq_info.ptr(),
             fwd.out_buf.ptr(),
             d_out.ptr(),
-            stats.ptr(),
-            lse.ptr(),
-            delta.ptr(),
+            b.stats.ptr(),
+            b.lse.ptr(),
+            b.delta.ptr(),
         ],
     )?;
-    let common = [
-        inp.params.ptr(),
-        inp.seq_info.ptr(),
-        inp.alibi.ptr(),
-        inp.q.ptr(),
-        inp.k.ptr(),
-        inp.v.ptr(),
-        d_out.ptr(),
-        lse.ptr(),
-        delta.ptr(),
-    ];
-    let mut a = common.to_vec();
+    let mut common = inp.problem_buffers().to_vec();
+    common.extend([d_out.ptr(), b.lse.ptr(), b.delta.ptr()]);
+    let [dq, dk, dv] = &mut b.grads;
+    let mut a = common.clone();
     a.push(dq.ptr());
     launch(&dq_l, &a)?;
-    let mut a = common.to_vec();
+    let mut a = common;
     a.extend([dk.ptr(), dv.ptr()]);
     launch(&dkdv_l, &a)?;
-    Ok(Grads::read(&grads, dt))
+    Ok(Grads::read(&b.grads, dt))
 }
