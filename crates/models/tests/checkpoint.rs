@@ -5,17 +5,19 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use common::{randomize, varmap};
+use candle_nn::{VarBuilder, VarMap};
+use common::{random_model, varmap};
 use flash_ops_models::{
     load_hf_safetensors, save_hf_dir, save_hf_safetensors, save_tensors, AttentionKind, BertConfig,
-    BertForMaskedLM, BertModel, Gpt2, Gpt2Config,
+    BertForMaskedLM, BertModel, Gpt2, Gpt2Config, LoadReport,
 };
 use flash_test_support::Rng;
 
-fn tmp(name: &str) -> std::path::PathBuf {
+fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("flash-ops-models-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
@@ -107,29 +109,72 @@ fn random_file(keys: &[(String, Vec<usize>)], seed: u64) -> Result<BTreeMap<Stri
         .collect()
 }
 
-fn param(vm: &candle_nn::VarMap, name: &str) -> Tensor {
+fn param(vm: &VarMap, name: &str) -> Tensor {
     vm.data().lock().unwrap()[name].as_tensor().clone()
+}
+
+/// A fresh f32 model that `build` makes, loaded from `path`: its variables, the model and the
+/// load report.
+fn load_into<M>(
+    path: &Path,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+) -> Result<(VarMap, M, LoadReport)> {
+    let (vm, vb) = varmap(DType::F32);
+    let m = build(vb)?;
+    let report = load_hf_safetensors(&vm, path)?;
+    Ok((vm, m, report))
+}
+
+/// `file` saved as `name`, then loaded into a fresh model that `build` makes: its variables and
+/// the load report.
+fn load_file<M>(
+    file: &BTreeMap<String, Tensor>,
+    name: &str,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+) -> Result<(VarMap, LoadReport)> {
+    let path = tmp(name);
+    save_tensors(file, &path)?;
+    let (vm, _, report) = load_into(&path, build)?;
+    Ok((vm, report))
+}
+
+/// A random f32 model that `build` makes, written by `save` (which returns the weights' file),
+/// and a second one that `build` makes, loaded from that file: both, and the load report.
+fn round_trip<M>(
+    seed: u64,
+    build: impl Fn(VarBuilder<'static>) -> candle_core::Result<M>,
+    save: impl FnOnce(&VarMap) -> Result<PathBuf>,
+) -> Result<(M, M, LoadReport)> {
+    let (vm, m) = random_model(DType::F32, seed, &build)?;
+    let path = save(&vm)?;
+    let (_, m2, report) = load_into(&path, build)?;
+    Ok((m, m2, report))
+}
+
+fn assert_same_values(a: &Tensor, b: &Tensor) -> Result<()> {
+    assert_eq!(
+        a.flatten_all()?.to_vec1::<f32>()?,
+        b.flatten_all()?.to_vec1::<f32>()?
+    );
+    Ok(())
 }
 
 #[test]
 fn gpt2_save_load_round_trip_is_exact() -> Result<()> {
     let cfg = Gpt2Config::tiny();
-    let (vm, vb) = varmap(DType::F32);
-    let m = Gpt2::new(&cfg, vb, AttentionKind::FlashV2)?;
-    randomize(&vm, 1)?;
     let path = tmp("gpt2.safetensors");
-    save_hf_safetensors(&vm, &path)?;
-    let (vm2, vb2) = varmap(DType::F32);
-    let m2 = Gpt2::new(&cfg, vb2, AttentionKind::FlashV2)?;
-    let report = load_hf_safetensors(&vm2, &path)?;
+    let (m, m2, report) = round_trip(
+        1,
+        |vb| Gpt2::new(&cfg, vb, AttentionKind::FlashV2),
+        |vm| {
+            save_hf_safetensors(vm, &path)?;
+            Ok(path.clone())
+        },
+    )?;
     assert!(report.is_exact(), "{report}");
     assert!(report.skipped.is_empty());
     let ids = Rng::new(2).ids(2, 20, cfg.vocab_size)?;
-    let (a, b) = (m.forward(&ids, false)?, m2.forward(&ids, false)?);
-    assert_eq!(
-        a.flatten_all()?.to_vec1::<f32>()?,
-        b.flatten_all()?.to_vec1::<f32>()?
-    );
+    assert_same_values(&m.forward(&ids, false)?, &m2.forward(&ids, false)?)?;
     // Our file has exactly the HF GPT2LMHeadModel keys (prefixed, no buffers, no lm_head).
     let file = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
     let mut ours: Vec<String> = file.keys().cloned().collect();
@@ -147,39 +192,34 @@ fn gpt2_save_load_round_trip_is_exact() -> Result<()> {
 #[test]
 fn bert_save_load_round_trip_is_exact() -> Result<()> {
     let cfg = BertConfig::tiny();
-    let (vm, vb) = varmap(DType::F32);
-    let m = BertForMaskedLM::new(&cfg, vb, AttentionKind::FlashV1)?;
-    randomize(&vm, 3)?;
     let dir = tmp("bert-dir");
-    save_hf_dir(&vm, &cfg.to_hf_json("BertForMaskedLM"), &dir)?;
+    let (m, m2, report) = round_trip(
+        3,
+        |vb| BertForMaskedLM::new(&cfg, vb, AttentionKind::FlashV1),
+        |vm| {
+            save_hf_dir(vm, &cfg.to_hf_json("BertForMaskedLM"), &dir)?;
+            Ok(dir.join("model.safetensors"))
+        },
+    )?;
+    // The directory's config is the model's, so the reloaded model is the one `build` makes.
     let cfg2: BertConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     assert_eq!(cfg2, cfg);
-    let (vm2, vb2) = varmap(DType::F32);
-    let m2 = BertForMaskedLM::new(&cfg2, vb2, AttentionKind::FlashV1)?;
-    let report = load_hf_safetensors(&vm2, dir.join("model.safetensors"))?;
     assert!(report.is_exact(), "{report}");
     let ids = Rng::new(4).ids(2, 16, cfg.vocab_size)?;
-    let (a, b) = (
-        m.forward(&ids, &[16, 9], false)?,
-        m2.forward(&ids, &[16, 9], false)?,
-    );
-    assert_eq!(
-        a.flatten_all()?.to_vec1::<f32>()?,
-        b.flatten_all()?.to_vec1::<f32>()?
-    );
-    Ok(())
+    assert_same_values(
+        &m.forward(&ids, &[16, 9], false)?,
+        &m2.forward(&ids, &[16, 9], false)?,
+    )
 }
 
 #[test]
 fn hf_gpt2_file_loads_without_missing_or_unexpected() -> Result<()> {
     let cfg = Gpt2Config::tiny();
     let file = random_file(&hf_gpt2_keys(&cfg), 5)?;
-    let path = tmp("hf-gpt2.safetensors");
-    save_tensors(&file, &path)?;
-    let (vm, vb) = varmap(DType::F32);
-    let _m = Gpt2::new(&cfg, vb, AttentionKind::Naive)?;
-    let report = load_hf_safetensors(&vm, &path)?;
+    let (vm, report) = load_file(&file, "hf-gpt2.safetensors", |vb| {
+        Gpt2::new(&cfg, vb, AttentionKind::Naive)
+    })?;
     assert!(report.is_exact(), "{report}");
     assert_eq!(report.loaded.len(), 4 + 12 * cfg.n_layer);
     assert_eq!(report.skipped.len(), cfg.n_layer, "the attn.bias buffers");
@@ -189,11 +229,7 @@ fn hf_gpt2_file_loads_without_missing_or_unexpected() -> Result<()> {
         "h.1.attn.c_attn.weight",
         "h.0.mlp.c_proj.bias",
     ] {
-        let ours = param(&vm, &format!("transformer.{name}"));
-        assert_eq!(
-            ours.flatten_all()?.to_vec1::<f32>()?,
-            file[name].flatten_all()?.to_vec1::<f32>()?
-        );
+        assert_same_values(&param(&vm, &format!("transformer.{name}")), &file[name])?;
     }
     Ok(())
 }
@@ -232,11 +268,9 @@ fn hf_bert_mlm_file_with_tied_decoder_and_legacy_names_loads() -> Result<()> {
         "bert.embeddings.position_ids".into(),
         Tensor::arange(0u32, 64, &candle_core::Device::Cpu)?.to_dtype(DType::F32)?,
     );
-    let path = tmp("hf-bert.safetensors");
-    save_tensors(&file, &path)?;
-    let (vm, vb) = varmap(DType::F32);
-    let _m = BertForMaskedLM::new(&cfg, vb, AttentionKind::Naive)?;
-    let report = load_hf_safetensors(&vm, &path)?;
+    let (vm, report) = load_file(&file, "hf-bert.safetensors", |vb| {
+        BertForMaskedLM::new(&cfg, vb, AttentionKind::Naive)
+    })?;
     assert!(report.is_exact(), "{report}");
     assert_eq!(
         report.skipped.len(),
@@ -250,6 +284,7 @@ fn hf_bert_mlm_file_with_tied_decoder_and_legacy_names_loads() -> Result<()> {
     // A decoder weight that differs from the embeddings is an untied head we cannot represent.
     let other = (file["cls.predictions.decoder.weight"].clone() + 1.0)?;
     file.insert("cls.predictions.decoder.weight".into(), other);
+    let path = tmp("hf-bert.safetensors");
     save_tensors(&file, &path)?;
     let report = load_hf_safetensors(&vm, &path)?;
     assert_eq!(
@@ -264,11 +299,9 @@ fn bare_bert_model_file_loads_into_bert_model() -> Result<()> {
     // sentence-transformers layout: `BertModel` keys without prefix, pooler included.
     let cfg = BertConfig::tiny();
     let file = random_file(&hf_bert_keys(&cfg, "", true), 7)?;
-    let path = tmp("hf-bertmodel.safetensors");
-    save_tensors(&file, &path)?;
-    let (vm, vb) = varmap(DType::F32);
-    let _m = BertModel::new(&cfg, vb, AttentionKind::FlashV2, true)?;
-    let report = load_hf_safetensors(&vm, &path)?;
+    let (_, report) = load_file(&file, "hf-bertmodel.safetensors", |vb| {
+        BertModel::new(&cfg, vb, AttentionKind::FlashV2, true)
+    })?;
     assert!(report.is_exact(), "{report}");
     Ok(())
 }
@@ -282,11 +315,9 @@ fn missing_and_unexpected_are_reported_by_name() -> Result<()> {
         "h.0.attn.q_norm.weight".into(),
         Tensor::ones(4, DType::F32, &candle_core::Device::Cpu)?,
     );
-    let path = tmp("hf-gpt2-bad.safetensors");
-    save_tensors(&file, &path)?;
-    let (vm, vb) = varmap(DType::F32);
-    let _m = Gpt2::new(&cfg, vb, AttentionKind::Naive)?;
-    let report = load_hf_safetensors(&vm, &path)?;
+    let (vm, report) = load_file(&file, "hf-gpt2-bad.safetensors", |vb| {
+        Gpt2::new(&cfg, vb, AttentionKind::Naive)
+    })?;
     assert_eq!(report.missing, vec!["transformer.ln_f.bias".to_string()]);
     assert_eq!(
         report.unexpected,
@@ -298,6 +329,7 @@ fn missing_and_unexpected_are_reported_by_name() -> Result<()> {
         "wpe.weight".into(),
         Tensor::zeros((3, 3), DType::F32, &candle_core::Device::Cpu)?,
     );
+    let path = tmp("hf-gpt2-bad.safetensors");
     save_tensors(&file, &path)?;
     let err = load_hf_safetensors(&vm, &path).unwrap_err().to_string();
     assert!(err.contains("wpe.weight"), "{err}");

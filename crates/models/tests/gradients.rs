@@ -10,7 +10,7 @@ mod common;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
-use common::{gradient_is_zero_by_design, named_vars, randomize, varmap};
+use common::{gradient_is_zero_by_design, named_vars, random_model};
 use flash_ops_models::{
     AttentionKind, BertConfig, BertForMaskedLM, BertForSequenceClassification, Gpt2, Gpt2Config,
 };
@@ -25,7 +25,15 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_scalar::<f64>()?)
 }
 
-fn check_gradients(name: &str, vm: &VarMap, loss: &dyn Fn() -> Result<Tensor>) -> Result<()> {
+/// Checks every parameter's gradient of `loss(train)` in eval and in training mode.
+fn check_gradients(name: &str, vm: &VarMap, loss: &dyn Fn(bool) -> Result<Tensor>) -> Result<()> {
+    for train in [false, true] {
+        check_gradients_of(&format!("{name} train={train}"), vm, &|| loss(train))?;
+    }
+    Ok(())
+}
+
+fn check_gradients_of(name: &str, vm: &VarMap, loss: &dyn Fn() -> Result<Tensor>) -> Result<()> {
     let grads = loss()?.backward()?;
     let mut rng = Rng::new(7);
     let vars = named_vars(vm);
@@ -113,65 +121,53 @@ fn small_bert() -> BertConfig {
 #[test]
 fn gpt2_every_parameter_gradient_matches_finite_differences() -> Result<()> {
     let cfg = small_gpt2();
-    let (vm, vb) = varmap(DType::F64);
-    let m = Gpt2::new(&cfg, vb, AttentionKind::Naive)?;
-    randomize(&vm, 11)?;
+    let (vm, m) = random_model(DType::F64, 11, |vb| {
+        Gpt2::new(&cfg, vb, AttentionKind::Naive)
+    })?;
     let mut rng = Rng::new(12);
     // Every position index is used, so every row of `wpe` gets a gradient.
     let ids = rng.ids(2, cfg.n_positions, cfg.vocab_size)?;
     let w = rng.normal_tensor(&[2, cfg.n_positions, cfg.vocab_size], 1.0, DType::F64)?;
-    for train in [false, true] {
-        let loss = || -> Result<Tensor> {
-            m.set_dropout_seed(3);
-            Ok((m.forward(&ids, train)? * &w)?.sum_all()?)
-        };
-        check_gradients(&format!("gpt2 train={train}"), &vm, &loss)?;
-    }
-    Ok(())
+    check_gradients("gpt2", &vm, &|train| {
+        m.set_dropout_seed(3);
+        Ok((m.forward(&ids, train)? * &w)?.sum_all()?)
+    })
 }
 
 #[test]
 fn bert_mlm_every_parameter_gradient_matches_finite_differences() -> Result<()> {
     let cfg = small_bert();
-    let (vm, vb) = varmap(DType::F64);
-    let m = BertForMaskedLM::new(&cfg, vb, AttentionKind::Naive)?;
-    randomize(&vm, 13)?;
+    let (vm, m) = random_model(DType::F64, 13, |vb| {
+        BertForMaskedLM::new(&cfg, vb, AttentionKind::Naive)
+    })?;
     let mut rng = Rng::new(14);
     let t = cfg.max_position_embeddings;
     let ids = rng.ids(2, t, cfg.vocab_size)?;
     let tt = rng.ids(2, t, 2)?;
     let lengths = [t, t - 5];
     let w = rng.normal_tensor(&[2, t, cfg.vocab_size], 1.0, DType::F64)?;
-    for train in [false, true] {
-        let loss = || -> Result<Tensor> {
-            m.set_dropout_seed(4);
-            let out = m.forward_with_token_types(&ids, Some(&tt), &lengths, train)?;
-            Ok((out * &w)?.sum_all()?)
-        };
-        check_gradients(&format!("bert-mlm train={train}"), &vm, &loss)?;
-    }
-    Ok(())
+    check_gradients("bert-mlm", &vm, &|train| {
+        m.set_dropout_seed(4);
+        let out = m.forward_with_token_types(&ids, Some(&tt), &lengths, train)?;
+        Ok((out * &w)?.sum_all()?)
+    })
 }
 
 #[test]
 fn bert_classifier_every_parameter_gradient_matches_finite_differences() -> Result<()> {
     let cfg = small_bert().with_num_labels(3);
-    let (vm, vb) = varmap(DType::F64);
-    let m = BertForSequenceClassification::new(&cfg, vb, AttentionKind::Naive)?;
-    randomize(&vm, 15)?;
+    let (vm, m) = random_model(DType::F64, 15, |vb| {
+        BertForSequenceClassification::new(&cfg, vb, AttentionKind::Naive)
+    })?;
     let mut rng = Rng::new(16);
     let t = cfg.max_position_embeddings;
     let ids = rng.ids(3, t, cfg.vocab_size)?;
     let tt = rng.ids(3, t, 2)?;
     let lengths = [t, 9, 4];
     let labels = Tensor::new(&[0u32, 2, 1], &candle_core::Device::Cpu)?;
-    for train in [false, true] {
-        let loss = || -> Result<Tensor> {
-            m.set_dropout_seed(6);
-            let logits = m.forward(&ids, Some(&tt), &lengths, train)?;
-            Ok(candle_nn::loss::cross_entropy(&logits, &labels)?)
-        };
-        check_gradients(&format!("bert-cls train={train}"), &vm, &loss)?;
-    }
-    Ok(())
+    check_gradients("bert-cls", &vm, &|train| {
+        m.set_dropout_seed(6);
+        let logits = m.forward(&ids, Some(&tt), &lengths, train)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &labels)?)
+    })
 }

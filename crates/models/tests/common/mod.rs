@@ -13,6 +13,18 @@ pub fn varmap(dtype: DType) -> (VarMap, VarBuilder<'static>) {
     (vm, vb)
 }
 
+/// A model that `build` makes on fresh variables of `dtype`, then [`randomize`]d with `seed`.
+pub fn random_model<M>(
+    dtype: DType,
+    seed: u64,
+    build: impl FnOnce(VarBuilder<'static>) -> Result<M>,
+) -> Result<(VarMap, M)> {
+    let (vm, vb) = varmap(dtype);
+    let m = build(vb)?;
+    randomize(&vm, seed)?;
+    Ok((vm, m))
+}
+
 /// Sorted (name, var) pairs of a `VarMap`.
 pub fn named_vars(vm: &VarMap) -> Vec<(String, Var)> {
     let mut v: Vec<(String, Var)> = vm
