@@ -27,6 +27,20 @@ fn randomize(vm: &VarMap) -> Result<()> {
     Ok(())
 }
 
+/// A model that `build` makes on fresh f32 variables, randomized, then saved as the Hugging Face
+/// directory `dir` with `config`.
+fn random_export<M>(
+    config: &serde_json::Value,
+    dir: std::path::PathBuf,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<M> {
+    let vm = VarMap::new();
+    let m = build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    randomize(&vm)?;
+    save_hf_dir(&vm, config, dir)?;
+    Ok(m)
+}
+
 fn main() -> Result<()> {
     let out = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or("/tmp/hf-export".into()));
     let dev = Device::Cpu;
@@ -43,25 +57,17 @@ fn main() -> Result<()> {
     let tp = Tensor::new(padded.clone(), &dev)?;
 
     let gcfg = Gpt2Config::tiny();
-    let gvm = VarMap::new();
-    let gpt2 = Gpt2::new(
-        &gcfg,
-        VarBuilder::from_varmap(&gvm, DType::F32, &dev),
-        AttentionKind::FlashV2,
-    )?;
-    randomize(&gvm)?;
-    save_hf_dir(&gvm, &gcfg.to_hf_json(), out.join("gpt2"))?;
+    let gpt2 = random_export(&gcfg.to_hf_json(), out.join("gpt2"), |vb| {
+        Gpt2::new(&gcfg, vb, AttentionKind::FlashV2)
+    })?;
     let glogits = gpt2.forward(&t, false)?.to_vec3::<f32>()?;
 
     let bcfg = BertConfig::tiny();
-    let bvm = VarMap::new();
-    let bert = BertForMaskedLM::new(
-        &bcfg,
-        VarBuilder::from_varmap(&bvm, DType::F32, &dev),
-        AttentionKind::FlashV2,
+    let bert = random_export(
+        &bcfg.to_hf_json("BertForMaskedLM"),
+        out.join("bert"),
+        |vb| BertForMaskedLM::new(&bcfg, vb, AttentionKind::FlashV2),
     )?;
-    randomize(&bvm)?;
-    save_hf_dir(&bvm, &bcfg.to_hf_json("BertForMaskedLM"), out.join("bert"))?;
     let blogits = bert.forward(&tp, &lengths, false)?.to_vec3::<f32>()?;
 
     let expected = serde_json::json!({
