@@ -44,12 +44,16 @@ fn backward_is_deterministic() {
     }
 }
 
-/// `v` of shape `(b, sk, h, sk)` that is the identity for every batch entry and head: the output
-/// row of query `i` is then row `i` of the (dropped-out) probability matrix.
-fn identity_v(b: usize, sk: usize, h: usize) -> Tensor {
-    Tensor::eye(sk, DType::F32, &Device::Cpu)
+/// Random `q (b, sq, h, sk)` and `k (b, sk, h, sk)`, and `v` the identity for every batch entry
+/// and head: the output row of query `i` is then row `i` of the (dropped-out) probability matrix.
+fn identity_v_problem(seed: u64, (b, sq, sk, h): (usize, usize, usize, usize)) -> [Tensor; 3] {
+    let mut rng = Rng::new(seed);
+    let q = rng.tensor(&[b, sq, h, sk]).to_dtype(DType::F32).unwrap();
+    let k = rng.tensor(&[b, sk, h, sk]).to_dtype(DType::F32).unwrap();
+    let v = Tensor::eye(sk, DType::F32, &Device::Cpu)
         .and_then(|eye| eye.unsqueeze(1)?.unsqueeze(0)?.expand((b, sk, h, sk)))
-        .unwrap()
+        .unwrap();
+    [q, k, v]
 }
 
 /// With `v` the identity (sk = d), row i of the output is row i of the dropped-out probability
@@ -57,10 +61,7 @@ fn identity_v(b: usize, sk: usize, h: usize) -> Tensor {
 #[test]
 fn dropout_keep_rate_matches_one_minus_p() {
     let (sq, sk, h) = (512, 128, 4);
-    let mut rng = Rng::new(8);
-    let q = rng.tensor(&[1, sq, h, sk]).to_dtype(DType::F32).unwrap();
-    let k = rng.tensor(&[1, sk, h, sk]).to_dtype(DType::F32).unwrap();
-    let v = identity_v(1, sk, h);
+    let [q, k, v] = identity_v_problem(8, (1, sq, sk, h));
     for p in [0.1f32, 0.5] {
         for alg in [Algorithm::V1, Algorithm::V2] {
             let opts = AttnOptions::new()
@@ -96,10 +97,7 @@ fn dropout_keep_rate_matches_one_minus_p() {
 #[test]
 fn dropout_pattern_is_the_shared_mask() {
     let (sq, sk, h) = (70, 64, 2);
-    let mut rng = Rng::new(9);
-    let q = rng.tensor(&[2, sq, h, sk]).to_dtype(DType::F32).unwrap();
-    let k = rng.tensor(&[2, sk, h, sk]).to_dtype(DType::F32).unwrap();
-    let v = identity_v(2, sk, h);
+    let [q, k, v] = identity_v_problem(9, (2, sq, sk, h));
     let opts = AttnOptions::new().softmax_scale(0.05).dropout(0.3, 5);
     let out = flash_attn(&q, &k, &v, &opts).unwrap();
     let out: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();

@@ -8,6 +8,14 @@ fn t(rng: &mut Rng, dims: &[usize]) -> Tensor {
     rng.tensor(dims).to_dtype(DType::F32).unwrap()
 }
 
+/// A valid dense GQA problem, `(2, 10, 4, 16)` queries over `(2, 12, 2, 16)` keys and values,
+/// that the tests then break one argument of; the generator makes the bad arguments.
+fn valid_problem(seed: u64) -> (Rng, [Tensor; 3]) {
+    let mut r = Rng::new(seed);
+    let qkv = [&[2, 10, 4, 16], &[2, 12, 2, 16], &[2, 12, 2, 16]].map(|d| t(&mut r, d));
+    (r, qkv)
+}
+
 fn expect_err(r: candle_core::Result<Tensor>, needles: &[&str]) {
     let msg = match r {
         Ok(_) => panic!("expected an error mentioning {needles:?}"),
@@ -20,10 +28,7 @@ fn expect_err(r: candle_core::Result<Tensor>, needles: &[&str]) {
 
 #[test]
 fn shape_rank_dtype_and_head_errors() {
-    let mut r = Rng::new(1);
-    let q = t(&mut r, &[2, 10, 4, 16]);
-    let k = t(&mut r, &[2, 12, 2, 16]);
-    let v = t(&mut r, &[2, 12, 2, 16]);
+    let (mut r, [q, k, v]) = valid_problem(1);
     let o = AttnOptions::new();
     expect_err(
         flash_attn(&t(&mut r, &[10, 4, 16]), &k, &v, &o),
@@ -63,10 +68,7 @@ fn shape_rank_dtype_and_head_errors() {
 
 #[test]
 fn option_errors() {
-    let mut r = Rng::new(2);
-    let q = t(&mut r, &[2, 10, 4, 16]);
-    let k = t(&mut r, &[2, 12, 2, 16]);
-    let v = t(&mut r, &[2, 12, 2, 16]);
+    let (_, [q, k, v]) = valid_problem(2);
     expect_err(
         flash_attn(&q, &k, &v, &AttnOptions::new().dropout(1.0, 0)),
         &["dropout `p`", "[0, 1)"],
