@@ -271,26 +271,22 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
             paper: false,
         })
         .collect();
-    lines.push(Line {
-        label: "paper: PyTorch (A100, batch 16, fp16)".into(),
-        colour: colour("paper"),
-        points: paper::FA1_LENGTHS
-            .iter()
-            .zip(paper::FA1_MEMORY_MB)
-            .map(|(&n, m)| (n as f64, m.0))
-            .collect(),
-        paper: true,
-    });
-    lines.push(Line {
-        label: "paper: FlashAttention (A100, batch 16, fp16)".into(),
-        colour: colour("paper-fa"),
-        points: paper::FA1_LENGTHS
-            .iter()
-            .zip(paper::FA1_MEMORY_MB)
-            .map(|(&n, m)| (n as f64, m.1))
-            .collect(),
-        paper: true,
-    });
+    // The paper's two memory columns: PyTorch, then FlashAttention.
+    for (column, (who, key)) in [("PyTorch", "paper"), ("FlashAttention", "paper-fa")]
+        .into_iter()
+        .enumerate()
+    {
+        lines.push(Line {
+            label: format!("paper: {who} (A100, batch 16, fp16)"),
+            colour: colour(key),
+            points: paper::FA1_LENGTHS
+                .iter()
+                .zip(paper::FA1_MEMORY_MB)
+                .map(|(&n, (torch, flash))| (n as f64, [torch, flash][column]))
+                .collect(),
+            paper: true,
+        });
+    }
     let oom: Vec<usize> = lengths
         .iter()
         .copied()
