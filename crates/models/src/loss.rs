@@ -643,6 +643,26 @@ impl SavedGrads {
     }
 }
 
+/// The node's forward on one device: the loss computed beforehand, whatever the operands.
+macro_rules! hand_back_loss {
+    ($fwd:ident, $storage:ty, $variant:ident, $device:literal) => {
+        fn $fwd(
+            &self,
+            _: &$storage,
+            _: &Layout,
+            _: &$storage,
+            _: &Layout,
+            _: &$storage,
+            _: &Layout,
+        ) -> Result<($storage, Shape)> {
+            self.loss_on($device, |s, l| match s {
+                Storage::$variant(s) => Some(s.try_clone(l)),
+                _ => None,
+            })
+        }
+    };
+}
+
 // A bias-free loss hands the weight in again as the third operand; its gradient slot is the
 // (absent) bias gradient, so autograd adds nothing more to the weight.
 impl candle_core::CustomOp3 for SavedGrads {
@@ -650,52 +670,11 @@ impl candle_core::CustomOp3 for SavedGrads {
         "linear-cross-entropy"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.loss_on("cpu", |s, l| match s {
-            Storage::Cpu(s) => Some(s.try_clone(l)),
-            _ => None,
-        })
-    }
-
+    hand_back_loss!(cpu_fwd, CpuStorage, Cpu, "cpu");
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.loss_on("cuda device", |s, l| match s {
-            Storage::Cuda(s) => Some(s.try_clone(l)),
-            _ => None,
-        })
-    }
-
+    hand_back_loss!(cuda_fwd, candle_core::CudaStorage, Cuda, "cuda device");
     #[cfg(all(feature = "metal", target_os = "macos"))]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.loss_on("metal device", |s, l| match s {
-            Storage::Metal(s) => Some(s.try_clone(l)),
-            _ => None,
-        })
-    }
+    hand_back_loss!(metal_fwd, candle_core::MetalStorage, Metal, "metal device");
 
     fn bwd(
         &self,
