@@ -5,6 +5,7 @@
 // dK and dV. The price is recomputing S and dP once more (about 1.4x the backward FLOPs).
 //   S = Q K^T, P = exp(mod(scale S) - lse), dP = dO V^T, dS = P (dP Z - delta) softcap',
 //   dQ += scale dS K.
+#include "bwd_tile.cuh"  // score_grad
 #include "flash_acc.cuh"
 #include "flash_config.cuh"
 #include "flash_mma.cuh"
@@ -75,11 +76,9 @@ template <typename T, int D> __device__ void bwd_dq(const FlashParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = row[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
-                const float raw = sc[n][e] * p.scale;
-                const bool vis = i < sq.q_len && j < j0 + cols && md.visible(i, j);
-                const float pr = vis ? fexp(md.modify(raw, i, j) - lse[e >> 1]) : 0.f;
-                const float z = (p.has_dropout && vis) ? dr.one(i, j) : 1.f;
-                dp[n][e] = pr * (dp[n][e] * z - delta[e >> 1]) * md.softcap_grad(raw);
+                float pz;  // P Z: dV's operand, not needed here
+                dp[n][e] = score_grad(p, md, dr, i < sq.q_len && j < j0 + cols, i, j, sc[n][e],
+                                      dp[n][e], lse[e >> 1], delta[e >> 1], pz);
             }
         // dQ += dS K, dS straight from registers as the A operand.
         mma_pb(acc, dp, sK, kLd, lane);

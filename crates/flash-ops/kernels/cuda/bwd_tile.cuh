@@ -17,6 +17,20 @@
 
 namespace flash {
 
+// One element (i, j) of the backward, from its raw score s = q.k and dp = dO.v (in_tile: the
+// element lies inside the sequence's rows and keys): P = exp(mod(scale s) - lse) where visible,
+// 0 elsewhere, the dropout factor Z, and dS = P (dP Z - delta) softcap'(scale s). Returns dS;
+// `pz` receives P Z (dV's operand). Shared by the dK/dV tile step and bwd_dq.cu.
+FLASH_DEV float score_grad(const FlashParams& p, const Mods& md, const Dropout& dr, bool in_tile,
+                           int i, int j, float s, float dp, float lse, float delta, float& pz) {
+    const float raw = s * p.scale;
+    const bool vis = in_tile && md.visible(i, j);
+    const float pr = vis ? fexp(md.modify(raw, i, j) - lse) : 0.f;
+    const float z = (p.has_dropout && vis) ? dr.one(i, j) : 1.f;
+    pz = pr * z;
+    return pr * (dp * z - delta) * md.softcap_grad(raw);
+}
+
 template <typename T, int D, bool kAtomicDq>
 __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, int j0) {
     using C = BwdCfg<T, D>;
@@ -80,12 +94,10 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = n * 8 + 2 * c + (e & 1), i = i0 + qi, j = key[e >> 1];
-                    const float raw = pt[n][e] * p.scale;
-                    const bool vis = qi < rows && j < j0 + cols && md.visible(i, j);
-                    const float pr = vis ? fexp(md.modify(raw, i, j) - sLse[qi]) : 0.f;
-                    const float z = (p.has_dropout && vis) ? dr.one(i, j) : 1.f;
-                    dpt[n][e] = pr * (dpt[n][e] * z - sDelta[qi]) * md.softcap_grad(raw);
-                    pt[n][e] = pr * z;  // the dropped probabilities, for dV
+                    const bool in_tile = qi < rows && j < j0 + cols;
+                    // pt becomes the dropped probabilities, for dV.
+                    dpt[n][e] = score_grad(p, md, dr, in_tile, i, j, pt[n][e], dpt[n][e], sLse[qi],
+                                           sDelta[qi], pt[n][e]);
                 }
             // dV += (P Z)^T dO and dK += dS^T Q for this warp's head-dim slice.
             mma_pb2(dv, pt, sdO + wd * kSliceD, dk, dpt, sQ + wd * kSliceD, kLd, lane);

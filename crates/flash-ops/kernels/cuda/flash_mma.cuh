@@ -99,39 +99,42 @@ template <> struct Mma<float> {
     struct FragA { float r[8]; };
     struct FragB { float r[4]; };
 
-    static FLASH_DEV void load_a(FragA& a, const float* base, int ld, int lane) {
+    // Element (row, k) of a tile stored [row][k], or [k][row] when kTrans: one loader per
+    // fragment for both storage orders.
+    template <bool kTrans> static FLASH_DEV float at(const float* base, int ld, int row, int k) {
+        return kTrans ? base[k * ld + row] : base[row * ld + k];
+    }
+    template <bool kTrans>
+    static FLASH_DEV void load_a2(FragA& a, const float* base, int ld, int lane) {
         int g = lane >> 2, c = lane & 3;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             int reg = i >> 1, half = i & 1;
-            a.r[i] = base[(g + 8 * (reg & 1)) * ld + 2 * c + half + 8 * (reg >> 1)];
+            a.r[i] = at<kTrans>(base, ld, g + 8 * (reg & 1), 2 * c + half + 8 * (reg >> 1));
         }
     }
+    static FLASH_DEV void load_a(FragA& a, const float* base, int ld, int lane) {
+        load_a2<false>(a, base, ld, lane);
+    }
     static FLASH_DEV void load_a_trans(FragA& a, const float* base, int ld, int lane) {
+        load_a2<true>(a, base, ld, lane);
+    }
+    // The B fragments of n-tiles [0, 8) and [8, 16) of a tile stored [n][k], or [k][n] when kKN.
+    template <bool kKN>
+    static FLASH_DEV void load_b2(FragB& b0, FragB& b1, const float* base, int ld, int lane) {
         int g = lane >> 2, c = lane & 3;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            int reg = i >> 1, half = i & 1;
-            a.r[i] = base[(2 * c + half + 8 * (reg >> 1)) * ld + g + 8 * (reg & 1)];
+        for (int i = 0; i < 4; ++i) {
+            int k = 2 * c + (i & 1) + 8 * (i >> 1);
+            b0.r[i] = at<kKN>(base, ld, g, k);
+            b1.r[i] = at<kKN>(base, ld, g + 8, k);
         }
     }
     static FLASH_DEV void load_b_nk2(FragB& b0, FragB& b1, const float* base, int ld, int lane) {
-        int g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int k = 2 * c + (i & 1) + 8 * (i >> 1);
-            b0.r[i] = base[g * ld + k];
-            b1.r[i] = base[(g + 8) * ld + k];
-        }
+        load_b2<false>(b0, b1, base, ld, lane);
     }
     static FLASH_DEV void load_b_kn2(FragB& b0, FragB& b1, const float* base, int ld, int lane) {
-        int g = lane >> 2, c = lane & 3;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int k = 2 * c + (i & 1) + 8 * (i >> 1);
-            b0.r[i] = base[k * ld + g];
-            b1.r[i] = base[k * ld + g + 8];
-        }
+        load_b2<true>(b0, b1, base, ld, lane);
     }
     static FLASH_DEV void acc_to_a(FragA& a, const float (&c0)[4], const float (&c1)[4]) {
 #pragma unroll
