@@ -310,7 +310,7 @@ fn forward_backward(
 }
 
 /// The factor that clips the global gradient norm to `max_norm` (0 = no clipping).
-fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+pub(crate) fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
         max_norm / (norm + 1e-6)
     } else {
