@@ -134,6 +134,8 @@ fn flops_per_token(params: usize, dims: &model::Dims, seq: usize) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    // As in training: the measured steps reuse freed memory.
+    crate::trainer::reuse_freed_memory();
     if a.steps == 0 {
         bail!("bench needs --steps >= 1")
     }
