@@ -32,6 +32,7 @@ mod attention;
 pub mod bert;
 mod checkpoint;
 mod dropout;
+mod elementwise;
 pub mod gpt2;
 mod layer_norm;
 mod linear;

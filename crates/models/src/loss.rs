@@ -13,8 +13,8 @@
 //! spent most of its time in the kernel. Here the rows are processed `chunk_rows` at a time:
 //! for each chunk the logits, the log-sum-exp, the loss, the logits' gradient and both products
 //! of backward (`dhidden = dlogits·W`, `dW += dlogitsᵀ·hidden`) are done while the chunk's
-//! logits sit in one reused buffer of `chunk_rows × v` f32 (≈ [`CHUNK_BYTES`] by default: 41 rows
-//! of GPT-2's vocabulary, 8 MB). The memory the loss needs is that buffer plus the gradients
+//! logits sit in one reused buffer of `chunk_rows × v` f32 (≈ [`CHUNK_BYTES`] by default: 163 rows
+//! of GPT-2's vocabulary, 32 MB). The memory the loss needs is that buffer plus the gradients
 //! themselves (`n × d` and `v × d`, the size of the inputs).
 //!
 //! # Gradients in the forward pass
@@ -41,8 +41,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-/// The default budget of one chunk's logits.
-pub const CHUNK_BYTES: usize = 8 << 20;
+/// The default budget of one chunk's logits. Each chunk's `dW += dlogitsᵀ·hidden` reads and
+/// writes all of `dW` (`v × d`) with an inner dimension of only `chunk_rows`: at 8 MB (41 rows)
+/// a GPT-2-small-width step made 25 passes over its 154 MB `dW`; at 32 MB, 7 passes of a
+/// 163-deep GEMM took ~30% less CPU time for that step (3 steps, user time 40/35 s → 27/25 s).
+pub const CHUNK_BYTES: usize = 32 << 20;
 
 /// Options of [`linear_cross_entropy`].
 #[derive(Debug, Clone, PartialEq)]

@@ -2,12 +2,15 @@
 //! across sequence lengths, at a fixed number of tokens per step (FlashAttention's Table 4 idea:
 //! what longer context costs). The kinds share one set of weights and the same batches and are
 //! timed in interleaved rounds, so machine noise hits them alike; ratios are within one run.
+//! With `--torch PYTHON`, [`torch`] compares our step with PyTorch's in the same way.
+
+mod torch;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use clap::Args;
 use flash_ops_bench::{cpu_model, gemm_ceiling, gemm_path, median};
@@ -16,7 +19,7 @@ use serde_json::json;
 
 use crate::batching::causal_batch;
 use crate::masking::{mlm_batch, MlmIds, MlmSettings};
-use crate::model::{self, ModelKind, Net, SizeOverrides};
+use crate::model::{self, Batch, ModelKind, Net, SizeOverrides};
 use crate::optim::{self, AdamW, AdamWConfig, Grads};
 use crate::{DTypeArg, DeviceArg, SizeArgs};
 
@@ -35,8 +38,8 @@ pub struct BenchArgs {
     /// Sequence lengths to measure.
     #[arg(long, value_delimiter = ',', default_value = "256,512,1024")]
     pub seq_lens: Vec<usize>,
-    /// Attention kinds to compare.
-    #[arg(long, value_delimiter = ',', default_value = "naive,flash1,flash2", value_parser = crate::parse_attn)]
+    /// Attention kinds to compare (default naive,flash1,flash2; with --torch, flash2).
+    #[arg(long, value_delimiter = ',', value_parser = crate::parse_attn)]
     pub attn: Vec<AttentionKind>,
     /// Tokens per training step (batch = tokens / seq_len, at least 1).
     #[arg(long, default_value_t = 2048)]
@@ -57,6 +60,21 @@ pub struct BenchArgs {
     /// JSON results.
     #[arg(long, default_value = "runs/bench.json")]
     pub out: PathBuf,
+    /// Compare with PyTorch: this Python (with torch) runs scripts/torch_train_baseline.py, the
+    /// same model and step, interleaved with ours; rows are --cases, not --seq-lens.
+    #[arg(long, value_name = "PYTHON")]
+    pub torch: Option<String>,
+    /// The PyTorch baseline script (default: scripts/torch_train_baseline.py of this checkout).
+    #[arg(long)]
+    pub torch_script: Option<PathBuf>,
+    /// With --torch: the model shapes to measure.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tiny,gpt2-small-width"
+    )]
+    pub cases: Vec<torch::Case>,
 }
 
 /// Resets the process' peak-RSS counter (Linux); false where unsupported.
@@ -72,17 +90,73 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Clipping and learning rate of a benchmarked step: `train`'s default clip and the tiny
+/// preset's schedule (peak, warmup, total steps, final ratio); the values do not change the work.
+const GRAD_CLIP: f64 = 1.0;
+const SCHEDULE: (f64, u64, u64, f64) = (1.5e-3, 20, 300, 0.1);
+/// GPT-2's AdamW (llm.c; `train gpt2`'s recipe).
+const ADAMW: AdamWConfig = AdamWConfig {
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weight_decay: 0.1,
+};
+
+fn lr_at(step: u64) -> f64 {
+    let (peak, warmup, total, min_ratio) = SCHEDULE;
+    optim::lr_at(step, peak, warmup, total, min_ratio)
+}
+
+/// One optimizer step as `train`'s loop takes it: forward, backward, global-norm clipping,
+/// AdamW. Returns the loss.
+fn train_step(net: &Net, opt: &mut AdamW, batch: &Batch, step: u64) -> Result<f64> {
+    let loss = net.loss(batch, true)?;
+    let grads = loss.backward()?;
+    let mut acc = Grads::new();
+    opt.accumulate(&mut acc, &grads, 1.0)?;
+    let clip = crate::trainer::clip_scale(AdamW::grad_norm(&acc)?, GRAD_CLIP);
+    opt.step(&acc, lr_at(step), clip)?;
+    Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// The FLOP/s that MFU divides by, and where it comes from.
+fn peak_flops(a: &BenchArgs, dev: &Device, dtype: DType) -> Result<(f64, &'static str)> {
+    Ok(match a.peak_tflops {
+        Some(t) => (t * 1e12, "--peak-tflops"),
+        // The same matmul ceiling as the attention tables of `repro` (GFLOP/s → FLOP/s).
+        None => (gemm_ceiling(5, dev, dtype)? * 1e9, "measured matmul"),
+    })
+}
+
+/// Training FLOPs per token (FlashAttention-2 / llm.c count): `6·params + 12·layers·hidden·seq`.
+fn flops_per_token(params: usize, dims: &model::Dims, seq: usize) -> f64 {
+    6.0 * params as f64 + 12.0 * dims.layers as f64 * dims.hidden as f64 * seq as f64
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.attn.is_empty() || a.seq_lens.is_empty() || a.steps == 0 {
-        bail!("bench needs at least one --attn, one --seq-lens value and --steps >= 1")
+    // As in training: the measured steps reuse freed memory.
+    crate::trainer::reuse_freed_memory();
+    if a.steps == 0 {
+        bail!("bench needs --steps >= 1")
     }
     crate::metrics::ensure_writable_parent(&a.out)?;
-    let dev = crate::device(a.device)?;
-    let dtype = match a.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::Bf16 => DType::BF16,
-        DTypeArg::F16 => DType::F16,
+    if let Some(python) = &a.torch {
+        return torch::run(&a, python);
+    }
+    let attn = if a.attn.is_empty() {
+        vec![
+            AttentionKind::Naive,
+            AttentionKind::FlashV1,
+            AttentionKind::FlashV2,
+        ]
+    } else {
+        a.attn.clone()
     };
+    if a.seq_lens.is_empty() {
+        bail!("bench needs at least one --seq-lens value")
+    }
+    let dev = crate::device(a.device)?;
+    let dtype = a.dtype.dtype();
     let kind = match a.model {
         BenchModel::Gpt2 => ModelKind::Gpt2,
         BenchModel::Bert => ModelKind::Bert,
@@ -118,30 +192,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         config[key] = max_seq.into();
     }
     let varmap = VarMap::new();
-    let mut net = Net::build(&config, &varmap, dtype, &dev, a.attn[0])?;
+    let mut net = Net::build(&config, &varmap, dtype, &dev, attn[0])?;
     optim::init_params(&varmap, 0, dims.layers, kind == ModelKind::Gpt2)?;
-    let cfg = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
-    let mut opt = AdamW::new(&varmap, cfg)?;
+    let mut opt = AdamW::new(&varmap, ADAMW)?;
     let params = opt.num_params();
     let mlm_ids = match kind {
         ModelKind::Bert => Some(MlmIds::new(&tok, vocab)?),
         ModelKind::Gpt2 => None,
     };
-    let peak = match a.peak_tflops {
-        Some(t) => t * 1e12,
-        // The same matmul ceiling as the attention tables of `repro` (GFLOP/s → FLOP/s).
-        None => gemm_ceiling(5, &dev, dtype)? * 1e9,
-    };
-    let peak_src = if a.peak_tflops.is_some() {
-        "--peak-tflops"
-    } else {
-        "measured matmul"
-    };
+    let (peak, peak_src) = peak_flops(&a, &dev, dtype)?;
     println!(
         "bench: {:?} {:?}, {:.2}M params ({} layers, width {}), {} tokens/step, {} timed + {} warm-up steps per cell, dtype {:?}, device {:?}, {} threads; MFU peak {:.1} GFLOP/s ({peak_src})",
         kind,
@@ -166,7 +225,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ModelKind::Gpt2 => seq,
             ModelKind::Bert => seq - 2,
         };
-        let mut next_batch = |step: u64| -> Result<crate::model::Batch> {
+        let mut next_batch = |step: u64| -> Result<Batch> {
             let need = batch * (content + 1);
             if cursor + need > tokens.len() {
                 cursor = 0;
@@ -195,29 +254,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // Same weights, same batch: every kind must give the same loss.
         let probe = next_batch(0)?;
         let mut probe_losses = Vec::new();
-        for &k in &a.attn {
+        for &k in &attn {
             net.set_attention(k);
             probe_losses.push(net.loss(&probe, false)?.to_scalar::<f32>()? as f64);
         }
         let spread = probe_losses
             .iter()
             .fold(0f64, |m, l| m.max((l - probe_losses[0]).abs()));
-        let mut times: Vec<Vec<f64>> = vec![Vec::new(); a.attn.len()];
-        let mut peaks: Vec<Option<u64>> = vec![None; a.attn.len()];
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); attn.len()];
+        let mut peaks: Vec<Option<u64>> = vec![None; attn.len()];
         let mut step_no = 1u64;
         for round in 0..a.warmup + a.steps {
-            for (ki, &k) in a.attn.iter().enumerate() {
+            for (ki, &k) in attn.iter().enumerate() {
                 net.set_attention(k);
                 let b = next_batch(step_no)?;
-                step_no += 1;
                 let measure_mem = reset_peak_rss();
                 dev.synchronize()?;
                 let t0 = Instant::now();
-                let loss = net.loss(&b, true)?;
-                let grads = loss.backward()?;
-                let mut acc = Grads::new();
-                opt.accumulate(&mut acc, &grads, 1.0)?;
-                opt.step(&acc, 1e-4, 1.0)?;
+                train_step(&net, &mut opt, &b, step_no - 1)?;
+                step_no += 1;
                 dev.synchronize()?;
                 let dt = t0.elapsed().as_secs_f64();
                 if round >= a.warmup {
@@ -228,8 +283,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 }
             }
         }
-        let flops_per_token =
-            6.0 * params as f64 + 12.0 * dims.layers as f64 * dims.hidden as f64 * seq as f64;
+        let flops_per_token = flops_per_token(params, &dims, seq);
         let medians = times
             .iter()
             .map(|t| median(t).context("no timed steps"))
@@ -238,12 +292,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .iter()
             .map(|t| t.iter().copied().fold(f64::INFINITY, f64::min))
             .collect();
-        let naive_tps = a
-            .attn
+        let naive_tps = attn
             .iter()
             .position(|k| *k == AttentionKind::Naive)
             .map(|i| ((batch * seq) as f64 / medians[i], mins[i]));
-        for (ki, &k) in a.attn.iter().enumerate() {
+        for (ki, &k) in attn.iter().enumerate() {
             let (step_s, step_min) = (medians[ki], mins[ki]);
             let tps = (batch * seq) as f64 / step_s;
             rows.push(json!({
@@ -307,7 +360,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "peak_memory": "process VmHWM after resetting it to the current RSS before the step (Linux; includes memory the allocator retains from earlier steps, so it is an upper bound), CPU only",
         "rows": rows,
     });
-    crate::checkpoint::write_atomic(&a.out, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    println!("\nwrote {}", a.out.display());
+    write_report(&a.out, &report)
+}
+
+/// The JSON report, written atomically.
+fn write_report(out: &std::path::Path, report: &serde_json::Value) -> Result<()> {
+    crate::checkpoint::write_atomic(out, serde_json::to_string_pretty(report)?.as_bytes())?;
+    println!("\nwrote {}", out.display());
     Ok(())
 }

@@ -175,7 +175,9 @@ impl AdamW {
             };
             // Detached: gradients carry the backward graph (which holds the step's activations),
             // and the moments built from them would otherwise chain every step's graph together.
-            let g = (g.detach().to_dtype(DType::F32)? / div)?;
+            let g = g.detach().to_dtype(DType::F32)?;
+            // Dividing by 1 would be a full copy (the embedding's gradient is the largest tensor).
+            let g = if div == 1.0 { g } else { (g / div)? };
             let sum = match acc.remove(&p.name) {
                 Some(prev) => (prev + g)?,
                 None => g,
@@ -185,11 +187,20 @@ impl AdamW {
         Ok(())
     }
 
-    /// Global L2 norm of the gradients.
+    /// Global L2 norm of the gradients: on the CPU one parallel pass per gradient, no
+    /// temporary (squares summed in f64 over a chunk split fixed by the size, so the same bits
+    /// at any thread count); elsewhere Candle ops.
     pub fn grad_norm(grads: &Grads) -> Result<f64> {
         let mut sq = 0f64;
         for g in grads.values() {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sq += match with_host_f32(g, sum_squares)? {
+                Some(s) => s,
+                None => g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+            };
         }
         Ok(sq.sqrt())
     }
@@ -207,19 +218,20 @@ impl AdamW {
             match &mut p.state {
                 State::Host { m, v, master } => {
                     let g = g.to_dtype(DType::F32)?.contiguous()?;
-                    let (gs, gl) = g.storage_and_layout();
-                    let Storage::Cpu(gs) = &*gs else {
-                        bail!("adamw: the gradient of `{}` is not on the cpu", p.name)
-                    };
-                    let g = &gs.as_slice::<f32>()?[gl.start_offset()..][..m.len()];
-                    let op = OnePass {
-                        c: &c,
-                        keep: (1.0 - decay) as f32,
-                        g,
-                        moments: Mutex::new((m, v)),
-                        master: Mutex::new(master.as_deref_mut()),
-                    };
-                    p.var.as_tensor().inplace_op1(&op)?;
+                    let done = with_host_f32(&g, |g| {
+                        let op = OnePass {
+                            c: &c,
+                            keep: (1.0 - decay) as f32,
+                            g: &g[..m.len()],
+                            moments: Mutex::new((m, v)),
+                            master: Mutex::new(master.as_deref_mut()),
+                        };
+                        p.var.as_tensor().inplace_op1(&op)
+                    })?;
+                    match done {
+                        Some(r) => r?,
+                        None => bail!("adamw: the gradient of `{}` is not on the cpu", p.name),
+                    }
                 }
                 State::Tensors { m, v, master } => {
                     tensor_update(&c, decay, &p.var, g, (m, v, master))?;
@@ -379,6 +391,40 @@ fn update(c: &Coeffs, keep: f32, theta: &mut f32, m: &mut f32, v: &mut f32, g: f
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 15;
+
+/// `f` of the elements of a contiguous f32 CPU tensor; `None` for any other tensor.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        return Ok(None);
+    }
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*s else {
+        return Ok(None);
+    };
+    Ok(Some(f(
+        &s.as_slice::<f32>()?[l.start_offset()..][..l.shape().elem_count()]
+    )))
+}
+
+/// `Σ x²` in f64, in parallel over [`CHUNK`]s, each summed in eight lanes (vectorised), the
+/// chunk sums added in order.
+fn sum_squares(x: &[f32]) -> f64 {
+    let partial: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| {
+            let mut lanes = [0f64; 8];
+            let mut it = c.chunks_exact(8);
+            for v in &mut it {
+                for (a, &x) in lanes.iter_mut().zip(v) {
+                    *a += x as f64 * x as f64;
+                }
+            }
+            let tail: f64 = it.remainder().iter().map(|&x| x as f64 * x as f64).sum();
+            lanes.iter().sum::<f64>() + tail
+        })
+        .collect();
+    partial.iter().sum()
+}
 
 /// The one-pass CPU update of one parameter: theta (its storage, or its f32 master copy, which
 /// is then rounded into the storage), both moments and nothing else are touched, in place, in
@@ -542,6 +588,33 @@ mod tests {
         assert!(!decays("transformer.h.0.ln_1.weight", 1));
         assert!(!decays("transformer.wte.weight", 2));
         assert!(!decays("bert.embeddings.word_embeddings.weight", 2));
+    }
+
+    /// The one-pass norm against the f64 formula, on random gradients: sizes of one element, a
+    /// few, several chunks, and a transposed (strided) one that takes the Candle-op path.
+    #[test]
+    fn grad_norm_matches_f64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let normal = Normal::new(0f32, 1.0).unwrap();
+        let mut grads = Grads::new();
+        let mut want = 0f64;
+        for (i, n) in [1usize, 7, 3 * CHUNK + 5, 6 * 35].into_iter().enumerate() {
+            let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+            want += v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+            let t = Tensor::from_vec(v, n, &Device::Cpu).unwrap();
+            let t = if i == 3 {
+                t.reshape((6, 35)).unwrap().t().unwrap()
+            } else {
+                t
+            };
+            grads.insert(format!("g{i}"), t);
+        }
+        let got = AdamW::grad_norm(&grads).unwrap();
+        assert!(
+            (got - want.sqrt()).abs() <= 1e-6 * want.sqrt(),
+            "{got} vs {}",
+            want.sqrt()
+        );
     }
 
     /// One step against a hand-computed AdamW update (decoupled decay, bias correction).

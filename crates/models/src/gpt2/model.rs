@@ -122,10 +122,20 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, layer: usize, ctx: &DropoutCtx) -> Result<Tensor> {
-        let h = self.act.forward(&self.c_fc.forward(x)?)?;
+    /// `residual + mlp(x)`: without dropout, the residual joins c_proj's bias pass.
+    fn forward(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        layer: usize,
+        ctx: &DropoutCtx,
+    ) -> Result<Tensor> {
+        let h = self.c_fc.forward_activation(x, self.act)?;
+        if !ctx.active(self.resid_pdrop) {
+            return self.c_proj.forward_residual(&h, residual);
+        }
         let h = self.c_proj.forward(&h)?;
-        ctx.apply(&h, self.resid_pdrop, site(layer, MLP_RESID))
+        residual + ctx.apply(&h, self.resid_pdrop, site(layer, MLP_RESID))?
     }
 }
 
@@ -295,8 +305,7 @@ impl Gpt2 {
                 .attn
                 .forward(&block.ln_1.forward(&h)?, i, self.attn, ctx, slot)?;
             h = (h + a)?;
-            let m = block.mlp.forward(&block.ln_2.forward(&h)?, i, ctx)?;
-            h = (h + m)?;
+            h = block.mlp.forward(&block.ln_2.forward(&h)?, &h, i, ctx)?;
         }
         self.ln_f.forward(&h)
     }

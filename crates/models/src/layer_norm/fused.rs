@@ -4,36 +4,135 @@
 //! keeps only the inputs). Backward recomputes the row statistics and applies the closed form
 //! (Ba et al., 2016), with `x̂ = (x − μ)·r`, `r = 1/sqrt(σ² + ε)`, `g = dy ⊙ w`:
 //! `dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))`, `dw = Σ_rows dy ⊙ x̂`, `db = Σ_rows dy`.
-//! Statistics accumulate in f64; half-precision backward runs in f32.
+//! Statistics accumulate in f64. Both directions run in parallel over blocks of rows; in f32 and
+//! f64 backward is one pass too (`backward_cpu`, dx‖dw‖db in one buffer), with the `dw`
+//! and `db` partials of each block (a count fixed by the shape) summed in order, so the bits do
+//! not depend on the thread count. Half-precision backward runs in f32 Candle ops.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 pub struct FusedLayerNorm {
     pub eps: f64,
 }
 
-fn forward_rows<T: Copy>(
-    x: &[T],
-    w: &[T],
-    b: &[T],
-    dim: usize,
-    eps: f64,
-    to: impl Fn(T) -> f64,
-    from: impl Fn(f64) -> T,
-) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(dim) {
-        let mean = row.iter().map(|&v| to(v)).sum::<f64>() / dim as f64;
-        let var = row.iter().map(|&v| (to(v) - mean).powi(2)).sum::<f64>() / dim as f64;
-        let r = 1.0 / (var + eps).sqrt();
-        out.extend(
-            row.iter()
-                .zip(w.iter().zip(b))
-                .map(|(&v, (&wi, &bi))| from((to(v) - mean) * r * to(wi) + to(bi))),
-        );
-    }
+/// Rows per parallel task: about 16K elements, whole rows.
+fn block_rows(dim: usize) -> usize {
+    (16 * 1024 / dim.max(1)).max(1)
+}
+
+/// `(mean, 1/sqrt(var + eps))` of one row, in f64.
+fn stats<T: Copy>(row: &[T], eps: f64, to: impl Fn(T) -> f64) -> (f64, f64) {
+    let dim = row.len() as f64;
+    let mean = row.iter().map(|&v| to(v)).sum::<f64>() / dim;
+    let var = row.iter().map(|&v| (to(v) - mean).powi(2)).sum::<f64>() / dim;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// The element types; statistics are computed in f64.
+trait Elem: Copy + Send + Sync + Default {}
+impl<T: Copy + Send + Sync + Default> Elem for T {}
+
+/// Conversions of an element type to and from f64.
+#[derive(Clone, Copy)]
+struct Conv<T> {
+    to: fn(T) -> f64,
+    from: fn(f64) -> T,
+}
+
+fn forward_rows<T: Elem>([x, w, b]: [&[T]; 3], dim: usize, eps: f64, c: Conv<T>) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    let block = block_rows(dim) * dim;
+    out.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .for_each(|(o, x)| {
+            for (orow, row) in o.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                let (mean, r) = stats(row, eps, c.to);
+                for (((o, &v), &wi), &bi) in orow.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (c.from)(((c.to)(v) - mean) * r * (c.to)(wi) + (c.to)(bi));
+                }
+            }
+        });
     out
+}
+
+/// dx (rows·dim), then dw (dim), then db (dim), in one buffer.
+fn backward_rows<T: Elem>([x, w, dy]: [&[T]; 3], dim: usize, eps: f64, c: Conv<T>) -> Vec<T> {
+    let mut out = vec![T::default(); x.len() + 2 * dim];
+    let (dx, dwb) = out.split_at_mut(x.len());
+    let block = block_rows(dim) * dim;
+    let partials: Vec<Vec<f64>> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+        .map(|(dx, (x, dy))| {
+            // dw in [..dim], db in [dim..].
+            let mut acc = vec![0f64; 2 * dim];
+            let mut xhat = vec![0f64; dim];
+            let rows = dx
+                .chunks_exact_mut(dim)
+                .zip(x.chunks_exact(dim).zip(dy.chunks_exact(dim)));
+            for (dxr, (xr, dyr)) in rows {
+                let (mean, r) = stats(xr, eps, c.to);
+                let (mut mg, mut mgx) = (0f64, 0f64);
+                for j in 0..dim {
+                    xhat[j] = ((c.to)(xr[j]) - mean) * r;
+                    let g = (c.to)(dyr[j]) * (c.to)(w[j]);
+                    mg += g;
+                    mgx += g * xhat[j];
+                    acc[j] += (c.to)(dyr[j]) * xhat[j];
+                    acc[dim + j] += (c.to)(dyr[j]);
+                }
+                let (mg, mgx) = (mg / dim as f64, mgx / dim as f64);
+                for j in 0..dim {
+                    let g = (c.to)(dyr[j]) * (c.to)(w[j]);
+                    dxr[j] = (c.from)(r * (g - mg - xhat[j] * mgx));
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; 2 * dim];
+    for p in &partials {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    dwb.iter_mut()
+        .zip(total)
+        .for_each(|(o, v)| *o = (c.from)(v));
+    out
+}
+
+/// LayerNorm's backward on the CPU in f32 or f64: dx‖dw‖db as one flat tensor; `None` for
+/// other dtypes or devices.
+fn backward_cpu(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let dim = x.dim(D::Minus1)?;
+    let dy = dy.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (ds, dl) = dy.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(ds)) = (&*xs, &*ws, &*ds) else {
+        return Ok(None);
+    };
+    let len = x.elem_count() + 2 * dim;
+    macro_rules! run {
+        ($x:expr, $w:expr, $dy:expr, $to:expr, $from:expr) => {{
+            let xwd = contiguous3([($x, xl, "x"), ($w, wl, "weight"), ($dy, dl, "dy")])?;
+            let c = Conv {
+                to: $to,
+                from: $from,
+            };
+            Tensor::from_vec(backward_rows(xwd, dim, eps, c), len, x.device())?
+        }};
+    }
+    Ok(Some(match (xs, ws, ds) {
+        (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
+            run!(x, w, dy, |v: f32| v as f64, |v| v as f32)
+        }
+        (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
+            run!(x, w, dy, |v: f64| v, |v| v)
+        }
+        _ => return Ok(None),
+    }))
 }
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -41,6 +140,16 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
         Some((a, b)) => Ok(&s[a..b]),
         None => bail!("fused layer norm: `{what}` must be contiguous"),
     }
+}
+
+/// [`contiguous`] of three operands, named in its errors.
+fn contiguous3<'a, T>(parts: [(&'a [T], &Layout, &str); 3]) -> Result<[&'a [T]; 3]> {
+    let [a, b, c] = parts;
+    Ok([
+        contiguous(a.0, a.1, a.2)?,
+        contiguous(b.0, b.1, b.2)?,
+        contiguous(c.0, c.1, c.2)?,
+    ])
 }
 
 impl CustomOp3 for FusedLayerNorm {
@@ -68,17 +177,18 @@ impl CustomOp3 for FusedLayerNorm {
         }
         let eps = self.eps;
         macro_rules! run {
-            ($x:expr, $w:expr, $b:expr, $to:expr, $from:expr) => {
+            ($x:expr, $w:expr, $b:expr, $to:expr, $from:expr) => {{
+                let xwb = contiguous3([($x, l1, "x"), ($w, l2, "weight"), ($b, l3, "bias")])?;
                 forward_rows(
-                    contiguous($x, l1, "x")?,
-                    contiguous($w, l2, "weight")?,
-                    contiguous($b, l3, "bias")?,
+                    xwb,
                     dim,
                     eps,
-                    $to,
-                    $from,
+                    Conv {
+                        to: $to,
+                        from: $from,
+                    },
                 )
-            };
+            }};
         }
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
@@ -107,6 +217,15 @@ impl CustomOp3 for FusedLayerNorm {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dtype = x.dtype();
+        if let Some(out) = backward_cpu(x, w, dy, self.eps)? {
+            let n = x.elem_count();
+            let dim = x.dim(D::Minus1)?;
+            return Ok((
+                Some(out.narrow(0, 0, n)?.reshape(y.shape())?),
+                Some(out.narrow(0, n, dim)?),
+                Some(out.narrow(0, n + dim, dim)?),
+            ));
+        }
         let cdt = match dtype {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,

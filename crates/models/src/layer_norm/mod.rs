@@ -59,23 +59,27 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    /// The fused op and the composed formulation agree in value and in all three gradients.
+    /// The fused op and the composed formulation agree in value and in all three gradients, on
+    /// one block of rows and on several (the parallel split and its dw/db partials).
     #[test]
     fn fused_matches_composed_forward_and_backward() -> Result<()> {
         let dev = Device::Cpu;
-        for dtype in [DType::F64, DType::F32] {
+        for ((b0, t, dim), dtype) in [(3, 5, 24), (2, 700, 40)]
+            .into_iter()
+            .flat_map(|s| [(s, DType::F64), (s, DType::F32)])
+        {
             let x = Var::from_tensor(
-                &(Tensor::randn(0f64, 2.0, (3, 5, 24), &dev)? + 0.7)?.to_dtype(dtype)?,
+                &(Tensor::randn(0f64, 2.0, (b0, t, dim), &dev)? + 0.7)?.to_dtype(dtype)?,
             )?;
             let w =
-                Var::from_tensor(&(Tensor::randn(0f64, 0.5, 24, &dev)? + 1.0)?.to_dtype(dtype)?)?;
-            let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, 24, &dev)?.to_dtype(dtype)?)?;
+                Var::from_tensor(&(Tensor::randn(0f64, 0.5, dim, &dev)? + 1.0)?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, dim, &dev)?.to_dtype(dtype)?)?;
             let ln = LayerNorm {
                 weight: w.as_tensor().clone(),
                 bias: b.as_tensor().clone(),
                 eps: 1e-5,
             };
-            let r = Tensor::randn(0f64, 1.0, (3, 5, 24), &dev)?.to_dtype(dtype)?;
+            let r = Tensor::randn(0f64, 1.0, (b0, t, dim), &dev)?.to_dtype(dtype)?;
             let yf = ln.forward_fused(&x)?;
             let yc = ln.forward_composed(&x)?;
             let gf = (&yf * &r)?.sum_all()?.backward()?;
