@@ -169,6 +169,9 @@ fn gpt2_init_from_plain_and_sharded_directories() {
     cfg["n_embd"] = 64.into();
     std::fs::write(wide.join("config.json"), cfg.to_string()).unwrap();
     run_refused(init(&wide, &[]), &["does not fit its config.json", "shape"]);
+    cfg["model_type"] = "llama".into();
+    std::fs::write(wide.join("config.json"), cfg.to_string()).unwrap();
+    run_refused(init(&wide, &[]), &["--init-from", "model_type", "llama"]);
     let mut bert = init(&plain, &[]);
     bert[0] = "bert".into();
     run_refused(bert, &["gpt2 model", "not a bert", "train gpt2"]);
