@@ -389,10 +389,16 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
             dir.display()
         )
     };
+    let opt_path = dir.join("optimizer.safetensors");
+    if !opt_path.exists() {
+        bail!(
+            "{} has no optimizer.safetensors: it is a model directory, not a training checkpoint; start a new run from it with --init-from instead of resuming",
+            dir.display()
+        )
+    }
     let config = read_config(dir)?;
     let params = candle_core::safetensors::load(dir.join("model.safetensors"), device)
         .map_err(|e| corrupt(e.to_string()))?;
-    let opt_path = dir.join("optimizer.safetensors");
     let bytes = std::fs::read(&opt_path).map_err(|e| corrupt(e.to_string()))?;
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;

@@ -152,6 +152,9 @@ fn gpt2_init_from_plain_and_sharded_directories() {
         init(&plain, &["--n-layer", "2"]),
         &["--n-layer 2", "n_layer = 1", "--init-from"],
     );
+    let mut resume = init(&plain, &[]);
+    resume[5] = "--resume-from".into();
+    run_refused(resume, &["no optimizer.safetensors", "--init-from"]);
     let empty = d.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     run_refused(init(&empty, &[]), &["--init-from", "no config.json"]);
