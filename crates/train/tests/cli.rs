@@ -109,13 +109,8 @@ fn tokenizer_vocab_mismatch() {
     // A model directory of a 500-token model without its tokenizer.json falls back to GPT-2's
     // 50257 tokens, which do not fit; with it, the run starts.
     let small = d.join("small");
-    assert_ok(&train(&tiny_run(
-        "gpt2",
-        &small,
-        &txt,
-        "1",
-        &["--tokenizer", s(&tj)],
-    )));
+    let with_tok = tiny_run("gpt2", &small, &txt, "1", &["--tokenizer", s(&tj)]);
+    assert_ok(&train(&with_tok));
     let plain = plain_dir(&small, &d.join("plain"));
     let out = d.join("never");
     let init = init_from("gpt2", &out, &txt, &plain);

@@ -502,23 +502,11 @@ fn minilm_fine_tunes_as_a_classifier_but_has_no_masked_lm_head() {
     write_jsonl(&data, &sea_and_land(24));
     let val = d.join("val.jsonl");
     write_jsonl(&val, &sea_and_land(6));
-    let o = train(&[
-        "bert-classify",
-        "--out",
-        s(&d.join("ft")),
-        "--data",
-        s(&data),
-        "--validation",
-        s(&val),
-        "--init-from",
-        s(&m),
-        "--steps",
-        "1",
-        "--batch-size",
-        "4",
-        "--max-len",
-        "16",
-    ]);
+    let ft = d.join("ft");
+    let mut args = init_from("bert-classify", &ft, &data, &m);
+    args.extend(["--validation", s(&val), "--steps", "1"]);
+    args.extend(["--batch-size", "4", "--max-len", "16"]);
+    let o = train(&args);
     assert_ok(&o);
     let text = stdout(&o);
     assert!(text.contains("loaded 103 tensors"), "{text}");
