@@ -19,6 +19,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 use crate::data::DataPos;
+use crate::optim::AdamW;
+use crate::recipe::Schedule;
+use crate::DTypeArg;
 
 pub const FORMAT: &str = "flash-ops-train/1";
 
@@ -62,6 +65,69 @@ pub struct TrainState {
     pub settings: serde_json::Value,
 }
 
+impl TrainState {
+    /// A run at step 0; `settings` are the run's (compared on resume).
+    pub fn fresh(settings: serde_json::Value, seed: u64, dtype: DTypeArg) -> Self {
+        Self {
+            format: FORMAT.into(),
+            step: 0,
+            tokens_seen: 0,
+            data_pos: DataPos {
+                epoch: 0,
+                cursor: 0,
+            },
+            seed,
+            // f16's dynamic loss scaling starts high and halves on overflow.
+            loss_scale: if dtype == DTypeArg::F16 { 65536.0 } else { 1.0 },
+            elapsed_s: 0.0,
+            settings,
+        }
+    }
+}
+
+/// Refuses to resume a checkpoint whose model config differs from the run's; `fix` says which
+/// flags to repeat.
+pub fn check_config(
+    dir: &Path,
+    then: &serde_json::Value,
+    now: &serde_json::Value,
+    fix: &str,
+) -> Result<()> {
+    let diff = crate::model::config_diff(then, now);
+    if !diff.is_empty() {
+        bail!(
+            "checkpoint {} is from a different model config ({}); resume with {fix}, or start a new --out",
+            dir.display(),
+            diff.join(", ")
+        )
+    }
+    Ok(())
+}
+
+/// Refuses to resume when a flag that fixes the data order differs from the checkpoint's run:
+/// `extra` `(flag, then, now)`, then the batch shape and seed of the schedules.
+pub fn check_same(then: &Schedule, now: &Schedule, extra: &[(&str, u64, u64)]) -> Result<()> {
+    let shape = [
+        (
+            "--batch-size",
+            then.batch_size as u64,
+            now.batch_size as u64,
+        ),
+        (
+            "--grad-accum",
+            then.grad_accum as u64,
+            now.grad_accum as u64,
+        ),
+        ("--seed", then.seed, now.seed),
+    ];
+    for (flag, then, now) in extra.iter().chain(&shape) {
+        if then != now {
+            bail!("the checkpoint's run used {flag} {then}, not {now}; resume with {flag} {then}")
+        }
+    }
+    Ok(())
+}
+
 pub struct Checkpoint {
     pub params: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
@@ -77,6 +143,28 @@ fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         f.sync_all().ok();
     }
+}
+
+/// Saves the optimizer's parameters and moments as a checkpoint of the run in `out` (under
+/// `OUT/checkpoints`), keeping the newest `keep`.
+pub fn save_run(
+    out: &Path,
+    opt: &AdamW,
+    state: &TrainState,
+    config: &serde_json::Value,
+    tokenizer: &tokenizers::Tokenizer,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = out.join("checkpoints");
+    save(
+        &root,
+        &opt.f32_params()?,
+        &opt.state()?,
+        state,
+        config,
+        tokenizer,
+        keep,
+    )
 }
 
 /// Saves a checkpoint under `root` (= `OUT/checkpoints`) and keeps the newest `keep` ones.
@@ -99,13 +187,7 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp)?;
     let write = || -> Result<()> {
-        let model_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(
-            params.iter(),
-            Some(model_meta),
-            &tmp.join("model.safetensors"),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        write_model_files(&tmp, params, config, tokenizer)?;
         let opt_meta = HashMap::from([
             ("format".to_string(), "pt".to_string()),
             ("train_state".to_string(), serde_json::to_string(state)?),
@@ -116,37 +198,95 @@ pub fn save(
             &tmp.join("optimizer.safetensors"),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::write(
-            tmp.join("config.json"),
-            serde_json::to_string_pretty(config)?,
-        )?;
-        tokenizer
-            .save(tmp.join("tokenizer.json"), false)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for f in std::fs::read_dir(&tmp)? {
-            std::fs::File::open(f?.path())?.sync_all()?;
-        }
-        sync_dir(&tmp);
-        Ok(())
+        sync_all(&tmp)
     };
     if let Err(e) = write() {
         std::fs::remove_dir_all(&tmp).ok();
         return Err(e.context(format!("writing checkpoint into {}", root.display())));
     }
     let dest = root.join(&name);
-    if dest.exists() {
-        // Same step saved again (e.g. after a resume): move the old one aside first.
-        let old = root.join(format!(".old-{name}-{}", std::process::id()));
-        std::fs::rename(&dest, &old)?;
-        std::fs::rename(&tmp, &dest)?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        std::fs::rename(&tmp, &dest)?;
-    }
-    sync_dir(root);
+    replace_dir(&tmp, &dest)?;
     write_atomic(&root.join("latest"), name.as_bytes())?;
     prune(root, keep)?;
     Ok(dest)
+}
+
+/// A Hugging Face model directory's files in `dir`: `model.safetensors`, `config.json`,
+/// `tokenizer.json`.
+fn write_model_files(
+    dir: &Path,
+    params: &BTreeMap<String, Tensor>,
+    config: &serde_json::Value,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Result<()> {
+    let model_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(
+        params.iter(),
+        Some(model_meta),
+        &dir.join("model.safetensors"),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config)?,
+    )?;
+    tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Syncs every file of `dir`, then `dir`.
+fn sync_all(dir: &Path) -> Result<()> {
+    for f in std::fs::read_dir(dir)? {
+        std::fs::File::open(f?.path())?.sync_all()?;
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Renames the finished directory `tmp` to `dest`, moving an existing `dest` aside first (the
+/// same step saved again after a resume, or a better model replacing the best).
+fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    if dest.exists() {
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
+        let old = parent.join(format!(".old-{name}-{}", std::process::id()));
+        std::fs::rename(dest, &old)?;
+        std::fs::rename(tmp, dest)?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(tmp, dest)?;
+    }
+    sync_dir(parent);
+    Ok(())
+}
+
+/// Writes a model directory without optimizer state (`transformers` and `--init-from` open
+/// it) to `dest`, atomically, with `extra` files (name, contents) beside the model.
+pub fn save_model_dir(
+    dest: &Path,
+    params: &BTreeMap<String, Tensor>,
+    config: &serde_json::Value,
+    tokenizer: &tokenizers::Tokenizer,
+    extra: &[(&str, String)],
+) -> Result<()> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&tmp).ok();
+    let write = || -> Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        write_model_files(&tmp, params, config, tokenizer)?;
+        for (file, text) in extra {
+            std::fs::write(tmp.join(file), text)?;
+        }
+        sync_all(&tmp)?;
+        replace_dir(&tmp, dest)
+    };
+    write().map_err(|e| {
+        std::fs::remove_dir_all(&tmp).ok();
+        e.context(format!("writing {}", dest.display()))
+    })
 }
 
 /// The checkpoint directories under `root`, oldest first.
@@ -193,17 +333,17 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     Ok(list(&root)?.pop().map(|(_, p)| p))
 }
 
-/// Resolves a `--checkpoint`/`--resume` argument: a checkpoint directory, or a run folder (its
-/// latest checkpoint).
+/// Resolves a `--checkpoint`/`--resume` argument: a checkpoint or Hugging Face model directory
+/// (one with a `config.json`), or a run folder (its latest checkpoint).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if path.join("model.safetensors").exists() {
+    if crate::hf::is_model_dir(path) {
         return Ok(path.to_path_buf());
     }
     if let Some(p) = latest(path)? {
         return Ok(p);
     }
     bail!(
-        "no checkpoint at {}; pass a checkpoint directory (OUT/checkpoints/step-N) or a run folder that has one",
+        "no checkpoint at {}; pass a checkpoint directory (OUT/checkpoints/step-N), a run folder that has one, or a Hugging Face model directory (config.json + model.safetensors)",
         path.display()
     )
 }
@@ -220,6 +360,28 @@ pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&s).with_context(|| format!("parsing {}", p.display()))
 }
 
+impl Checkpoint {
+    /// Restores the optimizer (parameters and moments) and continues `state` from this
+    /// checkpoint (read from `dir`).
+    pub fn restore(&self, dir: &Path, opt: &mut AdamW, state: &mut TrainState) -> Result<()> {
+        opt.load(&self.params, &self.optimizer, self.state.step)?;
+        if self.params.len() != opt.num_tensors() {
+            bail!(
+                "checkpoint {} has {} tensors, the model {}; it is from a different model config, so start a new --out",
+                dir.display(),
+                self.params.len(),
+                opt.num_tensors()
+            )
+        }
+        state.step = self.state.step;
+        state.tokens_seen = self.state.tokens_seen;
+        state.data_pos = self.state.data_pos;
+        state.loss_scale = self.state.loss_scale;
+        state.elapsed_s = self.state.elapsed_s;
+        Ok(())
+    }
+}
+
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let corrupt = |e: String| {
         anyhow::anyhow!(
@@ -227,10 +389,16 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
             dir.display()
         )
     };
+    let opt_path = dir.join("optimizer.safetensors");
+    if !opt_path.exists() {
+        bail!(
+            "{} has no optimizer.safetensors: it is a model directory, not a training checkpoint; start a new run from it with --init-from instead of resuming",
+            dir.display()
+        )
+    }
     let config = read_config(dir)?;
     let params = candle_core::safetensors::load(dir.join("model.safetensors"), device)
         .map_err(|e| corrupt(e.to_string()))?;
-    let opt_path = dir.join("optimizer.safetensors");
     let bytes = std::fs::read(&opt_path).map_err(|e| corrupt(e.to_string()))?;
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;

@@ -93,6 +93,17 @@ pub fn write_token_file(path: &Path, tokens: &[u32]) -> Result<()> {
     crate::checkpoint::write_atomic(path, &out)
 }
 
+/// The entries of `dir` that pass `keep` (files, folders), sorted.
+pub fn entries(dir: &Path, keep: fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| keep(p))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// The files `--data` names: files as given, directories expanded to their files (sorted).
 fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -104,11 +115,7 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             )
         }
         if p.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(p)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file())
-                .collect();
-            files.sort();
+            let files = entries(p, Path::is_file)?;
             if files.is_empty() {
                 bail!(
                     "data directory {} has no files; put .txt or token .bin files in it",
@@ -248,60 +255,83 @@ pub struct DataPos {
     pub cursor: u64,
 }
 
-/// Non-overlapping windows of `seq_len + 1` tokens (stride `seq_len`), visited in a fresh
-/// permutation each epoch drawn from `(seed, epoch)`: every window once per epoch, and the order
-/// is a pure function of `(seed, epoch, cursor)`, so a checkpoint resumes it exactly.
-pub struct Batches<'a> {
-    tokens: &'a [u32],
-    seq_len: usize,
+/// A fresh permutation of `n` items each epoch, drawn from `(seed, epoch)`: every item once per
+/// epoch, and the order a pure function of `(seed, epoch, cursor)`, so a checkpoint resumes it
+/// exactly.
+pub struct Order {
     seed: u64,
     pos: DataPos,
-    order: Vec<u32>,
+    perm: Vec<u32>,
 }
 
-impl<'a> Batches<'a> {
-    pub fn new(tokens: &'a [u32], seq_len: usize, seed: u64, pos: DataPos) -> Self {
-        let mut b = Self {
-            tokens,
-            seq_len,
+impl Order {
+    pub fn new(n: usize, seed: u64, pos: DataPos) -> Self {
+        let mut o = Self {
             seed,
             pos,
-            order: Vec::new(),
+            perm: (0..n as u32).collect(),
         };
-        b.shuffle();
-        b
-    }
-
-    pub fn windows(&self) -> usize {
-        (self.tokens.len() - 1) / self.seq_len
+        o.shuffle();
+        o
     }
 
     fn shuffle(&mut self) {
-        let mut order: Vec<u32> = (0..self.windows() as u32).collect();
+        self.perm.sort_unstable();
         let mut rng = ChaCha8Rng::seed_from_u64(rng::offset(self.seed, self.pos.epoch));
-        order.shuffle(&mut rng);
-        self.order = order;
+        self.perm.shuffle(&mut rng);
     }
 
     pub fn pos(&self) -> DataPos {
         self.pos
     }
 
-    /// The next window (`seq_len + 1` tokens).
-    pub fn next_window(&mut self) -> &'a [u32] {
-        if self.pos.cursor as usize >= self.order.len() {
+    /// The next item's index.
+    pub fn next_index(&mut self) -> usize {
+        if self.pos.cursor as usize >= self.perm.len() {
             self.pos.epoch += 1;
             self.pos.cursor = 0;
             self.shuffle();
         }
-        let w = self.order[self.pos.cursor as usize] as usize;
+        let i = self.perm[self.pos.cursor as usize] as usize;
         self.pos.cursor += 1;
-        &self.tokens[w * self.seq_len..w * self.seq_len + self.seq_len + 1]
+        i
     }
 
     /// Fractional epochs done.
     pub fn epochs(&self) -> f64 {
-        self.pos.epoch as f64 + self.pos.cursor as f64 / self.order.len().max(1) as f64
+        self.pos.epoch as f64 + self.pos.cursor as f64 / self.perm.len().max(1) as f64
+    }
+}
+
+/// Non-overlapping windows of `seq_len + 1` tokens (stride `seq_len`), in an [`Order`].
+pub struct Batches<'a> {
+    tokens: &'a [u32],
+    seq_len: usize,
+    order: Order,
+}
+
+impl<'a> Batches<'a> {
+    pub fn new(tokens: &'a [u32], seq_len: usize, seed: u64, pos: DataPos) -> Self {
+        let windows = (tokens.len() - 1) / seq_len;
+        Self {
+            tokens,
+            seq_len,
+            order: Order::new(windows, seed, pos),
+        }
+    }
+
+    pub fn pos(&self) -> DataPos {
+        self.order.pos()
+    }
+
+    /// The next window (`seq_len + 1` tokens).
+    pub fn next_window(&mut self) -> &'a [u32] {
+        let w = self.order.next_index();
+        &self.tokens[w * self.seq_len..w * self.seq_len + self.seq_len + 1]
+    }
+
+    pub fn epochs(&self) -> f64 {
+        self.order.epochs()
     }
 }
 
@@ -364,7 +394,7 @@ mod tests {
                 cursor: 0,
             },
         );
-        assert_eq!(b.windows(), 100);
+        assert_eq!(b.order.perm.len(), 100);
         let mut firsts: Vec<u32> = (0..100).map(|_| b.next_window()[0]).collect();
         firsts.sort();
         assert_eq!(firsts, (0..100).map(|i| i * 10).collect::<Vec<_>>());

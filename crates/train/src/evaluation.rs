@@ -13,6 +13,7 @@ use tokenizers::Tokenizer;
 use crate::batching::{content_len, document_separator, Batcher};
 use crate::checkpoint::{self, TrainState};
 use crate::data;
+use crate::hf::HfDir;
 use crate::masking::MlmSettings;
 use crate::model::{self, ModelKind, Net};
 use crate::trainer::RunSettings;
@@ -56,38 +57,22 @@ pub fn load_for_inference(
     attn: AttentionKind,
 ) -> Result<Loaded> {
     let dir = checkpoint::resolve(path)?;
-    let config = checkpoint::read_config(&dir)?;
+    let hf = HfDir::open(&dir, "--checkpoint")?;
+    let config = hf.config.clone();
+    let kind = hf.kind()?;
     let dims = model::dims(&config)?;
-    let tok_path = tokenizer
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| dir.join("tokenizer.json"));
-    let tok = crate::tokenizer::from_file(&tok_path)?;
+    let (tok, tok_desc) = crate::trainer::pick_tokenizer(kind, tokenizer, Some(&dir))?;
     let tv = crate::tokenizer::vocab_size(&tok);
     if tv > dims.vocab || dims.vocab - tv >= 128 {
         bail!(
-            "tokenizer {} has {tv} tokens but the model's vocabulary has {}; pass the tokenizer the model was trained with ({})",
-            tok_path.display(),
+            "tokenizer {tok_desc} has {tv} tokens but the model's vocabulary has {}; pass the tokenizer the model was trained with (--tokenizer, or a tokenizer.json in {})",
             dims.vocab,
-            dir.join("tokenizer.json").display()
+            dir.display()
         )
     }
     let varmap = VarMap::new();
     let net = Net::build(&config, &varmap, DType::F32, dev, attn)?;
-    let report = flash_ops_models::load_hf_safetensors(&varmap, dir.join("model.safetensors"))
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "checkpoint {} does not fit its config.json ({e}); the checkpoint is damaged or from a different config",
-                dir.display()
-            )
-        })?;
-    if !report.missing.is_empty() {
-        bail!(
-            "checkpoint {} lacks {} of the model's tensors (e.g. {}); it is from a different model config",
-            dir.display(),
-            report.missing.len(),
-            report.missing[0]
-        )
-    }
+    hf.load_weights(&varmap, |_| false)?;
     let settings = std::fs::read(dir.join("optimizer.safetensors"))
         .ok()
         .and_then(|b| {

@@ -5,8 +5,11 @@
 mod batching;
 mod bench;
 mod checkpoint;
+mod classify;
 mod data;
 mod evaluation;
+mod hf;
+mod labelled;
 mod masking;
 mod metrics;
 mod model;
@@ -14,6 +17,7 @@ mod optim;
 mod plot;
 mod progress;
 mod recipe;
+mod stepping;
 mod tokenizer;
 mod trainer;
 
@@ -43,9 +47,12 @@ enum Cmd {
     Gpt2(TrainArgs),
     /// Pretrain a BERT (masked language modelling).
     Bert(BertArgs),
-    /// Generate text from a GPT-2 checkpoint.
+    /// Fine-tune BERT for sequence classification on labelled text (JSONL, CSV/TSV, or a folder
+    /// per label), from --init-from DIR or from scratch.
+    BertClassify(classify::ClassifyArgs),
+    /// Generate text from a GPT-2 checkpoint or Hugging Face model directory.
     Sample(SampleArgs),
-    /// Validation loss and perplexity of a checkpoint.
+    /// Validation loss and perplexity of a checkpoint or Hugging Face model directory.
     Eval(EvalArgs),
     /// Training throughput of each attention kind across sequence lengths.
     Bench(bench::BenchArgs),
@@ -192,6 +199,11 @@ pub struct TrainArgs {
     /// Continue from this checkpoint directory or run folder (writing to --out).
     #[arg(long, conflicts_with = "resume")]
     pub resume_from: Option<PathBuf>,
+    /// Start from the weights of a Hugging Face model directory (config.json + model.safetensors
+    /// or a sharded index; its tokenizer.json if present). The model's shape comes from its
+    /// config.json.
+    #[arg(long, value_name = "DIR")]
+    pub init_from: Option<PathBuf>,
     /// Replace an existing run in --out instead of refusing.
     #[arg(long)]
     pub overwrite: bool,
@@ -237,7 +249,8 @@ struct SampleArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// A checkpoint directory or a run folder (its latest checkpoint).
+    /// A checkpoint directory, a run folder (its latest checkpoint) or a Hugging Face model
+    /// directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Data to evaluate on (default: the embedded corpus); its validation split is used.
@@ -401,14 +414,25 @@ fn run_sample(a: SampleArgs) -> Result<()> {
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Gpt2(a) => trainer::run(model::ModelKind::Gpt2, a, None),
+        Cmd::Gpt2(a) => {
+            recipe::check_numbers(&a)?;
+            trainer::run(model::ModelKind::Gpt2, a, None)
+        }
         Cmd::Bert(a) => {
+            recipe::check_numbers(&a.train)?;
+            if !(a.mask_prob > 0.0 && a.mask_prob < 1.0) {
+                bail!(
+                    "--mask-prob {} is out of range; pass a fraction in (0, 1) such as 0.15",
+                    a.mask_prob
+                )
+            }
             let mlm = masking::MlmSettings {
                 mask_prob: a.mask_prob,
                 whole_word: a.whole_word,
             };
             trainer::run(model::ModelKind::Bert, a.train, Some(mlm))
         }
+        Cmd::BertClassify(a) => classify::run(a),
         Cmd::Sample(a) => run_sample(a),
         Cmd::Eval(a) => evaluation::run_eval(a),
         Cmd::Bench(a) => bench::run(a),

@@ -100,7 +100,9 @@ pub fn bert_uncased() -> Result<Tokenizer> {
     bert_pipeline(wp)
 }
 
-/// A `tokenizer.json` from disk.
+/// A `tokenizer.json` from disk, without the truncation and padding a model's tokenizer.json
+/// often carries (sentence-transformers' cut every text to 128 tokens): `train` cuts and pads
+/// itself.
 pub fn from_file(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         bail!(
@@ -108,12 +110,16 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
             path.display()
         )
     }
-    Tokenizer::from_file(path).map_err(|e| {
+    let mut tok = Tokenizer::from_file(path).map_err(|e| {
         anyhow::anyhow!(
             "cannot read tokenizer {}: {e}; pass a Hugging Face tokenizer.json",
             path.display()
         )
-    })
+    })?;
+    tok.with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    tok.with_padding(None);
+    Ok(tok)
 }
 
 /// Vocabulary size including added tokens: the model's embedding must have exactly this many rows.

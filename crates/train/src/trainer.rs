@@ -15,14 +15,16 @@ use tokenizers::Tokenizer;
 
 use crate::batching::{content_len, document_separator, Batcher};
 use crate::checkpoint::{self, TrainState};
-use crate::data::{self, Batches, DataPos};
+use crate::data::{self, Batches};
 use crate::evaluation::evaluate;
+use crate::hf::HfDir;
 use crate::masking::MlmSettings;
 use crate::metrics::{self, Metrics};
 use crate::model::{self, Dims, ModelKind, Net, Preset, SizeOverrides};
-use crate::optim::{self, AdamW, AdamWConfig, Grads};
-use crate::progress::{Progress, StepReport};
-use crate::recipe::Hyper;
+use crate::optim::{self, AdamW, Grads};
+use crate::progress::Progress;
+use crate::recipe::{Hyper, Schedule};
+use crate::stepping::{self, backward_into, Clock, Done, StepEnd};
 use crate::{DTypeArg, TrainArgs};
 
 /// Returned when Ctrl-C stopped the run (after its checkpoint was written); exit code 130.
@@ -48,19 +50,14 @@ pub struct RunSettings {
     pub data_tokens: usize,
     pub data_hash: u64,
     pub seq_len: usize,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub steps: u64,
-    pub lr: f64,
-    pub warmup_steps: u64,
-    pub min_lr_ratio: f64,
-    pub adamw: AdamWConfig,
-    pub grad_clip: f64,
-    pub dtype: DTypeArg,
-    pub seed: u64,
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub mlm: Option<MlmSettings>,
     pub params: usize,
     pub unigram_entropy: f64,
+    /// The Hugging Face directory the weights started from (`--init-from`).
+    #[serde(default)]
+    pub init_from: Option<String>,
 }
 
 /// Salts the dropout seeds of a micro-batch apart from its masking seed.
@@ -101,22 +98,13 @@ pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()
     let val_windows = data::val_windows(&tokens.val, content, a.val_tokens);
     let mut batches = Batches::new(&tokens.train, content, a.seed, state.data_pos);
     let stop = ctrl_c_flag();
-    let save = |state: &TrainState, opt: &AdamW| -> Result<PathBuf> {
-        checkpoint::save(
-            &out.join("checkpoints"),
-            &opt.f32_params()?,
-            &opt.state()?,
-            state,
-            &config,
-            &tok,
-            a.keep_checkpoints,
-        )
+    let save = |state: &TrainState, opt: &AdamW| {
+        checkpoint::save_run(&out, opt, state, &config, &tok, a.keep_checkpoints)
     };
     let validate = || evaluate(&net, &val_windows, hp.batch_size, &batcher, a.seed);
 
     // Train.
-    let run_start = Instant::now();
-    let elapsed_before = state.elapsed_s;
+    let clock = Clock::start(&state);
     if !resumed {
         progress.untrained(validate()?)?;
     }
@@ -125,54 +113,25 @@ pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()
         progress.say(format!("setup {setup_s:.1}s; training"));
     }
     while state.step < hp.steps {
-        let t0 = Instant::now();
+        let started = Instant::now();
         let (loss, grads) = forward_backward(&net, &opt, &batcher, &mut batches, &hp, &state)?;
-        let norm = AdamW::grad_norm(&grads)?;
-        if !loss.is_finite() || !norm.is_finite() {
-            back_off_loss_scale(&mut state, a.dtype, (loss, norm), hp.lr, &progress)?;
+        let done = Done {
+            loss,
+            grads,
+            tokens: hp.tokens_per_step(),
+            pos: batches.pos(),
+            epochs: batches.epochs(),
+            started,
+        };
+        if !stepping::apply(&mut opt, &done, &hp, &a, &mut state, &clock, &mut progress)? {
             continue;
         }
-        let clip = clip_scale(norm, a.grad_clip);
-        let lr = hp.lr_at(state.step);
-        opt.step(&grads, lr, clip)?;
-        state.step += 1;
-        state.tokens_seen += hp.tokens_per_step();
-        state.data_pos = batches.pos();
-        state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-        let report = StepReport {
-            loss,
-            lr,
-            grad_norm: norm,
-            secs: t0.elapsed().as_secs_f64(),
-            epochs: batches.epochs(),
-        };
-        progress.step(&report, &state)?;
-
-        // The end of the step: validation and checkpoint on their schedules, and before stopping.
-        let time_up = a.time_limit.is_some_and(|t| state.elapsed_s >= t);
-        let interrupted = stop.load(Ordering::SeqCst);
-        let last = state.step == hp.steps || time_up || interrupted;
-        if hp.validates_at(state.step) || last {
+        let end = StepEnd::at(&hp, &state, a.time_limit, &stop);
+        if end.validate {
             progress.val(validate()?, loss, &state)?;
         }
-        if hp.checkpoints_at(state.step) || last {
-            let dir = save(&state, &opt)?;
-            if interrupted {
-                progress.clear();
-                return Err(Interrupted(format!(
-                    "interrupted at step {}: checkpoint saved to {}; continue with the same command plus --resume",
-                    state.step,
-                    dir.display()
-                ))
-                .into());
-            }
-        }
-        if time_up {
-            progress.say(format!(
-                "--time-limit {}s reached at step {}; checkpoint saved, continue with --resume",
-                a.time_limit.unwrap_or_default(),
-                state.step
-            ));
+        let saved = end.checkpoint.then(|| save(&state, &opt)).transpose()?;
+        if end.stops(saved.as_deref(), &state, a.time_limit, &progress)? {
             break;
         }
     }
@@ -208,11 +167,17 @@ struct Split {
 fn setup(kind: ModelKind, a: &TrainArgs, mlm: Option<MlmSettings>) -> Result<Setup> {
     let dev = crate::device(a.device)?;
     let out = a.out.clone().unwrap_or_else(|| default_out(kind, a));
-    metrics::ensure_writable_dir(&out)?;
-    let resume_dir = resume_source(&out, a)?;
-    let (tok, tok_desc) = pick_tokenizer(kind, a.tokenizer.as_deref(), resume_dir.as_deref())?;
+    let Start {
+        resume_dir,
+        init,
+        tok,
+        tok_desc,
+    } = start(kind, &out, a)?;
     let tok_vocab = crate::tokenizer::vocab_size(&tok);
-    let config = model::model_config(kind, a.size.preset, tok_vocab, &size_overrides(a))?;
+    let config = match &init {
+        Some(h) => h.run_config(kind, "BertForMaskedLM", tok_vocab, &size_overrides(a))?,
+        None => model::model_config(kind, a.size.preset, tok_vocab, &size_overrides(a))?,
+    };
     let dims = model::dims(&config)?;
     let hp = Hyper::resolve(kind, a, dims.positions)?;
 
@@ -228,6 +193,10 @@ fn setup(kind: ModelKind, a: &TrainArgs, mlm: Option<MlmSettings>) -> Result<Set
     let varmap = VarMap::new();
     let net = Net::build(&config, &varmap, a.dtype.dtype(), &dev, a.attn)?;
     optim::init_params(&varmap, a.seed, dims.layers, kind == ModelKind::Gpt2)?;
+    let init_line = match (&init, &resume_dir) {
+        (Some(h), None) => Some(h.load_weights(&varmap, |_| false)?),
+        _ => None,
+    };
     let mut opt = AdamW::new(&varmap, hp.adamw)?;
     let settings = RunSettings {
         model: kind,
@@ -244,32 +213,29 @@ fn setup(kind: ModelKind, a: &TrainArgs, mlm: Option<MlmSettings>) -> Result<Set
         data_tokens: tokens.len(),
         data_hash: rng::fnv1a(tokens.iter().map(|&t| u64::from(t))),
         seq_len: hp.seq_len,
-        batch_size: hp.batch_size,
-        grad_accum: hp.grad_accum,
-        steps: hp.steps,
-        lr: hp.lr,
-        warmup_steps: hp.warmup,
-        min_lr_ratio: hp.min_lr_ratio,
-        adamw: hp.adamw,
-        grad_clip: a.grad_clip,
-        dtype: a.dtype,
-        seed: a.seed,
+        schedule: Schedule::of(&hp, a),
         mlm,
         params: opt.num_params(),
         unigram_entropy: entropy,
+        init_from: a.init_from.as_ref().map(|p| p.display().to_string()),
     };
-    let mut state = fresh_state(&settings)?;
+    let mut state = TrainState::fresh(serde_json::to_value(&settings)?, a.seed, a.dtype);
     if let Some(dir) = &resume_dir {
         let vocab_flag = a.vocab_size.is_some();
         resume(
             dir, &dev, &settings, vocab_flag, tok_vocab, &mut opt, &mut state,
         )?;
     }
+    // Only now, with every input checked, does the run write anything.
+    metrics::ensure_writable_dir(&out)?;
     let run_json = out.join("run.json");
     std::fs::write(&run_json, serde_json::to_string_pretty(&settings)?)
         .with_context(|| format!("writing {}", run_json.display()))?;
     let metrics = Metrics::open(&out, resume_dir.as_ref().map(|_| state.step))?;
     describe(&settings, &dims, &dev, (train.len(), val.len()), &out);
+    if let Some(l) = init_line {
+        println!("{l}");
+    }
     if let Some(d) = &resume_dir {
         println!("resumed from {} at step {}", d.display(), state.step);
     }
@@ -316,10 +282,13 @@ fn forward_backward(
         let n = state.step * hp.grad_accum as u64 + micro as u64;
         let batch = batcher.batch(&windows, rng::derive(state.seed, n))?;
         net.set_dropout_seed(rng::derive(state.seed ^ DROPOUT_SALT, n));
-        let loss = net.loss(&batch, true)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        let scaled = loss.affine(state.loss_scale / hp.grad_accum as f64, 0.0)?;
-        opt.accumulate(&mut grads, &scaled.backward()?, state.loss_scale)?;
+        loss_sum += backward_into(
+            opt,
+            &mut grads,
+            &net.loss(&batch, true)?,
+            state,
+            hp.grad_accum,
+        )?;
     }
     Ok((loss_sum / hp.grad_accum as f64, grads))
 }
@@ -335,7 +304,7 @@ pub(crate) fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 
 /// A non-finite loss or gradient norm: under f16 the loss scale is halved and the step redone;
 /// otherwise the run has diverged.
-fn back_off_loss_scale(
+pub fn back_off_loss_scale(
     state: &mut TrainState,
     dtype: DTypeArg,
     (loss, norm): (f64, f64),
@@ -358,7 +327,7 @@ fn back_off_loss_scale(
 }
 
 /// Set by Ctrl-C: the loop ends its step, validates, checkpoints and stops.
-fn ctrl_c_flag() -> Arc<AtomicBool> {
+pub fn ctrl_c_flag() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).ok();
@@ -405,18 +374,46 @@ fn resume_source(out: &Path, a: &TrainArgs) -> Result<Option<PathBuf>> {
     Ok(resume_dir)
 }
 
-/// The tokenizer and its description: `--tokenizer`, else the resumed checkpoint's, else the
-/// model's default.
-fn pick_tokenizer(
+/// Where a run starts: the checkpoint it resumes, the model directory it starts from
+/// (`--init-from`), and its tokenizer (with a description).
+pub struct Start {
+    pub resume_dir: Option<PathBuf>,
+    pub init: Option<HfDir>,
+    pub tok: Tokenizer,
+    pub tok_desc: String,
+}
+
+pub fn start(kind: ModelKind, out: &Path, a: &TrainArgs) -> Result<Start> {
+    let resume_dir = resume_source(out, a)?;
+    let init = a
+        .init_from
+        .as_deref()
+        .map(|d| HfDir::open(d, "--init-from"))
+        .transpose()?;
+    let tok_dir = resume_dir
+        .as_deref()
+        .or(init.as_ref().map(|h| h.dir.as_path()));
+    let (tok, tok_desc) = pick_tokenizer(kind, a.tokenizer.as_deref(), tok_dir)?;
+    Ok(Start {
+        resume_dir,
+        init,
+        tok,
+        tok_desc,
+    })
+}
+
+/// The tokenizer and its description: `--tokenizer`, else the `tokenizer.json` of `dir` (the
+/// checkpoint resumed or the model directory started from), else the model's default.
+pub fn pick_tokenizer(
     kind: ModelKind,
     flag: Option<&Path>,
-    resume_dir: Option<&Path>,
+    dir: Option<&Path>,
 ) -> Result<(Tokenizer, String)> {
-    Ok(match (flag, resume_dir) {
+    Ok(match (flag, dir) {
         (Some(p), _) => (crate::tokenizer::from_file(p)?, p.display().to_string()),
         (None, Some(d)) if d.join("tokenizer.json").exists() => (
             crate::tokenizer::from_file(&d.join("tokenizer.json"))?,
-            "checkpoint tokenizer.json".to_string(),
+            d.join("tokenizer.json").display().to_string(),
         ),
         (None, _) => match kind {
             ModelKind::Gpt2 => (crate::tokenizer::gpt2()?, "gpt2 (OpenAI BPE, 50257)".into()),
@@ -428,7 +425,7 @@ fn pick_tokenizer(
     })
 }
 
-fn size_overrides(a: &TrainArgs) -> SizeOverrides {
+pub fn size_overrides(a: &TrainArgs) -> SizeOverrides {
     SizeOverrides {
         n_layer: a.size.n_layer,
         n_head: a.size.n_head,
@@ -437,27 +434,6 @@ fn size_overrides(a: &TrainArgs) -> SizeOverrides {
         vocab_size: a.vocab_size,
         dropout: a.dropout,
     }
-}
-
-/// The state of a run at step 0.
-fn fresh_state(s: &RunSettings) -> Result<TrainState> {
-    Ok(TrainState {
-        format: checkpoint::FORMAT.into(),
-        step: 0,
-        tokens_seen: 0,
-        data_pos: DataPos {
-            epoch: 0,
-            cursor: 0,
-        },
-        seed: s.seed,
-        loss_scale: if s.dtype == DTypeArg::F16 {
-            65536.0
-        } else {
-            1.0
-        },
-        elapsed_s: 0.0,
-        settings: serde_json::to_value(s)?,
-    })
 }
 
 /// Restores the optimizer and the state from checkpoint `dir`, after checking that it is this
@@ -480,14 +456,12 @@ fn resume(
             settings.tokenizer
         )
     }
-    let diff = model::config_diff(&ck.config, &settings.config);
-    if !diff.is_empty() {
-        bail!(
-            "checkpoint {} is from a different model config ({}); resume with the same --preset and size flags, or start a new --out",
-            dir.display(),
-            diff.join(", ")
-        )
-    }
+    checkpoint::check_config(
+        dir,
+        &ck.config,
+        &settings.config,
+        "the same --preset and size flags",
+    )?;
     let old: RunSettings = serde_json::from_value(ck.state.settings.clone())
         .context("reading the checkpoint's run settings")?;
     if old.data_hash != settings.data_hash {
@@ -497,37 +471,12 @@ fn resume(
             settings.data_tokens
         )
     }
-    for (what, then, now) in [
-        ("--seq-len", old.seq_len, settings.seq_len),
-        ("--batch-size", old.batch_size, settings.batch_size),
-        ("--grad-accum", old.grad_accum, settings.grad_accum),
-    ] {
-        if then != now {
-            bail!("the checkpoint's run used {what} {then}, not {now}; resume with {what} {then}")
-        }
-    }
-    if old.seed != settings.seed {
-        bail!(
-            "the checkpoint's run used --seed {}, not {}; resume with --seed {}",
-            old.seed,
-            settings.seed,
-            old.seed
-        )
-    }
-    opt.load(&ck.params, &ck.optimizer, ck.state.step)?;
-    if ck.params.len() != opt.num_tensors() {
-        bail!(
-            "checkpoint {} has {} tensors, the model {}; it is from a different model config, so start a new --out",
-            dir.display(),
-            ck.params.len(),
-            opt.num_tensors()
-        )
-    }
-    state.step = ck.state.step;
-    state.tokens_seen = ck.state.tokens_seen;
-    state.data_pos = ck.state.data_pos;
-    state.loss_scale = ck.state.loss_scale;
-    state.elapsed_s = ck.state.elapsed_s;
+    checkpoint::check_same(
+        &old.schedule,
+        &settings.schedule,
+        &[("--seq-len", old.seq_len as u64, settings.seq_len as u64)],
+    )?;
+    ck.restore(dir, opt, state)?;
     Ok(())
 }
 
@@ -545,7 +494,7 @@ fn describe(s: &RunSettings, dims: &Dims, dev: &Device, (train, val): (usize, us
         dims.layers,
         dims.hidden,
         dims.vocab,
-        format!("{:?}", s.dtype).to_lowercase(),
+        format!("{:?}", s.schedule.dtype).to_lowercase(),
         dev.location()
     );
     println!(
@@ -560,19 +509,8 @@ fn describe(s: &RunSettings, dims: &Dims, dev: &Device, (train, val): (usize, us
         s.unigram_entropy.exp()
     );
     println!(
-        "{} steps x {} tokens (batch {} x seq {} x accum {}) | lr {:.1e}, warmup {}, cosine to {:.1e} | AdamW b=({}, {}) wd {} | clip {} | out {}",
-        s.steps,
-        s.batch_size * s.grad_accum * s.seq_len,
-        s.batch_size,
-        s.seq_len,
-        s.grad_accum,
-        s.lr,
-        s.warmup_steps,
-        s.lr * s.min_lr_ratio,
-        s.adamw.beta1,
-        s.adamw.beta2,
-        s.adamw.weight_decay,
-        s.grad_clip,
+        "{} | out {}",
+        s.schedule.banner(Some(s.seq_len)),
         out.display()
     );
 }

@@ -2,98 +2,13 @@
 //! a run SIGKILLed or stopped by Ctrl-C resumes to the same losses as an uninterrupted one, and the
 //! other commands (sample, eval, plot, bench, tokenizer, encode, bert) run on a tiny model.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_train");
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("train-cli-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// ~60 kB of the corpus: tokenizes in a blink.
-fn small_text(dir: &Path) -> PathBuf {
-    let corpus = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../data/corpus/moby-dick.txt"
-    ))
-    .unwrap();
-    let mut end = 60_000;
-    while !corpus.is_char_boundary(end) {
-        end += 1;
-    }
-    let p = dir.join("small.txt");
-    std::fs::write(&p, &corpus[..end]).unwrap();
-    p
-}
-
-/// The tiny model's flags: `n_layer` layers of width 32 with 2 heads, batches of 2 sequences of 32.
-fn tiny_model(n_layer: &str) -> [&str; 10] {
-    [
-        "--n-layer",
-        n_layer,
-        "--n-embd",
-        "32",
-        "--n-head",
-        "2",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-    ]
-}
-
-/// `train CMD --out OUT --data DATA --steps STEPS` on the one-layer tiny model, then `extra`.
-fn tiny_run<'a>(
-    cmd: &'a str,
-    out: &'a Path,
-    data: &'a Path,
-    steps: &'a str,
-    extra: &[&'a str],
-) -> Vec<&'a str> {
-    let mut v = vec![cmd, "--out", s(out), "--data", s(data), "--steps", steps];
-    v.extend(tiny_model("1"));
-    v.extend_from_slice(extra);
-    v
-}
-
-fn train(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-/// Fails the test unless `o` exited successfully.
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "{}", stderr(o));
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Fails with exit code 1 and a one-line error mentioning every `needles`.
-fn assert_clean_error(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "missing {n:?} in: {err}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::*;
 
 #[test]
 fn missing_and_empty_data() {
@@ -191,6 +106,22 @@ fn tokenizer_vocab_mismatch() {
         "32",
     ]);
     assert_clean_error(&o, &["500 tokens", "50257", "tokenizer"]);
+    // A model directory of a 500-token model without its tokenizer.json falls back to GPT-2's
+    // 50257 tokens, which do not fit; with it, the run starts.
+    let small = d.join("small");
+    let with_tok = tiny_run("gpt2", &small, &txt, "1", &["--tokenizer", s(&tj)]);
+    assert_ok(&train(&with_tok));
+    let plain = plain_dir(&small, &d.join("plain"));
+    let out = d.join("never");
+    let init = init_from("gpt2", &out, &txt, &plain);
+    assert_clean_error(
+        &train(&init),
+        &["50257 tokens", "embeds only 500", "--tokenizer"],
+    );
+    assert!(!out.exists());
+    std::fs::copy(&tj, plain.join("tokenizer.json")).unwrap();
+    let ok = tiny_run("gpt2", &out, &txt, "1", &["--init-from", s(&plain)]);
+    assert_ok(&train(&ok));
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -229,19 +160,6 @@ fn checkpoint_from_different_config() {
         .collect();
     assert_eq!(before, after);
     std::fs::remove_dir_all(&d).ok();
-}
-
-/// The `(step, loss)` records of one `kind` ("train" or "val") in a run's metrics; a last line
-/// still being written (or cut by SIGKILL) is left out.
-fn losses(out: &Path, kind: &str) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == kind)
-        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 fn latest_checkpoint(out: &Path) -> Option<String> {
