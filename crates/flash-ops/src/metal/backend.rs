@@ -159,9 +159,14 @@ pub fn forward(
     let dtype = q.dtype();
     let dt = dt_of(dtype)?;
     let c = constants(p, &dev, [lq, lk, lv])?;
-    let n_out = p.q_elems();
+    let n_out = p.out_len();
     let n_stats = p.stats_len();
-    let out = dev.new_buffer(n_out, dtype, "flash-attn-out")?;
+    let out = if p.lse_grad {
+        // The lse-gradient slot after the output must hold zeros (see `op`).
+        dev.allocate_zeros(n_out * dtype.size_in_bytes())?
+    } else {
+        dev.new_buffer(n_out, dtype, "flash-attn-out")?
+    };
     let stats = dev.new_buffer(n_stats, DType::F32, "flash-attn-stats")?;
     let launch = plan::forward_launch(p, dt);
     let pipe = pipeline(&dev, &launch.name)?;
