@@ -206,6 +206,9 @@ pub fn backward(
         }
     };
     fp.delta = addr(&delta, 0)?;
+    if let Some((g, off)) = bi.dlse {
+        fp.dlse = addr(g, off)?;
+    }
     // Kept alive until the launches below are queued; none when bwd_dq writes dQ itself.
     let _dq_accum = if plan::separate_dq(p) {
         None
