@@ -56,6 +56,7 @@ pub struct Inputs {
     pub k: Buf,
     pub v: Buf,
     params: Buf,
+    mp: MetalParams,
     seq_info: Buf,
     alibi: Buf,
 }
@@ -67,13 +68,6 @@ impl Inputs {
         let (k, kl) = host_input(k)?;
         let (v, vl) = host_input(v)?;
         let mp: MetalParams = plan::params(p, &ql, &kl, &vl);
-        // SAFETY: MetalParams is #[repr(C)] plain data.
-        let mp_bytes = unsafe {
-            std::slice::from_raw_parts(
-                &mp as *const MetalParams as *const u8,
-                std::mem::size_of::<MetalParams>(),
-            )
-        };
         let si: Vec<u8> = plan::seq_info(p, &ql, &kl, &vl)
             .iter()
             .flat_map(|x| x.to_le_bytes())
@@ -83,7 +77,8 @@ impl Inputs {
             q,
             k,
             v,
-            params: Buf::from_bytes(mp_bytes),
+            params: params_buf(&mp),
+            mp,
             seq_info: Buf::from_bytes(&si),
             // Unused without ALiBi, but bound like every buffer.
             alibi: Buf::from_f32(p.alibi.as_deref().unwrap_or(&[0.0])),
@@ -103,6 +98,16 @@ impl Inputs {
     }
 }
 
+fn params_buf(mp: &MetalParams) -> Buf {
+    // SAFETY: MetalParams is #[repr(C)] plain data.
+    Buf::from_bytes(unsafe {
+        std::slice::from_raw_parts(
+            mp as *const MetalParams as *const u8,
+            std::mem::size_of::<MetalParams>(),
+        )
+    })
+}
+
 /// The forward pass as the Metal backend dispatches it.
 pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     let dt = inp.dt;
@@ -115,26 +120,34 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
 }
 
 /// The backward pass as the Metal backend dispatches it; `d_out` contiguous `(total_q, hq, d)`
-/// in the inputs' dtype.
+/// in the inputs' dtype; `dlse`, the log-sum-exp's gradient (f32, lse layout), when it has one.
 pub fn backward(
     p: &AttnParams,
     inp: &mut Inputs,
     fwd: &mut Forward,
     d_out: &mut Buf,
+    dlse: Option<&[f32]>,
 ) -> Result<Grads> {
     let dt = inp.dt;
     let mut b = BackwardBufs::new(p, fwd, dt);
+    let mut pre_params = params_buf(&MetalParams {
+        has_dlse: dlse.is_some() as i32,
+        ..inp.mp
+    });
+    // Unread without a gradient, but bound like every buffer.
+    let mut dlse = Buf::from_f32(dlse.unwrap_or(&[0.0]));
     let [pre, dq_l, dkdv_l] = plan::backward_launches(p, dt);
     launch(
         &pre,
         &[
-            inp.params.ptr(),
+            pre_params.ptr(),
             inp.seq_info.ptr(),
             fwd.out_buf.ptr(),
             d_out.ptr(),
             b.stats.ptr(),
             b.lse.ptr(),
             b.delta.ptr(),
+            dlse.ptr(),
         ],
     )?;
     let mut common = inp.problem_buffers().to_vec();
