@@ -48,6 +48,11 @@ mod stats;
 
 pub use options::{Algorithm, AttnOptions, Dropout, Varlen};
 
+/// The CPU kernels' ISA choice (`FLASH_OPS_CPU_ISA`), tile GEMMs and `exp`, shared with the
+/// CPU code of `flash-ops-models` and the benchmarks; not a stable API.
+#[doc(hidden)]
+pub use cpu::simd;
+
 use candle_core::{bail, DType, Result, Tensor};
 
 use op::FlashAttnFwd;

@@ -52,8 +52,7 @@ pub fn backward<T: Elem>(
             for kb in kb_lo..kb_hi {
                 let j0 = kb * TILE;
                 let cols = TILE.min(span.k_len - j0);
-                ops.k.load((s, hk, j0), cols, d, &mut sc.k);
-                ops.v.load((s, hk, j0), cols, d, &mut sc.v);
+                ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
                 sc.dk[..cols * d].fill(0.0);
                 sc.dv[..cols * d].fill(0.0);
                 // GQA: every q head of the group adds into this k/v head's gradients.

@@ -9,19 +9,24 @@
 
 mod bwd_v1;
 mod bwd_v2;
+mod fused;
 mod fwd_v1;
 mod fwd_v2;
-pub mod tile;
+pub mod simd;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
 
+use crate::dropout::DropoutMask;
 use crate::mask::ScoreMods;
 use crate::op::BackwardInputs;
 use crate::params::AttnParams;
 use crate::plan::InputLayout;
 use crate::{stats, Algorithm};
+use fused::{DsTile, ProbsTile, TileAt};
+use simd::gemm::{gemm, Op, Threads};
+use simd::Isa;
 
 /// Rows per q tile and per k/v tile (see the module docs for the size).
 pub const TILE: usize = 128;
@@ -177,7 +182,16 @@ impl<'a, T: Elem> Operands<'a, T> {
             v: Operand::input("v", v, p, false)?,
         })
     }
+
+    /// Loads keys `j0..j0 + cols` of k/v head `hk` of sequence `s` into the `k` and `v` tiles.
+    pub fn load_kv(&self, (s, hk, j0): (usize, usize, usize), cols: usize, d: usize, kv: KvTiles) {
+        self.k.load((s, hk, j0), cols, d, kv.0);
+        self.v.load((s, hk, j0), cols, d, kv.1);
+    }
 }
+
+/// The k and v tile scratch (`TILE × d` each).
+pub type KvTiles<'a> = (&'a mut [f32], &'a mut [f32]);
 
 /// A raw output pointer shared by parallel tasks.
 ///
@@ -251,43 +265,26 @@ impl<T: Elem> SharedOut<T> {
     }
 }
 
-/// `s = scale·q·kᵀ`, then softcap, ALiBi and the mask (`-inf`) for rows `i0..`, keys `j0..`.
-/// When `softcap_grad` is given it receives `d cap(x)/dx = 1 − tanh²` (0 where masked).
-pub fn scores(
-    q: &[f32],
-    k: &[f32],
-    (rows, cols, d): (usize, usize, usize),
-    mods: &ScoreMods,
-    (i0, j0): (usize, usize),
-    s: &mut [f32],
-    mut softcap_grad: Option<&mut [f32]>,
-) {
-    tile::gemm_abt((rows, cols, d), q, k, s, false, mods.scale);
-    if !mods.has_modifiers() && mods.tile_fully_visible(i0, i0 + rows, j0, j0 + cols) {
-        return;
-    }
-    for r in 0..rows {
-        let i = i0 + r;
-        let (lo, hi) = mods.key_range(i);
+/// `s = scale·q·kᵀ` for a tile (`q: rows×d`, `k: cols×d`): the one GEMM before the fused pass.
+pub fn qk_scores(q: &[f32], k: &[f32], at: TileAt, d: usize, scale: f32, s: &mut [f32]) {
+    gemm(
+        (at.rows, at.cols, d),
+        Op::N(q),
+        Op::T(k),
+        s,
+        (false, scale),
+        Threads::One,
+    );
+}
+
+/// Forward dropout on a tile of weights: each row times its factors (`keep_scale` or 0,
+/// regenerated from the seed); `factors` is one row of scratch.
+pub fn drop_tile(mask: &DropoutMask, at: TileAt, s: &mut [f32], factors: &mut [f32]) {
+    let cols = at.cols;
+    for r in 0..at.rows {
+        mask.row_factors(at.i0 + r, at.j0, &mut factors[..cols]);
         let row = &mut s[r * cols..(r + 1) * cols];
-        for (c, x) in row.iter_mut().enumerate() {
-            let j = j0 + c;
-            let visible = j >= lo && j < hi;
-            if let Some(g) = softcap_grad.as_deref_mut() {
-                g[r * cols + c] = match (visible, mods.softcap) {
-                    (true, Some(cap)) => {
-                        let t = (*x / cap).tanh();
-                        1.0 - t * t
-                    }
-                    _ => 0.0,
-                };
-            }
-            *x = if visible {
-                mods.modify(*x, i, j)
-            } else {
-                f32::NEG_INFINITY
-            };
-        }
+        fused::run(fused::Mul::Elems(row, &factors[..cols]));
     }
 }
 
@@ -300,6 +297,7 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
         k: Input,
         v: Input,
     ) -> Result<(CpuStorage, CpuStorage)> {
+        Isa::active()?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let mut out = vec![T::default(); p.q_elems()];
         let stats = match p.algorithm {
@@ -334,6 +332,7 @@ pub fn backward(
         v: Input,
         bi: BackwardInputs<CpuStorage>,
     ) -> Result<CpuStorage> {
+        Isa::active()?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let (stats, offset) = bi.stats;
         let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
@@ -416,19 +415,15 @@ pub fn backward_tile(
 ) {
     let d = p.head_dim;
     let n = rows * cols;
-    let cap = mods.softcap.map(|_| &mut sc.cap_grad[..n]);
-    scores(
-        &sc.q,
-        &sc.k,
-        (rows, cols, d),
+    let at = TileAt { i0, j0, rows, cols };
+    qk_scores(&sc.q, &sc.k, at, d, mods.scale, &mut sc.p[..n]);
+    fused::run(ProbsTile {
+        s: &mut sc.p[..n],
+        at,
         mods,
-        (i0, j0),
-        &mut sc.p[..n],
-        cap,
-    );
-    for r in 0..rows {
-        tile::probs_from_lse(&mut sc.p[r * cols..(r + 1) * cols], sc.lse[r]);
-    }
+        lse: &sc.lse[..rows],
+        cap_grad: mods.softcap.map(|_| &mut sc.cap_grad[..n]),
+    });
     // Dropout: dV and dP see the kept, rescaled probabilities (the mask regenerated from the seed).
     let drop_mask = p.dropout_mask(seq, head);
     if let Some(m) = &drop_mask {
@@ -436,43 +431,59 @@ pub fn backward_tile(
             m.row_factors(i0 + r, j0, &mut sc.drop_factors[r * cols..(r + 1) * cols]);
         }
         sc.p_drop[..n].copy_from_slice(&sc.p[..n]);
-        tile::mul_assign(&mut sc.p_drop[..n], &sc.drop_factors[..n]);
+        fused::run(fused::Mul::Elems(
+            &mut sc.p_drop[..n],
+            &sc.drop_factors[..n],
+        ));
     }
     let p_used = if drop_mask.is_some() {
         &sc.p_drop[..n]
     } else {
         &sc.p[..n]
     };
-    tile::gemm_atb((cols, d, rows), p_used, &sc.d_o, &mut sc.dv, true, 1.0);
-    tile::gemm_abt((rows, cols, d), &sc.d_o, &sc.v, &mut sc.dp[..n], false, 1.0);
-    if drop_mask.is_some() {
-        tile::mul_assign(&mut sc.dp[..n], &sc.drop_factors[..n]);
-    }
-    for r in 0..rows {
-        tile::softmax_grad_row(
-            &sc.p[r * cols..(r + 1) * cols],
-            &mut sc.dp[r * cols..(r + 1) * cols],
-            sc.delta[r],
-        );
-    }
-    if mods.softcap.is_some() {
-        tile::mul_assign(&mut sc.dp[..n], &sc.cap_grad[..n]);
-    }
-    tile::gemm_ab(
-        (rows, d, cols),
-        &sc.dp[..n],
-        &sc.k,
-        &mut sc.dq,
-        true,
-        p.scale,
-    );
-    tile::gemm_atb(
+    let one = Threads::One;
+    gemm(
         (cols, d, rows),
-        &sc.dp[..n],
-        &sc.q,
+        Op::T(p_used),
+        Op::N(&sc.d_o),
+        &mut sc.dv,
+        (true, 1.0),
+        one,
+    );
+    gemm(
+        (rows, cols, d),
+        Op::N(&sc.d_o),
+        Op::T(&sc.v),
+        &mut sc.dp[..n],
+        (false, 1.0),
+        one,
+    );
+    fused::run(DsTile {
+        p: &sc.p[..n],
+        dp: &mut sc.dp[..n],
+        rows,
+        cols,
+        delta: &sc.delta[..rows],
+        drop: drop_mask.as_ref().map(|_| &sc.drop_factors[..n]),
+        cap_grad: mods.softcap.map(|_| &sc.cap_grad[..n]),
+    });
+    // dQ += scale·dS·K and dK += scale·dSᵀ·Q (Algorithm 2 lines 15–16).
+    let ds = &sc.dp[..n];
+    gemm(
+        (rows, d, cols),
+        Op::N(ds),
+        Op::N(&sc.k),
+        &mut sc.dq,
+        (true, p.scale),
+        one,
+    );
+    gemm(
+        (cols, d, rows),
+        Op::T(ds),
+        Op::N(&sc.q),
         &mut sc.dk,
-        true,
-        p.scale,
+        (true, p.scale),
+        one,
     );
 }
 
@@ -480,6 +491,6 @@ pub fn backward_tile(
 /// line 4; FlashAttention Algorithm 4 line 19).
 pub fn row_deltas(d_o: &[f32], o: &[f32], rows: usize, d: usize, out: &mut [f32]) {
     for r in 0..rows {
-        out[r] = tile::dot(&d_o[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]);
+        out[r] = fused::run(fused::Dot(&d_o[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]));
     }
 }
