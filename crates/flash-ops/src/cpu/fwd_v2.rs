@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::fused::{self, SoftmaxTile, TileAt};
 use super::simd::gemm::{gemm, Op, Threads};
-use super::{drop_tile, qk_scores, Elem, Operands, RowView, SharedOut, TILE};
+use super::{drop_tile, qk_scores, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 use crate::stats;
@@ -66,30 +66,27 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
             while j0 < k_hi {
                 let cols = TILE.min(k_hi - j0);
                 ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
-                let at = TileAt { i0, j0, rows, cols };
-                qk_scores(&sc.q, &sc.k, at, d, mods.scale, &mut sc.s);
-                fused::run(SoftmaxTile {
-                    s: &mut sc.s,
-                    at,
-                    mods: &mods,
-                    m: &mut sc.m[..rows],
-                    l: &mut sc.l[..rows],
-                    acc: Some((&mut sc.acc, d)),
-                });
-                // The row sums above are of the undropped weights: dropout acts on the
-                // normalised probabilities.
-                if let Some(dm) = &drop_mask {
-                    drop_tile(dm, at, &mut sc.s, &mut sc.drop_factors);
+                let tile = TileAt { i0, j0, rows, cols };
+                for Part { at, r0, c0 } in visible_parts(&mods, tile) {
+                    let (q, k, v) = (&sc.q[r0 * d..], &sc.k[c0 * d..], &sc.v[c0 * d..]);
+                    qk_scores(q, k, at, d, mods.scale, &mut sc.s);
+                    fused::run(SoftmaxTile {
+                        s: &mut sc.s,
+                        at,
+                        mods: &mods,
+                        m: &mut sc.m[r0..r0 + at.rows],
+                        l: &mut sc.l[r0..r0 + at.rows],
+                        acc: Some((&mut sc.acc[r0 * d..], d)),
+                    });
+                    // The row sums above are of the undropped weights: dropout acts on the
+                    // normalised probabilities.
+                    if let Some(dm) = &drop_mask {
+                        drop_tile(dm, at, &mut sc.s, &mut sc.drop_factors);
+                    }
+                    let (s_at, acc) = (&sc.s[..at.rows * at.cols], &mut sc.acc[r0 * d..]);
+                    let mnk = (at.rows, d, at.cols);
+                    gemm(mnk, Op::N(s_at), Op::N(v), acc, (true, 1.0), Threads::One);
                 }
-                let pv = (&sc.s[..rows * cols], &sc.v);
-                gemm(
-                    (rows, d, cols),
-                    Op::N(pv.0),
-                    Op::N(pv.1),
-                    &mut sc.acc,
-                    (true, 1.0),
-                    Threads::One,
-                );
                 j0 += cols;
             }
             for r in 0..rows {
