@@ -16,7 +16,7 @@ pub mod simd;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
-use half::{bf16, f16};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 use crate::dropout::DropoutMask;
 use crate::mask::ScoreMods;
@@ -33,27 +33,30 @@ pub const TILE: usize = 128;
 
 /// Element types the kernels read and write; all arithmetic is f32.
 pub trait Elem: WithDType + Default {
-    fn to_f32(self) -> f32;
-    fn from_f32(x: f32) -> Self;
+    /// `dst[i] = src[i]` widened to f32, one row at a time: f16 through F16C (`half`'s slice
+    /// conversion, detected at run time), bf16 by a shift that vectorises; f32 a copy.
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// `dst[i] = src[i]` rounded to the element type (to nearest even), likewise per row.
+    fn narrow(src: &[f32], dst: &mut [Self]);
 }
 
 impl Elem for f32 {
-    fn to_f32(self) -> f32 {
-        self
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
     }
-    fn from_f32(x: f32) -> Self {
-        x
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
     }
 }
 
 macro_rules! half_elem {
     ($t:ty) => {
         impl Elem for $t {
-            fn to_f32(self) -> f32 {
-                <$t>::to_f32(self)
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                src.convert_to_f32_slice(dst)
             }
-            fn from_f32(x: f32) -> Self {
-                <$t>::from_f32(x)
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                dst.convert_from_f32_slice(src)
             }
         }
     };
@@ -160,9 +163,7 @@ impl<'a, T: Elem> Operand<'a, T> {
     pub fn load(&self, (s, h, t0): (usize, usize, usize), rows: usize, d: usize, dst: &mut [f32]) {
         for r in 0..rows {
             let o = self.rows.offset(s, t0 + r, h);
-            for (x, y) in dst[r * d..(r + 1) * d].iter_mut().zip(&self.data[o..o + d]) {
-                *x = y.to_f32();
-            }
+            T::widen(&self.data[o..o + d], &mut dst[r * d..(r + 1) * d]);
         }
     }
 }
@@ -223,9 +224,8 @@ impl<T: Elem> SharedOut<T> {
         for r in 0..rows {
             let o = view.offset(s, t0 + r, h);
             assert!(o + d <= self.1);
-            for c in 0..d {
-                *self.0.add(o + c) = T::from_f32(src[r * d + c]);
-            }
+            let row = std::slice::from_raw_parts_mut(self.0.add(o), d);
+            T::narrow(&src[r * d..(r + 1) * d], row);
         }
     }
 
@@ -251,9 +251,8 @@ impl<T: Elem> SharedOut<T> {
         for r in 0..rows {
             let o = view.offset(s, t0 + r, h);
             assert!(o + d <= self.1);
-            for c in 0..d {
-                dst[r * d + c] = (*self.0.add(o + c)).to_f32();
-            }
+            let row = std::slice::from_raw_parts(self.0.add(o), d);
+            T::widen(row, &mut dst[r * d..(r + 1) * d]);
         }
     }
 
