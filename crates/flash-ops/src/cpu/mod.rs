@@ -1,11 +1,22 @@
 //! CPU backend: tiled FlashAttention forward and backward, both schedules, parallel with rayon.
 //!
-//! Tiles are gathered into contiguous f32 scratch (converting f16/bf16 on the way, so every
-//! product accumulates in f32) and multiplied with the `gemm` crate's blocked kernels. A task's
-//! q, k, v and accumulator tiles plus the score tile take `(4·TILE·d + TILE²)·4` bytes: 192 KiB
-//! at d = 64 and 320 KiB at d = 128, inside a current x86 core's L2 (512 KiB–2 MiB), while the
-//! `gemm` micro-kernels stream through L1. 128-row tiles measured ~30% faster than 64-row ones
-//! on the 2-core dev machine (fewer, larger GEMM calls amortise packing and dispatch).
+//! Tiles are gathered into contiguous f32 scratch (f16/bf16 widened a row at a time, so every
+//! product accumulates in f32). Per (q tile, k/v tile): `S = scale·Q·Kᵀ` through the `gemm`
+//! crate, then one fused pass over the tile ([`fused`]: softcap, ALiBi, mask, running max, exp,
+//! row sum; in backward `P` and `dS`), then the `P·V` (backward: `dV`, `dP`, `dQ`, `dK`)
+//! products. Tiles the mask cuts run as 32-row parts narrowed to their visible keys
+//! ([`visible_parts`]). The fused passes run on the ISA path [`simd::Isa`] chose at run time.
+//!
+//! **Tile size, per path.** `TILE = 128` rows and columns on all three paths, because what sizes
+//! it is L2, not the vector width: a task's q, k, v and accumulator tiles plus the score tile
+//! take `(4·TILE·d + TILE²)·4` bytes, 192 KiB at d = 64 and 320 KiB at d = 128, inside one core's
+//! L2 (512 KiB on Zen 2/3, 1 MiB on Zen 4 and Skylake-SP, 2 MiB on Sapphire Rapids), while the
+//! `gemm` micro-kernels stream their packed panels through L1 (32–48 KiB). The width sets only
+//! how a score row sits in registers: 128 f32 = 512 B = 8 `zmm` (AVX-512) or 16 `ymm` (AVX2)
+//! registers, 128 scalars on the portable path; the fused pass reads each row from L2 once and
+//! its second sweep re-reads it from L1. A 32-row part's score block (16 KiB) stays in L1
+//! between its GEMM and its pass. 128-row tiles measured ~30% faster than 64-row ones on the
+//! 2-core dev machine (fewer, larger GEMM calls amortise packing and dispatch).
 
 mod bwd_v1;
 mod bwd_v2;
