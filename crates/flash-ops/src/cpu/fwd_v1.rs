@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::fused::{self, SoftmaxTile, TileAt};
 use super::simd::exp;
 use super::simd::gemm::{gemm, Op, Threads};
-use super::{drop_tile, qk_scores, Elem, Operands, RowView, SharedOut, TILE};
+use super::{drop_tile, qk_scores, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 
@@ -50,30 +50,27 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
             while i0 < q_hi {
                 let rows = TILE.min(q_hi - i0);
                 ops.q.load((s, h, i0), rows, d, &mut qt);
-                let at = TileAt { i0, j0, rows, cols };
-                qk_scores(&qt, &kt, at, d, mods.scale, &mut st);
-                // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10).
+                // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10), one
+                // visible part at a time; rows in no part keep m~ = -inf and are skipped below.
                 let (mut mt, mut lt) = ([f32::NEG_INFINITY; TILE], [0f32; TILE]);
-                fused::run(SoftmaxTile {
-                    s: &mut st,
-                    at,
-                    mods: &mods,
-                    m: &mut mt[..rows],
-                    l: &mut lt[..rows],
-                    acc: None,
-                });
-                if let Some(dm) = &drop_mask {
-                    drop_tile(dm, at, &mut st, &mut drop_factors);
+                for Part { at, r0, c0 } in visible_parts(&mods, TileAt { i0, j0, rows, cols }) {
+                    let (q, k, v) = (&qt[r0 * d..], &kt[c0 * d..], &vt[c0 * d..]);
+                    qk_scores(q, k, at, d, mods.scale, &mut st);
+                    fused::run(SoftmaxTile {
+                        s: &mut st,
+                        at,
+                        mods: &mods,
+                        m: &mut mt[r0..r0 + at.rows],
+                        l: &mut lt[r0..r0 + at.rows],
+                        acc: None,
+                    });
+                    if let Some(dm) = &drop_mask {
+                        drop_tile(dm, at, &mut st, &mut drop_factors);
+                    }
+                    let (s_at, pv) = (&st[..at.rows * at.cols], &mut pv[r0 * d..]);
+                    let mnk = (at.rows, d, at.cols);
+                    gemm(mnk, Op::N(s_at), Op::N(v), pv, (false, 1.0), Threads::One);
                 }
-                let sv = (&st[..rows * cols], &vt);
-                gemm(
-                    (rows, d, cols),
-                    Op::N(sv.0),
-                    Op::N(sv.1),
-                    &mut pv,
-                    (false, 1.0),
-                    Threads::One,
-                );
                 // O_i ← diag(l_new)⁻¹ (diag(l_i) e^{m_i − m_new} O_i + e^{m~ − m_new} P~ V_j)
                 // (Algorithm 1 lines 11–12).
                 for (r, (&mt, &lt)) in mt.iter().zip(&lt).enumerate().take(rows) {
