@@ -9,8 +9,8 @@
 
 use candle_core::{bail, DType, Device, Result};
 use flash_ops_bench::{
-    cpu_model, gemm_ceiling, gemm_ceiling_n, gemm_path, measure, PeakAlloc, Row, Variant, Workload,
-    BWD_PER_FWD_FLOPS,
+    cpu_model, gemm_ceiling, gemm_ceiling_n, gemm_path, kernel_path, measure, PeakAlloc, Row,
+    Variant, Workload, BWD_PER_FWD_FLOPS,
 };
 
 #[global_allocator]
@@ -81,9 +81,10 @@ fn main() -> Result<()> {
         "# flash-ops CPU attention benchmark: f32, batch 1, {h} heads, {threads} threads, median of {reps}\n"
     );
     println!(
-        "CPU: {}; gemm micro-kernels: {}\n",
+        "CPU: {}; gemm micro-kernels: {}; flash-ops kernels: {}\n",
         cpu_model(),
-        gemm_path()
+        gemm_path(),
+        kernel_path()
     );
     println!(
         "fp32 GEMM ceiling in this run (candle matmul {}³): {:.1} GFLOP/s\n",

@@ -42,6 +42,17 @@ pub fn gemm_path() -> &'static str {
     }
 }
 
+/// The path of flash-ops' own CPU kernels (the fused score-tile passes): `avx512`, `avx2` or
+/// `portable`, as detected or forced with `FLASH_OPS_CPU_ISA`; a refused forcing says why.
+pub fn kernel_path() -> String {
+    use flash_ops::simd::{Isa, ISA_VAR};
+    match (Isa::active(), std::env::var(ISA_VAR)) {
+        (Ok(isa), Ok(_)) => format!("{} (forced by {ISA_VAR})", isa.name()),
+        (Ok(isa), Err(_)) => format!("{} (detected; {ISA_VAR} forces one)", isa.name()),
+        (Err(e), _) => format!("none: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +66,9 @@ mod tests {
             // answer, it must agree with what the CPU reports.
             let avx512 = std::arch::is_x86_feature_detected!("avx512f");
             assert_eq!(gemm_path().starts_with("AVX-512"), avx512);
+            if std::env::var(flash_ops::simd::ISA_VAR).is_err() {
+                assert_eq!(kernel_path().starts_with("avx512"), avx512);
+            }
         }
     }
 }

@@ -52,6 +52,11 @@ pub use merge::merge_attention_states;
 pub use options::{Algorithm, AttnOptions, Dropout, Varlen};
 pub use prefix::{shared_prefix_attention, shared_prefix_attention_with_lse, PrefixLevel};
 
+/// The CPU kernels' ISA choice (`FLASH_OPS_CPU_ISA`), tile GEMMs and `exp`, shared with the
+/// CPU code of `flash-ops-models` and the benchmarks; not a stable API.
+#[doc(hidden)]
+pub use cpu::simd;
+
 use candle_core::{bail, DType, Result, Tensor};
 
 use op::FlashAttnFwd;

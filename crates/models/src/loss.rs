@@ -405,99 +405,27 @@ fn lanes(z: &[f32], init: f32, map: impl Fn(f32) -> f32, reduce: impl Fn(f32, f3
     acc.into_iter().fold(tail, &reduce)
 }
 
-/// `exp(x)` to ~1 ulp (Cephes' `expf` polynomial), branch-free so the row loops vectorise;
-/// exactly 0 far below the largest logit. The same polynomial as flash-ops' CPU kernels.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5·2²³: adding it rounds to the nearest integer and leaves it in the low mantissa bits.
-    const SHIFTER: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.3, 88.7);
-    let t = xc * LOG2E + SHIFTER;
-    let n = t - SHIFTER;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let biased = t
-        .to_bits()
-        .wrapping_sub(SHIFTER.to_bits())
-        .wrapping_add(127);
-    let pow2 = f32::from_bits(biased << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        y * pow2
-    }
-}
+/// flash-ops' `exp` (Cephes' `expf` polynomial, ~2 ulp), branch-free so the row loops vectorise;
+/// exactly 0 far below the largest logit.
+use flash_ops::simd::exp;
 
-/// GEMMs on contiguous row-major f32 slices, parallel over the rayon pool.
+/// GEMMs on contiguous row-major f32 slices, parallel over the rayon pool (flash-ops' wrapper).
 mod gemm {
-    use gemm::{gemm, Parallelism};
+    use flash_ops::simd::gemm::{gemm, Op, Threads};
 
-    /// `c (+)= lhs · rhs`, `lhs: m×k` and `rhs: k×n` given by (row, col) strides, `c: m×n`.
-    fn run(
-        (m, n, k): (usize, usize, usize),
-        (lhs, lhs_rs, lhs_cs): (&[f32], isize, isize),
-        (rhs, rhs_rs, rhs_cs): (&[f32], isize, isize),
-        c: &mut [f32],
-        accumulate: bool,
-    ) {
-        assert!(lhs.len() >= m * k && rhs.len() >= k * n && c.len() >= m * n);
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 && m * n * k > 1 << 16 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        // SAFETY: the bounds above cover every element the strides address.
-        unsafe {
-            gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                lhs.as_ptr(),
-                lhs_cs,
-                lhs_rs,
-                rhs.as_ptr(),
-                rhs_cs,
-                rhs_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
-    }
-
-    /// `c = a · bᵀ`, `a: m×k`, `b: n×k`.
+    /// `c (+)= a · bᵀ`, `a: m×k`, `b: n×k`.
     pub fn abt(mnk: (usize, usize, usize), a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
-        let k = mnk.2 as isize;
-        run(mnk, (a, k, 1), (b, 1, k), c, acc)
+        gemm(mnk, Op::N(a), Op::T(b), c, (acc, 1.0), Threads::Pool)
     }
 
-    /// `c = a · b`, `a: m×k`, `b: k×n`.
+    /// `c (+)= a · b`, `a: m×k`, `b: k×n`.
     pub fn ab(mnk: (usize, usize, usize), a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
-        let (n, k) = (mnk.1 as isize, mnk.2 as isize);
-        run(mnk, (a, k, 1), (b, n, 1), c, acc)
+        gemm(mnk, Op::N(a), Op::N(b), c, (acc, 1.0), Threads::Pool)
     }
 
     /// `c (+)= aᵀ · b`, `a: k×m`, `b: k×n`.
     pub fn atb(mnk: (usize, usize, usize), a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
-        let (m, n) = (mnk.0 as isize, mnk.1 as isize);
-        run(mnk, (a, 1, m), (b, n, 1), c, acc)
+        gemm(mnk, Op::T(a), Op::N(b), c, (acc, 1.0), Threads::Pool)
     }
 }
 

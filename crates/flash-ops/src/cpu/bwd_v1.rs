@@ -38,8 +38,7 @@ pub fn backward<T: Elem>(
         let mut j0 = 0;
         while j0 < span.k_len {
             let cols = TILE.min(span.k_len - j0);
-            ops.k.load((s, hk, j0), cols, d, &mut sc.k);
-            ops.v.load((s, hk, j0), cols, d, &mut sc.v);
+            ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
             sc.dk[..cols * d].fill(0.0);
             sc.dv[..cols * d].fill(0.0);
             for gi in 0..group {

@@ -52,8 +52,7 @@ pub fn backward<T: Elem>(
             for kb in kb_lo..kb_hi {
                 let j0 = kb * TILE;
                 let cols = TILE.min(span.k_len - j0);
-                ops.k.load((s, hk, j0), cols, d, &mut sc.k);
-                ops.v.load((s, hk, j0), cols, d, &mut sc.v);
+                ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
                 sc.dk[..cols * d].fill(0.0);
                 sc.dv[..cols * d].fill(0.0);
                 // GQA: every q head of the group adds into this k/v head's gradients.
@@ -93,13 +92,13 @@ pub fn backward<T: Elem>(
         .enumerate()
         .for_each(|(blk, out)| {
             let base = blk * 4096;
-            for (e, x) in out.iter_mut().enumerate() {
-                let mut acc = 0f32;
-                for c in 0..chunks {
-                    acc += dq_partials[c * dq_len + base + e];
-                }
-                *x = T::from_f32(acc);
+            let mut acc = [0f32; 4096];
+            let acc = &mut acc[..out.len()];
+            for c in 0..chunks {
+                let part = &dq_partials[c * dq_len + base..][..out.len()];
+                acc.iter_mut().zip(part).for_each(|(a, x)| *a += x);
             }
+            T::narrow(acc, out);
         });
 }
 

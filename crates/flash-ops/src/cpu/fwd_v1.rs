@@ -5,7 +5,10 @@
 
 use rayon::prelude::*;
 
-use super::{scores, tile, Elem, Operands, RowView, SharedOut, TILE};
+use super::fused::{self, SoftmaxTile, TileAt};
+use super::simd::exp;
+use super::simd::gemm::{gemm, Op, Threads};
+use super::{drop_tile, qk_scores, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 
@@ -41,36 +44,43 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
         let mut j0 = 0;
         while j0 < span.k_len {
             let cols = TILE.min(span.k_len - j0);
-            ops.k.load((s, hk, j0), cols, d, &mut kt);
-            ops.v.load((s, hk, j0), cols, d, &mut vt);
+            ops.load_kv((s, hk, j0), cols, d, (&mut kt, &mut vt));
             let (q_lo, q_hi) = mods.query_range_keys(j0, j0 + cols);
             let mut i0 = q_lo;
             while i0 < q_hi {
                 let rows = TILE.min(q_hi - i0);
                 ops.q.load((s, h, i0), rows, d, &mut qt);
-                scores(&qt, &kt, (rows, cols, d), &mods, (i0, j0), &mut st, None);
-                // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10).
-                let mut tile_stats = [(0f32, 0f32); TILE];
-                for r in 0..rows {
-                    let row = &mut st[r * cols..(r + 1) * cols];
-                    let (mt, lt, _) = tile::online_softmax_row(row, f32::NEG_INFINITY, 0.0);
-                    tile_stats[r] = (mt, lt);
+                // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10), one
+                // visible part at a time; rows in no part keep m~ = -inf and are skipped below.
+                let (mut mt, mut lt) = ([f32::NEG_INFINITY; TILE], [0f32; TILE]);
+                for Part { at, r0, c0 } in visible_parts(&mods, TileAt { i0, j0, rows, cols }) {
+                    let (q, k, v) = (&qt[r0 * d..], &kt[c0 * d..], &vt[c0 * d..]);
+                    qk_scores(q, k, at, d, mods.scale, &mut st);
+                    fused::run(SoftmaxTile {
+                        s: &mut st,
+                        at,
+                        mods: &mods,
+                        m: &mut mt[r0..r0 + at.rows],
+                        l: &mut lt[r0..r0 + at.rows],
+                        acc: None,
+                    });
                     if let Some(dm) = &drop_mask {
-                        dm.row_factors(i0 + r, j0, &mut drop_factors[..cols]);
-                        tile::mul_assign(row, &drop_factors[..cols]);
+                        drop_tile(dm, at, &mut st, &mut drop_factors);
                     }
+                    let (s_at, pv) = (&st[..at.rows * at.cols], &mut pv[r0 * d..]);
+                    let mnk = (at.rows, d, at.cols);
+                    gemm(mnk, Op::N(s_at), Op::N(v), pv, (false, 1.0), Threads::One);
                 }
-                tile::gemm_ab((rows, d, cols), &st, &vt, &mut pv, false, 1.0);
                 // O_i ← diag(l_new)⁻¹ (diag(l_i) e^{m_i − m_new} O_i + e^{m~ − m_new} P~ V_j)
                 // (Algorithm 1 lines 11–12).
-                for (r, &(mt, lt)) in tile_stats.iter().enumerate().take(rows) {
+                for (r, (&mt, &lt)) in mt.iter().zip(&lt).enumerate().take(rows) {
                     if mt == f32::NEG_INFINITY {
                         continue;
                     }
                     let i = i0 + r;
                     let m_new = m[i].max(mt);
-                    let a = tile::exp(m[i] - m_new);
-                    let b = tile::exp(mt - m_new);
+                    let a = exp(m[i] - m_new);
+                    let b = exp(mt - m_new);
                     let l_new = a * l[i] + b * lt;
                     let (c_old, c_new) = (a * l[i] / l_new, b / l_new);
                     for (x, y) in o[i * d..(i + 1) * d]

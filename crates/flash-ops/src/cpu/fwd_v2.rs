@@ -4,7 +4,9 @@
 
 use rayon::prelude::*;
 
-use super::{scores, tile, Elem, Operands, RowView, SharedOut, TILE};
+use super::fused::{self, SoftmaxTile, TileAt};
+use super::simd::gemm::{gemm, Op, Threads};
+use super::{drop_tile, qk_scores, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 use crate::stats;
@@ -63,38 +65,34 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
             let mut j0 = k_lo;
             while j0 < k_hi {
                 let cols = TILE.min(k_hi - j0);
-                ops.k.load((s, hk, j0), cols, d, &mut sc.k);
-                ops.v.load((s, hk, j0), cols, d, &mut sc.v);
-                scores(
-                    &sc.q,
-                    &sc.k,
-                    (rows, cols, d),
-                    &mods,
-                    (i0, j0),
-                    &mut sc.s,
-                    None,
-                );
-                for r in 0..rows {
-                    let row = &mut sc.s[r * cols..(r + 1) * cols];
-                    let (m, l, corr) = tile::online_softmax_row(row, sc.m[r], sc.l[r]);
-                    (sc.m[r], sc.l[r]) = (m, l);
-                    if corr != 1.0 {
-                        tile::scale_assign(&mut sc.acc[r * d..(r + 1) * d], corr);
-                    }
-                    // The row sum above is of the undropped weights: dropout acts on the
+                ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
+                let tile = TileAt { i0, j0, rows, cols };
+                for Part { at, r0, c0 } in visible_parts(&mods, tile) {
+                    let (q, k, v) = (&sc.q[r0 * d..], &sc.k[c0 * d..], &sc.v[c0 * d..]);
+                    qk_scores(q, k, at, d, mods.scale, &mut sc.s);
+                    fused::run(SoftmaxTile {
+                        s: &mut sc.s,
+                        at,
+                        mods: &mods,
+                        m: &mut sc.m[r0..r0 + at.rows],
+                        l: &mut sc.l[r0..r0 + at.rows],
+                        acc: Some((&mut sc.acc[r0 * d..], d)),
+                    });
+                    // The row sums above are of the undropped weights: dropout acts on the
                     // normalised probabilities.
                     if let Some(dm) = &drop_mask {
-                        dm.row_factors(i0 + r, j0, &mut sc.drop_factors[..cols]);
-                        tile::mul_assign(row, &sc.drop_factors[..cols]);
+                        drop_tile(dm, at, &mut sc.s, &mut sc.drop_factors);
                     }
+                    let (s_at, acc) = (&sc.s[..at.rows * at.cols], &mut sc.acc[r0 * d..]);
+                    let mnk = (at.rows, d, at.cols);
+                    gemm(mnk, Op::N(s_at), Op::N(v), acc, (true, 1.0), Threads::One);
                 }
-                tile::gemm_ab((rows, d, cols), &sc.s, &sc.v, &mut sc.acc, true, 1.0);
                 j0 += cols;
             }
             for r in 0..rows {
                 let l = sc.l[r];
                 let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-                tile::scale_assign(&mut sc.acc[r * d..(r + 1) * d], inv);
+                fused::run(fused::Mul::Scalar(&mut sc.acc[r * d..(r + 1) * d], inv));
                 let lse = stats::lse(sc.m[r], l);
                 // SAFETY: this task alone owns rows i0..i0+rows of head h of sequence s.
                 unsafe { lse_ptr.write(p.lse_index(s, h, i0 + r), lse) };

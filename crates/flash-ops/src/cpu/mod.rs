@@ -1,54 +1,73 @@
 //! CPU backend: tiled FlashAttention forward and backward, both schedules, parallel with rayon.
 //!
-//! Tiles are gathered into contiguous f32 scratch (converting f16/bf16 on the way, so every
-//! product accumulates in f32) and multiplied with the `gemm` crate's blocked kernels. A task's
-//! q, k, v and accumulator tiles plus the score tile take `(4·TILE·d + TILE²)·4` bytes: 192 KiB
-//! at d = 64 and 320 KiB at d = 128, inside a current x86 core's L2 (512 KiB–2 MiB), while the
-//! `gemm` micro-kernels stream through L1. 128-row tiles measured ~30% faster than 64-row ones
-//! on the 2-core dev machine (fewer, larger GEMM calls amortise packing and dispatch).
+//! Tiles are gathered into contiguous f32 scratch (f16/bf16 widened a row at a time, so every
+//! product accumulates in f32). Per (q tile, k/v tile): `S = scale·Q·Kᵀ` through the `gemm`
+//! crate, then one fused pass over the tile ([`fused`]: softcap, ALiBi, mask, running max, exp,
+//! row sum; in backward `P` and `dS`), then the `P·V` (backward: `dV`, `dP`, `dQ`, `dK`)
+//! products. Tiles the mask cuts run as 32-row parts narrowed to their visible keys
+//! ([`visible_parts`]). The fused passes run on the ISA path [`simd::Isa`] chose at run time.
+//!
+//! **Tile size, per path.** `TILE = 128` rows and columns on all three paths, because what sizes
+//! it is L2, not the vector width: a task's q, k, v and accumulator tiles plus the score tile
+//! take `(4·TILE·d + TILE²)·4` bytes, 192 KiB at d = 64 and 320 KiB at d = 128, inside one core's
+//! L2 (512 KiB on Zen 2/3, 1 MiB on Zen 4 and Skylake-SP, 2 MiB on Sapphire Rapids), while the
+//! `gemm` micro-kernels stream their packed panels through L1 (32–48 KiB). The width sets only
+//! how a score row sits in registers: 128 f32 = 512 B = 8 `zmm` (AVX-512) or 16 `ymm` (AVX2)
+//! registers, 128 scalars on the portable path; the fused pass reads each row from L2 once and
+//! its second sweep re-reads it from L1. A 32-row part's score block (16 KiB) stays in L1
+//! between its GEMM and its pass. 128-row tiles measured ~30% faster than 64-row ones on the
+//! 2-core dev machine (fewer, larger GEMM calls amortise packing and dispatch).
 
 mod bwd_v1;
 mod bwd_v2;
+mod fused;
 mod fwd_v1;
 mod fwd_v2;
-pub mod tile;
+pub mod simd;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
-use half::{bf16, f16};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 
+use crate::dropout::DropoutMask;
 use crate::mask::ScoreMods;
 use crate::op::BackwardInputs;
 use crate::params::AttnParams;
 use crate::plan::InputLayout;
 use crate::{stats, Algorithm};
+use fused::{DsTile, ProbsTile, TileAt};
+use simd::gemm::{gemm, Op, Threads};
+use simd::Isa;
 
 /// Rows per q tile and per k/v tile (see the module docs for the size).
 pub const TILE: usize = 128;
 
 /// Element types the kernels read and write; all arithmetic is f32.
 pub trait Elem: WithDType + Default {
-    fn to_f32(self) -> f32;
-    fn from_f32(x: f32) -> Self;
+    /// `dst[i] = src[i]` widened to f32, one row at a time: f16 through F16C (`half`'s slice
+    /// conversion, detected at run time), bf16 by a shift that vectorises; f32 a copy.
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// `dst[i] = src[i]` rounded to the element type (to nearest even), likewise per row.
+    fn narrow(src: &[f32], dst: &mut [Self]);
 }
 
 impl Elem for f32 {
-    fn to_f32(self) -> f32 {
-        self
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
     }
-    fn from_f32(x: f32) -> Self {
-        x
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
     }
 }
 
 macro_rules! half_elem {
     ($t:ty) => {
         impl Elem for $t {
-            fn to_f32(self) -> f32 {
-                <$t>::to_f32(self)
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                src.convert_to_f32_slice(dst)
             }
-            fn from_f32(x: f32) -> Self {
-                <$t>::from_f32(x)
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                dst.convert_from_f32_slice(src)
             }
         }
     };
@@ -155,9 +174,7 @@ impl<'a, T: Elem> Operand<'a, T> {
     pub fn load(&self, (s, h, t0): (usize, usize, usize), rows: usize, d: usize, dst: &mut [f32]) {
         for r in 0..rows {
             let o = self.rows.offset(s, t0 + r, h);
-            for (x, y) in dst[r * d..(r + 1) * d].iter_mut().zip(&self.data[o..o + d]) {
-                *x = y.to_f32();
-            }
+            T::widen(&self.data[o..o + d], &mut dst[r * d..(r + 1) * d]);
         }
     }
 }
@@ -177,7 +194,16 @@ impl<'a, T: Elem> Operands<'a, T> {
             v: Operand::input("v", v, p, false)?,
         })
     }
+
+    /// Loads keys `j0..j0 + cols` of k/v head `hk` of sequence `s` into the `k` and `v` tiles.
+    pub fn load_kv(&self, (s, hk, j0): (usize, usize, usize), cols: usize, d: usize, kv: KvTiles) {
+        self.k.load((s, hk, j0), cols, d, kv.0);
+        self.v.load((s, hk, j0), cols, d, kv.1);
+    }
 }
+
+/// The k and v tile scratch (`TILE × d` each).
+pub type KvTiles<'a> = (&'a mut [f32], &'a mut [f32]);
 
 /// A raw output pointer shared by parallel tasks.
 ///
@@ -209,9 +235,8 @@ impl<T: Elem> SharedOut<T> {
         for r in 0..rows {
             let o = view.offset(s, t0 + r, h);
             assert!(o + d <= self.1);
-            for c in 0..d {
-                *self.0.add(o + c) = T::from_f32(src[r * d + c]);
-            }
+            let row = std::slice::from_raw_parts_mut(self.0.add(o), d);
+            T::narrow(&src[r * d..(r + 1) * d], row);
         }
     }
 
@@ -237,9 +262,8 @@ impl<T: Elem> SharedOut<T> {
         for r in 0..rows {
             let o = view.offset(s, t0 + r, h);
             assert!(o + d <= self.1);
-            for c in 0..d {
-                dst[r * d + c] = (*self.0.add(o + c)).to_f32();
-            }
+            let row = std::slice::from_raw_parts(self.0.add(o), d);
+            T::widen(row, &mut dst[r * d..(r + 1) * d]);
         }
     }
 
@@ -251,43 +275,26 @@ impl<T: Elem> SharedOut<T> {
     }
 }
 
-/// `s = scale·q·kᵀ`, then softcap, ALiBi and the mask (`-inf`) for rows `i0..`, keys `j0..`.
-/// When `softcap_grad` is given it receives `d cap(x)/dx = 1 − tanh²` (0 where masked).
-pub fn scores(
-    q: &[f32],
-    k: &[f32],
-    (rows, cols, d): (usize, usize, usize),
-    mods: &ScoreMods,
-    (i0, j0): (usize, usize),
-    s: &mut [f32],
-    mut softcap_grad: Option<&mut [f32]>,
-) {
-    tile::gemm_abt((rows, cols, d), q, k, s, false, mods.scale);
-    if !mods.has_modifiers() && mods.tile_fully_visible(i0, i0 + rows, j0, j0 + cols) {
-        return;
-    }
-    for r in 0..rows {
-        let i = i0 + r;
-        let (lo, hi) = mods.key_range(i);
+/// `s = scale·q·kᵀ` for a tile (`q: rows×d`, `k: cols×d`): the one GEMM before the fused pass.
+pub fn qk_scores(q: &[f32], k: &[f32], at: TileAt, d: usize, scale: f32, s: &mut [f32]) {
+    gemm(
+        (at.rows, at.cols, d),
+        Op::N(q),
+        Op::T(k),
+        s,
+        (false, scale),
+        Threads::One,
+    );
+}
+
+/// Forward dropout on a tile of weights: each row times its factors (`keep_scale` or 0,
+/// regenerated from the seed); `factors` is one row of scratch.
+pub fn drop_tile(mask: &DropoutMask, at: TileAt, s: &mut [f32], factors: &mut [f32]) {
+    let cols = at.cols;
+    for r in 0..at.rows {
+        mask.row_factors(at.i0 + r, at.j0, &mut factors[..cols]);
         let row = &mut s[r * cols..(r + 1) * cols];
-        for (c, x) in row.iter_mut().enumerate() {
-            let j = j0 + c;
-            let visible = j >= lo && j < hi;
-            if let Some(g) = softcap_grad.as_deref_mut() {
-                g[r * cols + c] = match (visible, mods.softcap) {
-                    (true, Some(cap)) => {
-                        let t = (*x / cap).tanh();
-                        1.0 - t * t
-                    }
-                    _ => 0.0,
-                };
-            }
-            *x = if visible {
-                mods.modify(*x, i, j)
-            } else {
-                f32::NEG_INFINITY
-            };
-        }
+        fused::run(fused::Mul::Elems(row, &factors[..cols]));
     }
 }
 
@@ -300,6 +307,7 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
         k: Input,
         v: Input,
     ) -> Result<(CpuStorage, CpuStorage)> {
+        Isa::active()?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let mut out = vec![T::default(); p.out_len()];
         let stats = match p.algorithm {
@@ -342,6 +350,7 @@ pub fn backward(
         v: Input,
         bi: BackwardInputs<CpuStorage>,
     ) -> Result<CpuStorage> {
+        Isa::active()?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let (stats, offset) = bi.stats;
         let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
@@ -418,7 +427,7 @@ impl BwdScratch {
 
 /// One (q tile, k/v tile) step of the backward pass, shared by both schedules (FlashAttention
 /// Algorithm 4 lines 11–21, FlashAttention-2 Algorithm 2 lines 10–15). Expects `q`, `d_o`, `k`,
-/// `v`, `lse`, `delta` loaded; adds into `dq`, `dk`, `dv`.
+/// `v`, `lse`, `delta` loaded; adds into `dq`, `dk`, `dv`, one [`visible_parts`] part at a time.
 pub fn backward_tile(
     p: &AttnParams,
     mods: &ScoreMods,
@@ -427,72 +436,139 @@ pub fn backward_tile(
     (j0, cols): (usize, usize),
     sc: &mut BwdScratch,
 ) {
-    let d = p.head_dim;
-    let n = rows * cols;
-    let cap = mods.softcap.map(|_| &mut sc.cap_grad[..n]);
-    scores(
-        &sc.q,
-        &sc.k,
-        (rows, cols, d),
-        mods,
-        (i0, j0),
-        &mut sc.p[..n],
-        cap,
-    );
-    for r in 0..rows {
-        tile::probs_from_lse(&mut sc.p[r * cols..(r + 1) * cols], sc.lse[r]);
-    }
-    // Dropout: dV and dP see the kept, rescaled probabilities (the mask regenerated from the seed).
     let drop_mask = p.dropout_mask(seq, head);
-    if let Some(m) = &drop_mask {
+    for part in visible_parts(mods, TileAt { i0, j0, rows, cols }) {
+        backward_part(p, mods, drop_mask.as_ref(), part, sc);
+    }
+}
+
+/// [`backward_tile`] on one part: rows `r0..` and columns `c0..` of the loaded tiles.
+fn backward_part(
+    p: &AttnParams,
+    mods: &ScoreMods,
+    drop_mask: Option<&DropoutMask>,
+    Part { at, r0, c0 }: Part,
+    sc: &mut BwdScratch,
+) {
+    let d = p.head_dim;
+    let TileAt { i0, j0, rows, cols } = at;
+    let n = rows * cols;
+    let (q, d_o) = (&sc.q[r0 * d..], &sc.d_o[r0 * d..]);
+    let (k, v) = (&sc.k[c0 * d..], &sc.v[c0 * d..]);
+    qk_scores(q, k, at, d, mods.scale, &mut sc.p[..n]);
+    fused::run(ProbsTile {
+        s: &mut sc.p[..n],
+        at,
+        mods,
+        lse: &sc.lse[r0..r0 + rows],
+        cap_grad: mods.softcap.map(|_| &mut sc.cap_grad[..n]),
+    });
+    // Dropout: dV and dP see the kept, rescaled probabilities (the mask regenerated from the seed).
+    if let Some(m) = drop_mask {
         for r in 0..rows {
             m.row_factors(i0 + r, j0, &mut sc.drop_factors[r * cols..(r + 1) * cols]);
         }
         sc.p_drop[..n].copy_from_slice(&sc.p[..n]);
-        tile::mul_assign(&mut sc.p_drop[..n], &sc.drop_factors[..n]);
+        fused::run(fused::Mul::Elems(
+            &mut sc.p_drop[..n],
+            &sc.drop_factors[..n],
+        ));
     }
     let p_used = if drop_mask.is_some() {
         &sc.p_drop[..n]
     } else {
         &sc.p[..n]
     };
-    tile::gemm_atb((cols, d, rows), p_used, &sc.d_o, &mut sc.dv, true, 1.0);
-    tile::gemm_abt((rows, cols, d), &sc.d_o, &sc.v, &mut sc.dp[..n], false, 1.0);
-    if drop_mask.is_some() {
-        tile::mul_assign(&mut sc.dp[..n], &sc.drop_factors[..n]);
-    }
-    for r in 0..rows {
-        tile::softmax_grad_row(
-            &sc.p[r * cols..(r + 1) * cols],
-            &mut sc.dp[r * cols..(r + 1) * cols],
-            sc.delta[r],
-        );
-    }
-    if mods.softcap.is_some() {
-        tile::mul_assign(&mut sc.dp[..n], &sc.cap_grad[..n]);
-    }
-    tile::gemm_ab(
-        (rows, d, cols),
-        &sc.dp[..n],
-        &sc.k,
-        &mut sc.dq,
-        true,
-        p.scale,
-    );
-    tile::gemm_atb(
+    let one = Threads::One;
+    let (dv, dk) = (&mut sc.dv[c0 * d..], &mut sc.dk[c0 * d..]);
+    gemm(
         (cols, d, rows),
-        &sc.dp[..n],
-        &sc.q,
-        &mut sc.dk,
-        true,
-        p.scale,
+        Op::T(p_used),
+        Op::N(d_o),
+        dv,
+        (true, 1.0),
+        one,
     );
+    gemm(
+        (rows, cols, d),
+        Op::N(d_o),
+        Op::T(v),
+        &mut sc.dp[..n],
+        (false, 1.0),
+        one,
+    );
+    fused::run(DsTile {
+        p: &sc.p[..n],
+        dp: &mut sc.dp[..n],
+        rows,
+        cols,
+        delta: &sc.delta[r0..r0 + rows],
+        drop: drop_mask.map(|_| &sc.drop_factors[..n]),
+        cap_grad: mods.softcap.map(|_| &sc.cap_grad[..n]),
+    });
+    // dQ += scale·dS·K and dK += scale·dSᵀ·Q (Algorithm 2 lines 15–16).
+    let ds = &sc.dp[..n];
+    let dq = &mut sc.dq[r0 * d..];
+    gemm(
+        (rows, d, cols),
+        Op::N(ds),
+        Op::N(k),
+        dq,
+        (true, p.scale),
+        one,
+    );
+    gemm(
+        (cols, d, rows),
+        Op::T(ds),
+        Op::N(q),
+        dk,
+        (true, p.scale),
+        one,
+    );
+}
+
+/// Rows per part of a tile the mask cuts (the causal diagonal, window edges): each part's GEMMs
+/// cover only the columns some of its rows see, so a diagonal 128×128 tile costs
+/// (1 + 2 + 3 + 4)/16 = 62.5% of a full one. 32 rows keep the parts' GEMMs efficient (several
+/// micro-kernel row blocks each) while cutting the masked work of a diagonal tile from 50% to 19%.
+const STRIP: usize = 32;
+
+/// A part of a tile: where it sits (`at`, absolute) and its row and column offsets in the tile.
+#[derive(Clone, Copy)]
+pub struct Part {
+    pub at: TileAt,
+    pub r0: usize,
+    pub c0: usize,
+}
+
+/// The parts of tile `at` that hold visible scores: the whole tile when nothing in it is masked,
+/// else strips of [`STRIP`] rows narrowed to the keys their rows see (a strip that sees none is
+/// left out). Each row is in exactly one part, which holds every key of the tile the row sees.
+pub fn visible_parts(mods: &ScoreMods, at: TileAt) -> impl Iterator<Item = Part> + '_ {
+    let full = mods.tile_fully_visible(at.i0, at.i0 + at.rows, at.j0, at.j0 + at.cols);
+    let step = if full { at.rows } else { STRIP };
+    (0..at.rows).step_by(step.max(1)).filter_map(move |r0| {
+        let r1 = (r0 + step).min(at.rows);
+        let (lo, hi) = mods.key_range_rows(at.i0 + r0, at.i0 + r1);
+        let clip = |x: usize| x.clamp(at.j0, at.j0 + at.cols) - at.j0;
+        let (c0, c1) = (clip(lo), clip(hi));
+        (c0 < c1).then_some(Part {
+            at: TileAt {
+                i0: at.i0 + r0,
+                j0: at.j0 + c0,
+                rows: r1 - r0,
+                cols: c1 - c0,
+            },
+            r0,
+            c0,
+        })
+    })
 }
 
 /// `delta_i = rowsum(dO_i ∘ O_i)` for `rows` rows already loaded (FlashAttention-2 Algorithm 2
 /// line 4; FlashAttention Algorithm 4 line 19).
 pub fn row_deltas(d_o: &[f32], o: &[f32], rows: usize, d: usize, out: &mut [f32]) {
     for r in 0..rows {
-        out[r] = tile::dot(&d_o[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]);
+        out[r] = fused::run(fused::Dot(&d_o[r * d..(r + 1) * d], &o[r * d..(r + 1) * d]));
     }
 }

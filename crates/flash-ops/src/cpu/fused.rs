@@ -1,0 +1,283 @@
+//! The fused passes over a hot score tile, written once over [`Simd`] and run on the path
+//! [`Isa::current`] chose. After `S = scale·Q·Kᵀ` (one GEMM), a single pass per tile applies
+//! softcap, ALiBi and the mask, takes the running max, then exponentiates and sums each row while
+//! it is still in registers/L1 (a 128-column row is 512 B: 8 `zmm` or 16 `ymm` registers); no
+//! separate elementwise sweep over the tile is left. Backward recomputes `P` the same way and
+//! forms `dS = P ∘ (dP·drop − D) ∘ cap′` in one pass.
+
+use super::simd::vector::{exp, get, put, tanh};
+use super::simd::{Isa, Kernel, Simd};
+use crate::mask::ScoreMods;
+
+/// `for c in (0..cols).step_by(W)` with `n` the lanes of this step (`W` except at the tail).
+macro_rules! for_vecs {
+    ($v:ty, $cols:expr, |$c:ident, $n:ident| $body:block) => {{
+        let cols = $cols;
+        let mut $c = 0;
+        while $c < cols {
+            let $n = (cols - $c).min(<$v>::W);
+            $body
+            $c += <$v>::W;
+        }
+    }};
+}
+
+/// What the pass applies to one score row: visible keys `[lo, hi)` in tile columns, and the
+/// modifiers (softcap first, then ALiBi, as [`ScoreMods::modify`]).
+struct RowRule {
+    lo: usize,
+    hi: usize,
+    /// `i + diag − j0`: ALiBi's distance of column `c` is `|centre − c|` (exact in f32 below 2²⁴).
+    centre: f32,
+    cap: Option<f32>,
+    slope: Option<f32>,
+}
+
+impl RowRule {
+    fn new(mods: &ScoreMods, i: usize, j0: usize, cols: usize) -> Self {
+        let (lo, hi) = mods.key_range(i);
+        Self {
+            lo: lo.saturating_sub(j0).min(cols),
+            hi: hi.saturating_sub(j0).min(cols),
+            centre: (i as i64 + mods.diag - j0 as i64) as f32,
+            cap: mods.softcap,
+            slope: mods.alibi_slope,
+        }
+    }
+
+    /// Nothing to apply to a row of `cols` columns.
+    fn plain(&self, cols: usize) -> bool {
+        self.cap.is_none() && self.slope.is_none() && self.lo == 0 && self.hi >= cols
+    }
+
+    /// Lanes `c..c + W` modified (`-inf` where masked, including lanes past `hi`) and the
+    /// softcap's derivative `1 − tanh²` (0 where masked).
+    #[inline(always)]
+    unsafe fn apply<V: Simd>(&self, x: V, c: usize) -> (V, V) {
+        let (mut x, mut g) = (x, V::splat(1.0));
+        if let Some(cap) = self.cap {
+            let t = tanh(x.div(V::splat(cap)));
+            g = V::splat(1.0).sub(t.mul(t));
+            x = t.mul(V::splat(cap));
+        }
+        let j = V::splat(c as f32).add(V::iota());
+        if let Some(slope) = self.slope {
+            let dist = V::splat(self.centre).sub(j).abs();
+            x = x.sub(V::splat(slope).mul(dist));
+        }
+        if c < self.lo || c + V::W > self.hi {
+            let (lo, hi) = (V::splat(self.lo as f32), V::splat(self.hi as f32));
+            let ninf = V::splat(f32::NEG_INFINITY);
+            x = j.lt_select(lo, ninf, j.lt_select(hi, x, ninf));
+            g = j.lt_select(lo, V::splat(0.0), j.lt_select(hi, g, V::splat(0.0)));
+        }
+        (x, g)
+    }
+}
+
+/// Where a tile sits: rows from `i0`, columns from `j0`, `rows × cols`.
+#[derive(Clone, Copy)]
+pub struct TileAt {
+    pub i0: usize,
+    pub j0: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Forward (FlashAttention-2 Algorithm 1 lines 8–10): `s` holds `scale·Q·Kᵀ`; each row becomes
+/// `exp(s̃ − m_new)` of its modified, masked scores, `m`/`l` the running max and sum, and the
+/// accumulator row (`acc`, `d` wide) is rescaled by `exp(m − m_new)`. A row with nothing visible
+/// yet keeps `m = -inf` and becomes zeros.
+pub struct SoftmaxTile<'a> {
+    pub s: &'a mut [f32],
+    pub at: TileAt,
+    pub mods: &'a ScoreMods,
+    pub m: &'a mut [f32],
+    pub l: &'a mut [f32],
+    pub acc: Option<(&'a mut [f32], usize)>,
+}
+
+impl Kernel for SoftmaxTile<'_> {
+    type Out = ();
+    #[inline(always)]
+    unsafe fn run<V: Simd>(self) {
+        let SoftmaxTile {
+            s,
+            at,
+            mods,
+            m,
+            l,
+            mut acc,
+        } = self;
+        let TileAt { i0, j0, rows, cols } = at;
+        let ninf = f32::NEG_INFINITY;
+        for r in 0..rows {
+            let rule = RowRule::new(mods, i0 + r, j0, cols);
+            let row = &mut s[r * cols..(r + 1) * cols];
+            let mut vmax = V::splat(ninf);
+            if rule.plain(cols) {
+                for_vecs!(V, cols, |c, n| {
+                    vmax = vmax.max(get::<V>(row, c, n, ninf));
+                });
+            } else {
+                for_vecs!(V, cols, |c, n| {
+                    let (x, _) = rule.apply(get::<V>(row, c, n, ninf), c);
+                    vmax = vmax.max(x);
+                    put(row, c, n, x);
+                });
+            }
+            let m_old = m[r];
+            let m_new = m_old.max(vmax.hmax());
+            if m_new == ninf {
+                row.fill(0.0);
+                continue;
+            }
+            let (mv, mut vsum) = (V::splat(m_new), V::splat(0.0));
+            for_vecs!(V, cols, |c, n| {
+                let p = exp(get::<V>(row, c, n, ninf).sub(mv));
+                vsum = vsum.add(p);
+                put(row, c, n, p);
+            });
+            let corr = exp::<f32>(m_old - m_new);
+            m[r] = m_new;
+            l[r] = l[r] * corr + vsum.hsum();
+            if let Some((acc, d)) = acc.as_mut() {
+                if corr != 1.0 {
+                    scale_row::<V>(&mut acc[r * *d..(r + 1) * *d], corr);
+                }
+            }
+        }
+    }
+}
+
+/// Backward (FlashAttention-2 Algorithm 2 line 11): `s` holds `scale·Q·Kᵀ` and becomes
+/// `P = exp(s̃ − lse)`; `cap_grad` (given with a softcap) receives `1 − tanh²` (0 where masked).
+/// A row with `lse = -inf` saw no key: zeros.
+pub struct ProbsTile<'a> {
+    pub s: &'a mut [f32],
+    pub at: TileAt,
+    pub mods: &'a ScoreMods,
+    pub lse: &'a [f32],
+    pub cap_grad: Option<&'a mut [f32]>,
+}
+
+impl Kernel for ProbsTile<'_> {
+    type Out = ();
+    #[inline(always)]
+    unsafe fn run<V: Simd>(mut self) {
+        let TileAt { i0, j0, rows, cols } = self.at;
+        let ninf = f32::NEG_INFINITY;
+        for r in 0..rows {
+            let rule = RowRule::new(self.mods, i0 + r, j0, cols);
+            let row = &mut self.s[r * cols..(r + 1) * cols];
+            let mut grad = self
+                .cap_grad
+                .as_deref_mut()
+                .map(|g| &mut g[r * cols..(r + 1) * cols]);
+            let lse = self.lse[r];
+            if lse == ninf {
+                row.fill(0.0);
+                if let Some(g) = grad {
+                    g.fill(0.0);
+                }
+                continue;
+            }
+            let lv = V::splat(lse);
+            let plain = rule.plain(cols);
+            for_vecs!(V, cols, |c, n| {
+                let mut x = get::<V>(row, c, n, ninf);
+                if !plain {
+                    let (y, g) = rule.apply(x, c);
+                    x = y;
+                    if let Some(gr) = grad.as_deref_mut() {
+                        put(gr, c, n, g);
+                    }
+                }
+                put(row, c, n, exp(x.sub(lv)));
+            });
+        }
+    }
+}
+
+/// `dS = P ∘ (dP ∘ drop − D) ∘ cap′` into `dp` (Algorithm 2 line 14, with dropout's factors
+/// and the softcap's derivative when given).
+pub struct DsTile<'a> {
+    pub p: &'a [f32],
+    pub dp: &'a mut [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub delta: &'a [f32],
+    pub drop: Option<&'a [f32]>,
+    pub cap_grad: Option<&'a [f32]>,
+}
+
+impl Kernel for DsTile<'_> {
+    type Out = ();
+    #[inline(always)]
+    unsafe fn run<V: Simd>(self) {
+        let cols = self.cols;
+        for r in 0..self.rows {
+            let dv = V::splat(self.delta[r]);
+            let o = r * cols;
+            for_vecs!(V, cols, |c, n| {
+                let mut dp = get::<V>(self.dp, o + c, n, 0.0);
+                if let Some(f) = self.drop {
+                    dp = dp.mul(get::<V>(f, o + c, n, 0.0));
+                }
+                let mut ds = get::<V>(self.p, o + c, n, 0.0).mul(dp.sub(dv));
+                if let Some(g) = self.cap_grad {
+                    ds = ds.mul(get::<V>(g, o + c, n, 0.0));
+                }
+                put(self.dp, o + c, n, ds);
+            });
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn scale_row<V: Simd>(x: &mut [f32], s: f32) {
+    let sv = V::splat(s);
+    for_vecs!(V, x.len(), |c, n| {
+        put(x, c, n, get::<V>(x, c, n, 0.0).mul(sv));
+    });
+}
+
+/// `dst[i] *= by` (`by` a scalar or a slice of the same length).
+pub enum Mul<'a> {
+    Scalar(&'a mut [f32], f32),
+    Elems(&'a mut [f32], &'a [f32]),
+}
+
+impl Kernel for Mul<'_> {
+    type Out = ();
+    #[inline(always)]
+    unsafe fn run<V: Simd>(self) {
+        match self {
+            Mul::Scalar(x, s) => scale_row::<V>(x, s),
+            Mul::Elems(x, f) => for_vecs!(V, x.len(), |c, n| {
+                put(x, c, n, get::<V>(x, c, n, 0.0).mul(get::<V>(f, c, n, 0.0)));
+            }),
+        }
+    }
+}
+
+/// `Σ a[i]·b[i]`, in `W` lanes reduced in a fixed order.
+pub struct Dot<'a>(pub &'a [f32], pub &'a [f32]);
+
+impl Kernel for Dot<'_> {
+    type Out = f32;
+    #[inline(always)]
+    unsafe fn run<V: Simd>(self) -> f32 {
+        let mut acc = V::splat(0.0);
+        for_vecs!(V, self.0.len().min(self.1.len()), |c, n| {
+            acc = get::<V>(self.0, c, n, 0.0).mul_add(get::<V>(self.1, c, n, 0.0), acc);
+        });
+        acc.hsum()
+    }
+}
+
+/// Runs a kernel on the chosen path.
+#[inline]
+pub(crate) fn run<K: Kernel>(k: K) -> K::Out {
+    Isa::current().run(k)
+}
