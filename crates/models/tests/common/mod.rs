@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Result, Var};
 use candle_nn::{VarBuilder, VarMap};
+use flash_ops_models::{AttentionKind, Gpt2, Gpt2Config};
 use flash_test_support::Rng;
 
 /// A fresh `VarMap` and a `VarBuilder` creating parameters in it.
@@ -11,6 +12,14 @@ pub fn varmap(dtype: DType) -> (VarMap, VarBuilder<'static>) {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
     (vm, vb)
+}
+
+/// The tiny GPT-2 in f32 with [`randomize`]d parameters (the `VarMap` keeps them alive).
+pub fn tiny_gpt2(attn: AttentionKind, seed: u64) -> Result<(VarMap, Gpt2)> {
+    let (vm, vb) = varmap(DType::F32);
+    let m = Gpt2::new(&Gpt2Config::tiny(), vb, attn)?;
+    randomize(&vm, seed)?;
+    Ok((vm, m))
 }
 
 /// Sorted (name, var) pairs of a `VarMap`.
