@@ -36,6 +36,7 @@ mod cpu;
 mod cuda;
 pub mod dropout;
 pub mod mask;
+mod merge;
 #[cfg(all(feature = "metal", target_os = "macos"))]
 mod metal;
 mod op;
@@ -43,10 +44,13 @@ mod options;
 mod params;
 #[doc(hidden)]
 pub mod plan;
+mod prefix;
 pub mod reference;
 mod stats;
 
+pub use merge::merge_attention_states;
 pub use options::{Algorithm, AttnOptions, Dropout, Varlen};
+pub use prefix::{shared_prefix_attention, shared_prefix_attention_with_lse, PrefixLevel};
 
 use candle_core::{bail, DType, Result, Tensor};
 
