@@ -1,5 +1,5 @@
 //! Batched decoding with a shared prompt: the two decode attentions against dense f64 attention
-//! over the concatenated keys, the log-sum-exp merge on its own, and generation with either
+//! over the concatenated keys, and generation with either
 //! batched cache against generating each sample alone.
 
 mod common;
@@ -7,14 +7,14 @@ mod common;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::tiny_gpt2;
-use flash_ops::{flash_attn_with_lse, reference::naive_attention, AttnOptions};
-use flash_ops_models::gpt2::decode::{flash_decoding, merge_states, shared_prefix_decode};
+use flash_ops::{reference::naive_attention, AttnOptions};
+use flash_ops_models::gpt2::decode::{flash_decoding, shared_prefix_decode};
 use flash_ops_models::gpt2::sample_seed;
 use flash_ops_models::{
     generate, generate_batch, AttentionKind, BatchCache, BatchConfig, KvCache, Sampling,
     SharedPrefixCache,
 };
-use flash_test_support::{lse_err, rel_err, Rng};
+use flash_test_support::{rel_err, Rng};
 
 fn f32(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
@@ -80,52 +80,6 @@ fn flash_decoding_matches_dense_attention_for_every_split() -> Result<()> {
             assert_close(&format!("b{b} len{len} chunks {chunks}"), &got, &want)?;
         }
     }
-    Ok(())
-}
-
-#[test]
-fn merge_is_attention_over_the_union_and_ignores_empty_parts() -> Result<()> {
-    let mut rng = Rng::new(7);
-    let (b, sq, h, d) = (2, 5, 3, 16);
-    let q = f32(&rng.tensor(&[b, sq, h, d]))?;
-    let k = f32(&rng.tensor(&[b, 40, h, d]))?;
-    let v = f32(&rng.tensor(&[b, 40, h, d]))?;
-    let opts = AttnOptions::new();
-    let (want, want_lse) = flash_attn_with_lse(&q, &k, &v, &opts)?;
-    let mut outs = Vec::new();
-    let mut lses = Vec::new();
-    for (start, len) in [(0, 11), (11, 1), (12, 28)] {
-        let (o, l) = flash_attn_with_lse(
-            &q,
-            &k.narrow(1, start, len)?,
-            &v.narrow(1, start, len)?,
-            &opts,
-        )?;
-        outs.push(o);
-        lses.push(l);
-    }
-    // A part that saw no key: garbage values, lse −inf.
-    outs.push(f32(&rng.tensor(&[b, sq, h, d]))?);
-    lses.push(Tensor::full(f32::NEG_INFINITY, (b, h, sq), &Device::Cpu)?);
-    let (o, lse) = merge_states(&outs, &lses)?;
-    assert!(rel_err(&o, &want) < 1e-6, "{}", rel_err(&o, &want));
-    assert!(lse_err(&lse, &want_lse) < 1e-6);
-    // Nothing seen anywhere: zeros and −inf, no NaN.
-    let empty = Tensor::full(f32::NEG_INFINITY, (b, h, sq), &Device::Cpu)?;
-    let (o, lse) = merge_states(&outs[3..], std::slice::from_ref(&empty))?;
-    assert_eq!(
-        lse.flatten_all()?.to_vec1::<f32>()?,
-        vec![f32::NEG_INFINITY; b * h * sq]
-    );
-    assert!(o.flatten_all()?.to_vec1::<f32>()?.iter().all(|&x| x == 0.0));
-    let (o, lse) = merge_states(&[outs[3].clone(), outs[0].clone()], &[empty.clone(), empty])?;
-    assert!(o.flatten_all()?.to_vec1::<f32>()?.iter().all(|&x| x == 0.0));
-    assert!(lse
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .all(|&x| x == f32::NEG_INFINITY));
-    assert!(merge_states(&outs, &lses[..2]).is_err());
     Ok(())
 }
 

@@ -1,54 +1,23 @@
 //! Attention for batched decoding, two ways.
 //!
-//! * [`shared_prefix_decode`] (Hydragen, Juravsky et al. 2024): the prompt's K/V are stored once;
-//!   the queries of every sequence are folded into one query block against them (a matrix-matrix
-//!   product that reads the prefix once per step, instead of one matrix-vector product per
-//!   sequence), each sequence's own suffix is attended separately, and the two partial results are
-//!   merged exactly through their log-sum-exp.
+//! * [`shared_prefix_decode`] (Hydragen, Juravsky et al. 2024) through
+//!   [`flash_ops::shared_prefix_attention`]: the prompt's K/V are stored once; the queries of every
+//!   sequence are folded into one query block against them (a matrix-matrix product that reads the
+//!   prefix once per step, instead of one matrix-vector product per sequence), each sequence's own
+//!   suffix is attended separately, and the two partial results are merged exactly through their
+//!   log-sum-exp.
 //! * [`flash_decoding`] (Dao et al. 2023), the baseline: every sequence holds its own copy of the
-//!   prefix, and the key axis is split into chunks attended in parallel, merged the same way.
+//!   prefix, and the key axis is split into chunks attended in parallel, merged the same way
+//!   ([`flash_ops::merge_attention_states`]).
 //!
-//! Both use the V2 kernels (`flash_attn_with_lse`), so they run wherever flash-ops runs, in
-//! f32/f16/bf16; they are inference paths (the log-sum-exp they merge carries no gradient).
+//! Both are flash-ops' V2 kernels with log-sum-exp plus the merge, so they run wherever flash-ops
+//! runs, in f32/f16/bf16.
 
-use candle_core::{bail, DType, Result, Tensor};
-use flash_ops::{flash_attn_with_lse, AttnOptions};
+use candle_core::{bail, Result, Tensor};
+use flash_ops::{
+    flash_attn_with_lse, merge_attention_states, shared_prefix_attention, AttnOptions, PrefixLevel,
+};
 use rayon::prelude::*;
-
-/// The ⊕ of partial attention results: `outs[i]` `(b, sq, h, d)` over disjoint key sets with
-/// log-sum-exp `lses[i]` `(b, h, sq)` (f32, natural log). With m = max lseᵢ and wᵢ = exp(lseᵢ − m),
-/// out = Σ wᵢ·oᵢ / Σ wᵢ and lse = m + ln Σ wᵢ; a part with lse −inf contributes nothing and a row
-/// no part saw gives zeros and −inf. Accumulates in f32, returns `outs[0]`'s dtype.
-pub fn merge_states(outs: &[Tensor], lses: &[Tensor]) -> Result<(Tensor, Tensor)> {
-    if outs.is_empty() || outs.len() != lses.len() {
-        bail!(
-            "merge_states: need as many outs as lses (at least one), got {} and {}",
-            outs.len(),
-            lses.len()
-        )
-    }
-    let stacked = Tensor::stack(lses, 0)?;
-    let m = stacked.max_keepdim(0)?;
-    // Rows no part saw have m = −inf: shift by 0 there so that every wᵢ is exp(−inf) = 0.
-    let m = m.ge(f32::MIN)?.where_cond(&m, &m.zeros_like()?)?;
-    let w = stacked.broadcast_sub(&m)?.exp()?;
-    let total = w.sum(0)?;
-    let lse = (m.squeeze(0)? + total.log()?)?;
-    let denom = total.gt(0f32)?.where_cond(&total, &total.ones_like()?)?;
-    let w = w.broadcast_div(&denom)?;
-    let mut acc: Option<Tensor> = None;
-    for (i, o) in outs.iter().enumerate() {
-        // (b, h, sq) → (b, sq, h, 1): one weight per row and head, broadcast over d.
-        let wi = w.get(i)?.transpose(1, 2)?.unsqueeze(3)?;
-        let term = o.to_dtype(DType::F32)?.broadcast_mul(&wi)?;
-        acc = Some(match acc {
-            None => term,
-            Some(a) => (a + term)?,
-        });
-    }
-    let out = acc.expect("at least one part").to_dtype(outs[0].dtype())?;
-    Ok((out, lse))
-}
 
 /// Attention of queries `q (n, t, hq, d)` over a prefix shared by all `n` sequences
 /// (`prefix_k`, `prefix_v`: `(1, sp, hk, d)`) followed by each sequence's own suffix
@@ -60,24 +29,22 @@ pub fn shared_prefix_decode(
     prefix_v: &Tensor,
     suffix: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
-    let (n, t, hq, d) = q.dims4()?;
     if prefix_k.dim(0)? != 1 {
         bail!(
             "shared_prefix_decode: prefix_k must hold one sequence (1, sp, hk, d), got {:?}",
             prefix_k.dims()
         )
     }
-    // Every query sees all of the prefix: the n·t queries form one block (Hydragen §3).
-    let folded = q.reshape((1, n * t, hq, d))?;
-    let (o, lse) = flash_attn_with_lse(&folded, prefix_k, prefix_v, &AttnOptions::new())?;
-    let o = o.reshape((n, t, hq, d))?;
-    let Some((sk, sv)) = suffix else {
-        return Ok(o);
-    };
-    // lse (1, hq, n·t) → (n, hq, t), the layout of the suffix's lse.
-    let lse = lse.reshape((hq, n, t))?.transpose(0, 1)?;
-    let (os, lses) = flash_attn_with_lse(q, sk, sv, &AttnOptions::new().causal(true))?;
-    Ok(merge_states(&[o, os], &[lse, lses])?.0)
+    let level = PrefixLevel::shared(prefix_k, prefix_v, q.dim(0)?);
+    let opts = AttnOptions::new().causal(true);
+    match suffix {
+        Some((sk, sv)) => shared_prefix_attention(q, &[level], sk, sv, &opts),
+        None => {
+            let (_, _, hk, d) = prefix_k.dims4()?;
+            let empty = Tensor::zeros((q.dim(0)?, 0, hk, d), prefix_k.dtype(), prefix_k.device())?;
+            shared_prefix_attention(q, &[level], &empty, &empty, &opts)
+        }
+    }
 }
 
 /// Fewest keys per chunk: below this the merge costs more than the parallelism gains.
@@ -124,5 +91,5 @@ pub fn flash_decoding(q: &Tensor, k: &Tensor, v: &Tensor, chunks: usize) -> Resu
         return Ok(parts.into_iter().next().expect("one part").0);
     }
     let (outs, lses): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    Ok(merge_states(&outs, &lses)?.0)
+    Ok(merge_attention_states(&outs, &lses)?.0)
 }
