@@ -94,7 +94,8 @@ fn batched_caches_give_each_samples_own_logits() -> Result<()> {
     let mut prefill = KvCache::default();
     m.forward_with_cache(&prompt, &mut prefill)?;
     let mut shared = SharedPrefixCache::from_prefix(prefill.clone())?;
-    let mut dup = prefill.repeat(n)?.with_flash_decoding(true);
+    // Room for all but the last steps: in-place appends, then the fallback to concatenation.
+    let mut dup = prefill.repeat(n, steps - 2)?.with_flash_decoding(true);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for i in 0..steps {
         let ids = cont.narrow(1, i, 1)?;
@@ -115,12 +116,28 @@ fn batched_caches_give_each_samples_own_logits() -> Result<()> {
             &want,
         )?;
     }
-    // Dropping samples keeps the others' caches.
+    // Dropping samples keeps the others' caches (the duplicated one inside its reserved room).
+    let mut dup = prefill.repeat(n, steps + 2)?.with_flash_decoding(true);
+    for i in 0..steps {
+        m.forward_with_cache(&cont.narrow(1, i, 1)?, &mut dup)?;
+    }
     shared.retain(&[2, 0])?;
+    dup.retain(&[2, 0])?;
     assert_eq!(shared.batch(), Some(2));
-    let next =
-        m.forward_with_shared_cache(&Tensor::new(&[[1u32], [2]], &Device::Cpu)?, &mut shared)?;
+    let ids = Tensor::new(&[[1u32], [2]], &Device::Cpu)?;
+    let next = m.forward_with_shared_cache(&ids, &mut shared)?;
     assert_eq!(next.dims(), &[2, 1, vocab]);
+    assert_close(
+        "after retain",
+        &m.forward_with_cache(&ids, &mut dup)?,
+        &next,
+    )?;
+    let last = m.prefill(&prompt, &mut KvCache::default())?;
+    assert_close(
+        "prefill",
+        &last,
+        &full.narrow(1, sp - 1, 1)?.narrow(0, 0, 1)?,
+    )?;
     assert!(m
         .forward_with_shared_cache(&Tensor::new(&[[1u32]], &Device::Cpu)?, &mut shared)
         .is_err());

@@ -220,11 +220,13 @@ pub fn generate_batch(model: &Gpt2, prompt: &[u32], cfg: &BatchConfig) -> Result
     }
     let mut cache = KvCache::default();
     let ids = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-    let logits = model.forward_with_cache(&ids, &mut cache)?;
+    let logits = model.prefill(&ids, &mut cache)?;
     let mut rows = vec![last_logits(&logits)?.remove(0)];
     let mut decoder = match cfg.cache {
         BatchCache::SharedPrefix => Decoder::Shared(SharedPrefixCache::from_prefix(cache)?),
-        BatchCache::Duplicated => Decoder::Duplicated(cache.repeat(n)?.with_flash_decoding(true)),
+        BatchCache::Duplicated => {
+            Decoder::Duplicated(cache.repeat(n, steps)?.with_flash_decoding(true))
+        }
     };
     let mut active: Vec<usize> = (0..n).collect();
     let mut prefill = None;

@@ -18,6 +18,8 @@ use crate::loss::{linear_cross_entropy, CeOptions};
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Buffers `(b, capacity, h, d)` that `layers` are leading views of, written in place.
+    reserved: Vec<Option<(Tensor, Tensor)>>,
     split_kv: bool,
 }
 
@@ -35,7 +37,8 @@ impl KvCache {
     }
 
     pub fn clear(&mut self) {
-        self.layers.clear()
+        self.layers.clear();
+        self.reserved.clear()
     }
 
     /// Single-token steps attend with flash decoding (the key axis split into chunks on parallel
@@ -45,33 +48,60 @@ impl KvCache {
         self
     }
 
-    /// `n` physical copies of a batch-1 cache: per-sequence caches each holding the prompt, the
-    /// layout batched decoding without prefix sharing uses.
-    pub fn repeat(&self, n: usize) -> Result<KvCache> {
+    /// `n` physical copies of a batch-1 cache with room for `extra` more positions: per-sequence
+    /// caches each holding the prompt, the layout batched decoding without prefix sharing uses.
+    /// Appends within the room write in place (no copy of the cache per step, as a serving
+    /// engine's preallocated cache); past it they fall back to concatenation. Clones share the
+    /// room: append to one of them only.
+    pub fn repeat(&self, n: usize, extra: usize) -> Result<KvCache> {
         let mut layers = Vec::with_capacity(self.layers.len());
+        let mut reserved = Vec::with_capacity(self.layers.len());
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            if t.dim(0)? != 1 {
+                bail!(
+                    "KvCache::repeat: the cache must hold one sequence, got {}",
+                    t.dim(0)?
+                )
+            }
+            let (_, _, h, d) = t.dims4()?;
+            let room = Tensor::zeros((n, extra, h, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&t.repeat((n, 1, 1, 1))?, &room], 1)
+        };
         for l in &self.layers {
-            layers.push(match l {
+            match l {
                 Some((k, v)) => {
-                    if k.dim(0)? != 1 {
-                        bail!(
-                            "KvCache::repeat: the cache must hold one sequence, got {}",
-                            k.dim(0)?
-                        )
-                    }
-                    Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))
+                    let (bk, bv) = (grow(k)?, grow(v)?);
+                    let len = k.dim(1)?;
+                    layers.push(Some((bk.narrow(1, 0, len)?, bv.narrow(1, 0, len)?)));
+                    reserved.push(Some((bk, bv)));
                 }
-                None => None,
-            });
+                None => {
+                    layers.push(None);
+                    reserved.push(None);
+                }
+            }
         }
         Ok(KvCache {
             layers,
+            reserved,
             split_kv: self.split_kv,
         })
     }
 
     /// Keeps the sequences at `rows` (in that order).
     pub fn retain(&mut self, rows: &[usize]) -> Result<()> {
-        retain_rows(&mut self.layers, rows)
+        let len = self.len();
+        if self.reserved.iter().any(Option::is_some) {
+            retain_rows(&mut self.reserved, rows)?;
+            for (l, r) in self.layers.iter_mut().zip(&self.reserved) {
+                if let Some((bk, bv)) = r {
+                    *l = Some((bk.narrow(1, 0, len)?, bv.narrow(1, 0, len)?));
+                }
+            }
+            Ok(())
+        } else {
+            retain_rows(&mut self.layers, rows)
+        }
     }
 
     pub(crate) fn into_layers(self) -> Vec<Option<(Tensor, Tensor)>> {
@@ -97,10 +127,16 @@ impl CacheMut<'_> {
         match self {
             CacheMut::Dense(c) => {
                 c.layers.resize(n, None);
+                c.reserved.resize(n, None);
                 let split_kv = c.split_kv;
                 c.layers
                     .iter_mut()
-                    .map(|kv| LayerCache::Dense { kv, split_kv })
+                    .zip(c.reserved.iter_mut())
+                    .map(|(kv, reserved)| LayerCache::Dense {
+                        kv,
+                        reserved,
+                        split_kv,
+                    })
                     .collect()
             }
             CacheMut::Shared(c) => c.layers().collect(),
@@ -301,6 +337,14 @@ impl Gpt2 {
     pub fn forward_with_cache(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.hidden(input_ids, &DropoutCtx::eval(), Some(CacheMut::Dense(cache)))?;
         self.lm_head(&h)
+    }
+
+    /// As [`forward_with_cache`](Self::forward_with_cache), returning the logits of the last
+    /// position only, `(b, 1, vocab)`: a long prompt's `(t × vocab)` logits are never formed.
+    pub fn prefill(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden(input_ids, &DropoutCtx::eval(), Some(CacheMut::Dense(cache)))?;
+        let t = h.dim(1)?;
+        self.lm_head(&h.narrow(1, t - 1, 1)?)
     }
 
     /// As [`forward_with_cache`](Self::forward_with_cache) for `n` samples of one prompt:

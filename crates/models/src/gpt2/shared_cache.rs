@@ -99,9 +99,11 @@ pub(crate) fn retain_rows(layers: &mut [Option<(Tensor, Tensor)>], rows: &[usize
 
 /// One layer's view of the cache a forward pass reads and extends.
 pub(crate) enum LayerCache<'a> {
-    /// Per-sequence K/V `(b, len, h, d)`; `split_kv`: single-token steps use flash decoding.
+    /// Per-sequence K/V `(b, len, h, d)`, views into `reserved` when it has room; `split_kv`:
+    /// single-token steps use flash decoding.
     Dense {
         kv: &'a mut Option<(Tensor, Tensor)>,
+        reserved: &'a mut Option<(Tensor, Tensor)>,
         split_kv: bool,
     },
     /// The shared prompt `(1, sp, h, d)` and each sample's suffix `(n, s, h, d)`.
@@ -120,6 +122,31 @@ fn append(slot: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> Result<(
     Ok(kv)
 }
 
+/// [`append`] into the reserved buffers while they have room: the new positions are written in
+/// place and the cache becomes a longer view; past the room (or without one) concatenation.
+fn append_reserved(
+    slot: &mut Option<(Tensor, Tensor)>,
+    reserved: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let len = slot.as_ref().map_or(Ok(0), |(k, _)| k.dim(1))?;
+    let t = k.dim(1)?;
+    match reserved.as_ref() {
+        Some((bk, bv)) if len + t <= bk.dim(1)? && bk.dim(0)? == k.dim(0)? => {
+            bk.slice_set(&k.contiguous()?, 1, len)?;
+            bv.slice_set(&v.contiguous()?, 1, len)?;
+            let kv = (bk.narrow(1, 0, len + t)?, bv.narrow(1, 0, len + t)?);
+            *slot = Some(kv.clone());
+            Ok(kv)
+        }
+        _ => {
+            *reserved = None;
+            append(slot, k, v)
+        }
+    }
+}
+
 impl LayerCache<'_> {
     /// Appends this step's `k`, `v` `(b, t, h, d)` and attends `q` to everything cached, causal
     /// with the diagonal bottom-right (cached keys all visible).
@@ -132,8 +159,12 @@ impl LayerCache<'_> {
         opts: AttnOptions,
     ) -> Result<Tensor> {
         match self {
-            LayerCache::Dense { kv, split_kv } => {
-                let (k, v) = append(kv, k, v)?;
+            LayerCache::Dense {
+                kv,
+                reserved,
+                split_kv,
+            } => {
+                let (k, v) = append_reserved(kv, reserved, k, v)?;
                 if split_kv && q.dim(1)? == 1 {
                     let (b, _, hq, _) = q.dims4()?;
                     flash_decoding(q, &k, &v, kv_chunks(b, hq, k.dim(1)?))
