@@ -35,7 +35,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         }
         None => {
             eprintln!("no train binary next to repro: skipping the end-to-end table");
-            cmd.args(["--only", "attention,fa2"]);
+            cmd.args(["--only", "attention,fa2,prefix"]);
         }
     }
     let out = cmd.output().expect("run repro");
@@ -62,11 +62,26 @@ fn quick_mode_writes_json_markdown_and_plots() {
         .any(|r| r["variant"] == "naive" && r["fwd_bwd_mem_bytes"].is_u64()));
     assert!(!json["fa2"]["rows"].as_array().unwrap().is_empty());
 
+    // Shared-prefix decoding: both sides measured somewhere, the baseline over budget elsewhere.
+    let micro = json["prefix"]["micro"].as_array().unwrap();
+    assert!(micro
+        .iter()
+        .any(|r| r["ours_ms"].is_f64() && r["baseline_ms"].is_f64()));
+    assert!(micro.iter().any(|r| r["skipped"].is_string()));
+    let e2e = json["prefix"]["e2e"].as_array().unwrap();
+    assert!(e2e
+        .iter()
+        .any(|r| r["cache"] == "duplicated" && r["tokens_per_s"].is_f64()));
+    assert!(e2e
+        .iter()
+        .any(|r| r["cache"] == "shared" && r["tokens_per_s"].is_f64()));
+
     let md = std::fs::read_to_string(dir.join("tables.md")).unwrap();
     for needle in [
         "## Table 1",
         "## Memory footprint",
         "## Table 2",
+        "## Shared-prefix decoding",
         "Quick mode",
         "paper",
     ] {
@@ -80,6 +95,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         "fa2_fwd_bwd.png",
         "fa2_fwd.png",
         "fa2_bwd.png",
+        "prefix.png",
     ];
     if train.is_some() {
         assert!(md.contains("## Table 3"));
