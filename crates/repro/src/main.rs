@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Measure every table, write results.json, then render tables.md and the PNGs.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Re-render tables.md and the PNGs of a results folder from its results.json.
     Render { dir: PathBuf },
     /// Print what a mode would measure, without measuring.
@@ -90,11 +90,20 @@ struct RunArgs {
     /// Override the timed repeats per cell.
     #[arg(long)]
     reps: Option<usize>,
+    /// Shared-prefix section: override the batch sizes (microbenchmark and end to end).
+    #[arg(long, value_delimiter = ',')]
+    prefix_batches: Vec<usize>,
+    /// Shared-prefix section: override the prefix lengths of the microbenchmark.
+    #[arg(long, value_delimiter = ',')]
+    prefix_lengths: Vec<usize>,
+    /// Shared-prefix section: override the prompt lengths of the end-to-end table.
+    #[arg(long, value_delimiter = ',')]
+    prefix_prompts: Vec<usize>,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Run(a) => run(a),
+        Cmd::Run(a) => run(*a),
         Cmd::Render { dir } => {
             let r = results::read(&dir)?;
             render_dir(&r, &dir)
@@ -284,7 +293,22 @@ fn run(a: RunArgs) -> Result<()> {
     }
     if wants("prefix") {
         // CPU, f32 in every mode: the section's protocol is scaled to the CPU.
-        let p = prefix::PrefixPlan::new(mode);
+        let mut p = prefix::PrefixPlan::new(mode);
+        if let Some(r) = a.reps {
+            p.reps = r.max(1);
+        }
+        for (given, slot) in [
+            (&a.prefix_batches, &mut p.batches),
+            (&a.prefix_lengths, &mut p.prefixes),
+            (&a.prefix_prompts, &mut p.e2e_prompts),
+        ] {
+            if !given.is_empty() {
+                *slot = given.clone();
+            }
+        }
+        if !a.prefix_batches.is_empty() {
+            p.e2e_batches = a.prefix_batches.clone();
+        }
         section(
             &mut r,
             &dir,
