@@ -122,12 +122,13 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
 }
 
 /// The backward pass as the CUDA backend runs it; `d_out` contiguous `(total_q, hq, d)` in the
-/// inputs' dtype.
+/// inputs' dtype; `dlse`, the log-sum-exp's gradient (f32, lse layout), when it has one.
 pub fn backward(
     p: &AttnParams,
     inp: &mut Inputs,
     fwd: &mut Forward,
     d_out: &mut Buf,
+    dlse: Option<&[f32]>,
 ) -> Result<Grads> {
     let dt = inp.dt;
     let (mut fp, _si, _alibi) = inp.params(p);
@@ -148,6 +149,10 @@ pub fn backward(
         }
     }
     fp.delta = delta.addr();
+    let mut dlse = dlse.map(Buf::from_f32);
+    if let Some(g) = &mut dlse {
+        fp.dlse = g.addr();
+    }
     if !plan::separate_dq(p) {
         fp.dq_accum = dq_accum.addr();
     }

@@ -56,6 +56,7 @@ pub struct Inputs {
     pub k: Buf,
     pub v: Buf,
     params: Buf,
+    mp: MetalParams,
     seq_info: Buf,
     alibi: Buf,
 }
@@ -67,13 +68,6 @@ impl Inputs {
         let (k, kl) = host_input(k)?;
         let (v, vl) = host_input(v)?;
         let mp: MetalParams = plan::params(p, &ql, &kl, &vl);
-        // SAFETY: MetalParams is #[repr(C)] plain data.
-        let mp_bytes = unsafe {
-            std::slice::from_raw_parts(
-                &mp as *const MetalParams as *const u8,
-                std::mem::size_of::<MetalParams>(),
-            )
-        };
         let si: Vec<u8> = plan::seq_info(p, &ql, &kl, &vl)
             .iter()
             .flat_map(|x| x.to_le_bytes())
@@ -83,12 +77,23 @@ impl Inputs {
             q,
             k,
             v,
-            params: Buf::from_bytes(mp_bytes),
+            params: params_buf(&mp),
+            mp,
             seq_info: Buf::from_bytes(&si),
             // Unused without ALiBi, but bound like every buffer.
             alibi: Buf::from_f32(p.alibi.as_deref().unwrap_or(&[0.0])),
         })
     }
+}
+
+fn params_buf(mp: &MetalParams) -> Buf {
+    // SAFETY: MetalParams is #[repr(C)] plain data.
+    Buf::from_bytes(unsafe {
+        std::slice::from_raw_parts(
+            mp as *const MetalParams as *const u8,
+            std::mem::size_of::<MetalParams>(),
+        )
+    })
 }
 
 /// The forward pass as the Metal backend dispatches it.
@@ -111,16 +116,23 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
 }
 
 /// The backward pass as the Metal backend dispatches it; `d_out` contiguous `(total_q, hq, d)`
-/// in the inputs' dtype.
+/// in the inputs' dtype; `dlse`, the log-sum-exp's gradient (f32, lse layout), when it has one.
 pub fn backward(
     p: &AttnParams,
     inp: &mut Inputs,
     fwd: &mut Forward,
     d_out: &mut Buf,
+    dlse: Option<&[f32]>,
 ) -> Result<Grads> {
     let dt = inp.dt;
     let n = p.lse_len();
     let mut stats = Buf::from_f32(&fwd.stats);
+    let mut pre_params = params_buf(&MetalParams {
+        has_dlse: dlse.is_some() as i32,
+        ..inp.mp
+    });
+    // Unread without a gradient, but bound like every buffer.
+    let mut dlse = Buf::from_f32(dlse.unwrap_or(&[0.0]));
     let (mut lse, mut delta) = (Buf::zeros(4 * n), Buf::zeros(4 * n));
     let mut grads = Grads::buffers(p, dt);
     let [dq, dk, dv] = &mut grads;
@@ -128,13 +140,14 @@ pub fn backward(
     launch(
         &pre,
         &[
-            inp.params.ptr(),
+            pre_params.ptr(),
             inp.seq_info.ptr(),
             fwd.out_buf.ptr(),
             d_out.ptr(),
             stats.ptr(),
             lse.ptr(),
             delta.ptr(),
+            dlse.ptr(),
         ],
     )?;
     let common = [

@@ -65,38 +65,56 @@ fn unit_last_stride(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn run(q: &Tensor, k: &Tensor, v: &Tensor, params: AttnParams) -> Result<(Tensor, Tensor)> {
+/// Runs the op; with `lse_grad` the log-sum-exp gets a gradient (the packed output of `op`).
+fn run(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mut params: AttnParams,
+    lse_grad: bool,
+) -> Result<(Tensor, Tensor)> {
     if !matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
         bail!(
             "flash_attn: `q` dtype must be f32, f16 or bf16, got {:?} (the f64 oracle is reference::naive_attention)",
             q.dtype()
         )
     }
+    params.lse_grad = lse_grad;
     let op = FlashAttnFwd::new(params);
     let (params, stats) = (op.params.clone(), op.stats.clone());
     let out = unit_last_stride(q)?.apply_op3(&unit_last_stride(k)?, &unit_last_stride(v)?, op)?;
     let Some(stats) = stats.get() else {
         bail!("flash_attn: the backend did not save its statistics")
     };
-    Ok((out, stats::lse_tensor(&params, stats)?))
+    let lse = stats::lse_tensor(&params, stats)?;
+    if !lse_grad {
+        return Ok((out, lse));
+    }
+    // `out ‖ slot`: the slot is zeros whose gradient is dlse (see `op`).
+    let (nq, n) = (params.q_elems(), params.lse_len());
+    let slot = out.narrow(0, nq, n)?.to_dtype(DType::F32)?;
+    let lse = (lse + slot.reshape(params.lse_dims())?)?;
+    Ok((out.narrow(0, 0, nq)?.reshape(params.out_dims())?, lse))
 }
 
 /// FlashAttention over dense inputs: q `(b, sq, hq, d)`, k and v `(b, sk, hk, d)` with
 /// `hq % hk == 0`. Returns `(b, sq, hq, d)` in the inputs' dtype; differentiable.
 pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<Tensor> {
-    Ok(flash_attn_with_lse(q, k, v, opts)?.0)
+    Ok(run(q, k, v, AttnParams::dense(q, k, v, opts)?, false)?.0)
 }
 
 /// As [`flash_attn`], also returning the log-sum-exp `(b, hq, sq)` (f32, natural log, of the
 /// scaled and modified scores; `-inf` for rows that see no key), for ring/blockwise attention.
-/// The log-sum-exp is not differentiable.
+/// Both are differentiable: a loss of the output and the log-sum-exp gets dq, dk, dv from one
+/// backward pass (the lse's gradient enters as `D − dlse`, see the `op` module), so attention
+/// merged by [`merge_attention_states`] trains.
 pub fn flash_attn_with_lse(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     opts: &AttnOptions,
 ) -> Result<(Tensor, Tensor)> {
-    run(q, k, v, AttnParams::dense(q, k, v, opts)?)
+    run(q, k, v, AttnParams::dense(q, k, v, opts)?, true)
 }
 
 /// FlashAttention over a variable-length batch packed into one token axis: q `(total_q, hq, d)`,
@@ -126,10 +144,11 @@ pub fn flash_attn_varlen(
     varlen: &Varlen,
     opts: &AttnOptions,
 ) -> Result<Tensor> {
-    Ok(flash_attn_varlen_with_lse(q, k, v, varlen, opts)?.0)
+    Ok(run(q, k, v, AttnParams::varlen(q, k, v, varlen, opts)?, false)?.0)
 }
 
-/// As [`flash_attn_varlen`], also returning the log-sum-exp `(hq, total_q)`.
+/// As [`flash_attn_varlen`], also returning the log-sum-exp `(hq, total_q)`; both are
+/// differentiable, as in [`flash_attn_with_lse`].
 pub fn flash_attn_varlen_with_lse(
     q: &Tensor,
     k: &Tensor,
@@ -137,5 +156,5 @@ pub fn flash_attn_varlen_with_lse(
     varlen: &Varlen,
     opts: &AttnOptions,
 ) -> Result<(Tensor, Tensor)> {
-    run(q, k, v, AttnParams::varlen(q, k, v, varlen, opts)?)
+    run(q, k, v, AttnParams::varlen(q, k, v, varlen, opts)?, true)
 }

@@ -107,6 +107,9 @@ pub struct AttnParams {
     pub dropout: Option<Dropout>,
     pub algorithm: Algorithm,
     pub deterministic: bool,
+    /// The log-sum-exp is returned with a gradient: the op's output carries `lse_len` more
+    /// elements after the attention output, through which backward receives `dlse` (see `op`).
+    pub lse_grad: bool,
 }
 
 /// The error for an input on another device than `q` (a function so it can be tested on a
@@ -345,6 +348,7 @@ impl AttnParams {
             dropout,
             algorithm: opts.algorithm,
             deterministic: opts.deterministic,
+            lse_grad: false,
         })
     }
 
@@ -411,6 +415,12 @@ impl AttnParams {
     /// Elements of q, the output and dq (contiguous `(total_q, hq, d)`).
     pub fn q_elems(&self) -> usize {
         self.total_q * self.heads_q * self.head_dim
+    }
+
+    /// Elements of the op's output buffer: the attention output, then (with `lse_grad`) the
+    /// zeroed slot whose gradient is `dlse`.
+    pub fn out_len(&self) -> usize {
+        self.q_elems() + if self.lse_grad { self.lse_len() } else { 0 }
     }
 
     /// Elements of k, v, dk and dv (contiguous `(total_k, hk, d)`).

@@ -115,6 +115,8 @@ pub fn shared_prefix_attention_with_lse(
 
 /// One level: the sequences of each group stacked into one query block (ordered by group, a
 /// gather of q only when they are not already) against the group's K/V, as one varlen call.
+/// The K/V are reshaped to `(n_groups·len, hk, d)`: a view when they are contiguous (a KV cache
+/// narrowed along `len` is copied once here).
 fn attend_level(q: &Tensor, level: &PrefixLevel, opts: &AttnOptions) -> Result<(Tensor, Tensor)> {
     let (b, sq, hq, d) = q.dims4()?;
     let (n_groups, len, hk, _) = level.k.dims4()?;

@@ -127,3 +127,86 @@ fn check_binary_rejects_bad_arguments() {
     assert!(!ok && err.contains("nonexistent"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Runs the binary from `inp` to `out` with `extra` flags.
+fn check(inp: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["--input", inp.to_str().unwrap()])
+        .args(["--output", out.to_str().unwrap()])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// With `prefix_k`/`prefix_v` (1, sp, hk, d): shared-prefix attention, equal to dense attention
+/// over `[prefix; k]` per sequence, the prefix gradients summed over the batch.
+#[test]
+fn check_binary_shared_prefix() {
+    let dir = std::env::temp_dir().join(format!("flash-ops-check-prefix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng::new(43);
+    let (b, sq, sp, ss) = (3, 5, 41, 7);
+    let q = rng.tensor(&[b, sq, 4, 32]);
+    let pk = rng.tensor(&[1, sp, 2, 32]);
+    let pv = rng.tensor(&[1, sp, 2, 32]);
+    let k = rng.tensor(&[b, ss, 2, 32]);
+    let v = rng.tensor(&[b, ss, 2, 32]);
+    let d_out = rng.tensor(&[b, sq, 4, 32]);
+    let tensors = [
+        ("q", &q),
+        ("k", &k),
+        ("v", &v),
+        ("do", &d_out),
+        ("prefix_k", &pk),
+        ("prefix_v", &pv),
+    ];
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_dtype(DType::F32).unwrap()))
+        .collect();
+    let (inp, out) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+    candle_core::safetensors::save(&map, &inp).unwrap();
+    let o = check(&inp, &out, &["--causal", "--softcap", "6"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+
+    let cat = |p: &Tensor, s: &Tensor| {
+        Tensor::cat(&[&p.broadcast_as((b, sp, 2, 32)).unwrap(), s], 1).unwrap()
+    };
+    let (kc, vc) = (cat(&pk, &k), cat(&pv, &v));
+    let want = oracle(
+        &q,
+        &kc,
+        &vc,
+        &d_out,
+        &AttnOptions::new().causal(true).softcap(6.0),
+    );
+    let prefix_grad = |g: &Tensor| g.narrow(1, 0, sp).unwrap().sum_keepdim(0).unwrap();
+    let suffix_grad = |g: &Tensor| g.narrow(1, sp, ss).unwrap();
+    let pairs = [
+        ("o", want.out.clone()),
+        ("dq", want.dq.clone()),
+        ("dk", suffix_grad(&want.dk)),
+        ("dv", suffix_grad(&want.dv)),
+        ("dprefix_k", prefix_grad(&want.dk)),
+        ("dprefix_v", prefix_grad(&want.dv)),
+    ];
+    for (name, w) in pairs {
+        assert_eq!(got[name].dims(), w.dims(), "{name}");
+        let e = rel_err(&got[name], &w);
+        assert!(e < 1e-5, "{name}: relative error {e}");
+    }
+    assert!(lse_err(&got["lse"], &want.lse) < 1e-5);
+
+    // Half a prefix is an error naming both tensors.
+    let mut half = map.clone();
+    half.remove("prefix_v");
+    candle_core::safetensors::save(&half, &inp).unwrap();
+    let o = check(&inp, &out, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("`prefix_k` and `prefix_v`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -4,12 +4,12 @@
 //! kernel dtype first, so the errors measure the kernels alone. The including test file names the
 //! emulator module `emu` (both dialects expose the same API) and defines the tolerances `tol(dtype)`.
 
-use candle_core::{DType, Result};
+use candle_core::{DType, Result, Tensor, Var};
 use flash_ops::plan::lse_host;
 use flash_ops::{reference, AttnOptions, Varlen};
 use flash_test_support::{
     cu_seqlens, lse_err_slices, option_cases, oracle, oracle_varlen, rel_err_slices, to_f64_vec,
-    Rng,
+    Rng, Run,
 };
 
 use super::emu::{backward, forward, host_input, AttnParams, Inputs};
@@ -29,6 +29,8 @@ pub struct Case {
     pub varlen: Option<Vec<(usize, usize)>>,
     /// Dense q as a transposed (b, hq, sq, d) tensor: non-contiguous, unit last stride.
     pub strided_q: bool,
+    /// The loss also takes `Σ lse·d_lse` (random `d_lse`): backward gets the lse's gradient.
+    pub lse_grad: bool,
 }
 
 pub fn case(
@@ -47,7 +49,42 @@ pub fn case(
         opts: AttnOptions::new(),
         varlen: None,
         strided_q: false,
+        lse_grad: false,
     }
+}
+
+/// [`oracle`] / [`oracle_varlen`] for the loss `Σ out·d_out + Σ lse·d_lse`: the f64 reference
+/// with gradients by autograd, and `d_lse` (zero on rows that see no key, whose lse is -inf).
+fn oracle_with_lse(
+    qkv: [&Tensor; 3],
+    d_out: &Tensor,
+    rng: &mut Rng,
+    f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+) -> Result<(Run, Vec<f32>)> {
+    let vars = qkv.map(|t| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap());
+    let (out, lse) = f(
+        vars[0].as_tensor(),
+        vars[1].as_tensor(),
+        vars[2].as_tensor(),
+    )?;
+    let lse64 = lse.to_dtype(DType::F64)?;
+    let seen = lse64.ne(f64::NEG_INFINITY)?;
+    let d_lse = seen.where_cond(&rng.tensor(lse.dims()), &lse64.zeros_like()?)?;
+    let loss =
+        ((&out * d_out.to_dtype(DType::F64)?)?.sum_all()? + (&lse64 * &d_lse)?.sum_all()?)?;
+    let g = loss.backward()?;
+    let [dq, dk, dv] = vars.map(|v| g.get(&v).expect("a gradient").clone());
+    let d_lse: Vec<f32> = d_lse.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok((
+        Run {
+            out,
+            lse,
+            dq,
+            dk,
+            dv,
+        },
+        d_lse,
+    ))
 }
 
 /// Errors of (out, lse, dq, dk, dv) against the f64 oracle.
@@ -87,7 +124,16 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
     let d_out = d_out.to_dtype(c.dtype)?;
 
     // The oracle (f64, gradients by autograd) and the resolved problem the kernels get.
+    let mut d_lse = None;
     let (want, p) = match &c.varlen {
+        None if c.lse_grad => {
+            let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                reference::naive_attention_with_lse(q, k, v, &c.opts)
+            };
+            let (want, g) = oracle_with_lse([&q, &k, &v], &d_out, &mut rng, f)?;
+            d_lse = Some(g);
+            (want, AttnParams::dense(&q, &k, &v, &c.opts)?)
+        }
         None => (
             oracle(&q, &k, &v, &d_out, &c.opts),
             AttnParams::dense(&q, &k, &v, &c.opts)?,
@@ -99,10 +145,17 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
             let mq = lens_q.iter().copied().max().unwrap_or(0);
             let mk = lens_k.iter().copied().max().unwrap_or(0);
             let batch = Varlen::new(&cq, &ck, mq, mk);
-            (
-                oracle_varlen(&q, &k, &v, &d_out, &batch, &c.opts),
-                AttnParams::varlen(&q, &k, &v, &batch, &c.opts)?,
-            )
+            let want = if c.lse_grad {
+                let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                    reference::naive_attention_varlen(q, k, v, &batch, &c.opts)
+                };
+                let (want, g) = oracle_with_lse([&q, &k, &v], &d_out, &mut rng, f)?;
+                d_lse = Some(g);
+                want
+            } else {
+                oracle_varlen(&q, &k, &v, &d_out, &batch, &c.opts)
+            };
+            (want, AttnParams::varlen(&q, &k, &v, &batch, &c.opts)?)
         }
     };
 
@@ -110,7 +163,7 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
     let mut inp = Inputs::new(&p, &q, &k, &v)?;
     let mut fwd = forward(&p, &mut inp)?;
     let mut d_out_buf = host_input(&d_out.contiguous()?)?.0;
-    let gr = backward(&p, &mut inp, &mut fwd, &mut d_out_buf)?;
+    let gr = backward(&p, &mut inp, &mut fwd, &mut d_out_buf, d_lse.as_deref())?;
     let lse: Vec<f64> = lse_host(&p, &fwd.stats).iter().map(|&x| x as f64).collect();
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     Ok([
@@ -203,6 +256,36 @@ fn head_dims_and_strides() {
         c.opts = AttnOptions::new().causal(true);
         c.strided_q = true;
         check(&format!("d{d} strided q causal"), &c);
+    }
+}
+
+/// The log-sum-exp's gradient (`bwd_pre` forms delta − dlse): both schedules, masks that leave
+/// rows without keys, GQA, varlen.
+#[test]
+fn lse_gradient() {
+    for dt in DTYPES {
+        for (name, opts) in [
+            (
+                "lse grad causal sq90 > sk40",
+                AttnOptions::new().causal(true),
+            ),
+            (
+                "lse grad v1 softcap",
+                AttnOptions::new()
+                    .algorithm(flash_ops::Algorithm::V1)
+                    .softcap(5.0),
+            ),
+        ] {
+            let mut c = case(dt, (2, 90, 40), (4, 2, 64));
+            c.opts = opts;
+            c.lse_grad = true;
+            check(name, &c);
+        }
+        let mut c = case(dt, (0, 0, 0), (2, 1, 32));
+        c.varlen = Some(vec![(33, 70), (80, 17), (1, 1)]);
+        c.opts = AttnOptions::new().causal(true);
+        c.lse_grad = true;
+        check("lse grad varlen causal", &c);
     }
 }
 

@@ -1,5 +1,6 @@
 // Backward preprocessing: delta = rowsum(dO * O) per (sequence, head, row) (FlashAttention-2
-// Algorithm 2 line 4), and for the FlashAttention (V1) schedule, whose forward saved m and l,
+// Algorithm 2 line 4), minus the lse's gradient when it has one (d lse / d s = P folds into the
+// softmax gradient's row term: dS = P * (dP - (delta - dlse))), and for the FlashAttention (V1) schedule, whose forward saved m and l,
 // the log-sum-exp lse = m + ln l that the backward tile step reads. One warp per row.
 #include "flash_common.cuh"
 
@@ -19,7 +20,7 @@ template <typename T> __device__ void bwd_pre(const FlashParams& p) {
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) {
         const long long idx = sq.lse_off + (long long)h * p.lse_head_stride + i;
-        p.delta[idx] = acc;
+        p.delta[idx] = p.dlse ? acc - p.dlse[idx] : acc;
         if (p.m_l) {
             const float m = p.m_l[idx], l = p.m_l[p.lse_len + idx];
             p.lse[idx] = l > 0.f ? m + logf(l) : -FLASH_INF;

@@ -41,6 +41,7 @@ typedef struct FlashParams {
     void* dv;
     const long long* seq_info;  // FLASH_SI_STRIDE int64 per sequence
     const float* alibi;         // slope per (sequence, query head), or null
+    const float* dlse;          // backward: gradient of the lse (lse layout), or null: D -= dlse
 
     // Strides in elements.
     long long q_tok_stride, q_head_stride;

@@ -70,7 +70,7 @@ struct MetalFlashParams {
     uint dropout_threshold;  // keep iff the Philox draw >= threshold
     float dropout_scale;     // 1 / (1 - p)
     uint seed_lo, seed_hi;
-    int pad_;
+    int has_dlse;  // backward: bwd_pre subtracts dlse (the lse's gradient) from delta
 };
 
 // Per-sequence record: 8 longs per sequence in `seq_info` (element offsets of row 0, head 0,

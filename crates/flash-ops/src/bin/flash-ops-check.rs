@@ -9,12 +9,19 @@
 //! IN holds `q` (b, sq, hq, d), `k` and `v` (b, sk, hk, d), `do` (b, sq, hq, d), all f32, and
 //! optionally `alibi_slopes` (hq). OUT gets `o`, `lse` (b, hq, sq), `dq`, `dk`, `dv`, all f32.
 //! A window of -1 (or absent) is unbounded on that side.
+//!
+//! When IN also holds `prefix_k` and `prefix_v` (1, sp, hk, d), a prefix shared by the whole
+//! batch, it runs shared-prefix attention ([`flash_ops::shared_prefix_attention_with_lse`]):
+//! each sequence attends to `[prefix; its k, v]`, causal (bottom-right over the concatenation)
+//! applying to the suffix; OUT then also gets `dprefix_k` and `dprefix_v`.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
-use flash_ops::{flash_attn_with_lse, Algorithm, AttnOptions};
+use flash_ops::{
+    flash_attn_with_lse, shared_prefix_attention_with_lse, Algorithm, AttnOptions, PrefixLevel,
+};
 
 const USAGE: &str = "usage: flash-ops-check --input IN.safetensors --output OUT.safetensors [--causal] \
 [--scale S] [--window-left L] [--window-right R] [--softcap C] [--algorithm v1|v2] [--dtype f32|f16|bf16]";
@@ -96,7 +103,9 @@ fn tensor(map: &HashMap<String, Tensor>, name: &str, path: &str) -> Result<Tenso
     match map.get(name) {
         Some(t) if t.dtype() == DType::F32 => Ok(t.clone()),
         Some(t) => bail!("tensor `{name}` in {path} must be f32, got {:?}", t.dtype()),
-        None => bail!("{path} has no tensor `{name}` (needs q, k, v, do; optional alibi_slopes)"),
+        None => bail!(
+            "{path} has no tensor `{name}` (needs q, k, v, do; optional alibi_slopes, prefix_k with prefix_v)"
+        ),
     }
 }
 
@@ -120,10 +129,37 @@ fn run(args: Args) -> Result<()> {
             d_out.dims()
         )
     }
-    let qv = Var::from_tensor(&q.to_dtype(args.dtype)?)?;
-    let kv = Var::from_tensor(&k.to_dtype(args.dtype)?)?;
-    let vv = Var::from_tensor(&v.to_dtype(args.dtype)?)?;
-    let (o, lse) = flash_attn_with_lse(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &opts)?;
+    let prefix = match (map.contains_key("prefix_k"), map.contains_key("prefix_v")) {
+        (false, false) => None,
+        (true, true) => {
+            let pk = tensor(&map, "prefix_k", &args.input)?;
+            let pv = tensor(&map, "prefix_v", &args.input)?;
+            if pk.rank() != 4 || pk.dim(0)? != 1 {
+                bail!(
+                    "`prefix_k` must be (1, sp, hk, d), one prefix shared by the batch, got {:?}",
+                    pk.dims()
+                )
+            }
+            Some((pk, pv))
+        }
+        _ => bail!(
+            "{} must hold both `prefix_k` and `prefix_v`, or neither",
+            args.input
+        ),
+    };
+    let var = |t: &Tensor| -> Result<Var> { Var::from_tensor(&t.to_dtype(args.dtype)?) };
+    let (qv, kv, vv) = (var(&q)?, var(&k)?, var(&v)?);
+    let prefix = match &prefix {
+        Some((pk, pv)) => Some((var(pk)?, var(pv)?)),
+        None => None,
+    };
+    let (o, lse) = match &prefix {
+        None => flash_attn_with_lse(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &opts)?,
+        Some((pk, pv)) => {
+            let levels = [PrefixLevel::shared(pk, pv, q.dim(0)?)];
+            shared_prefix_attention_with_lse(&qv, &levels, &kv, &vv, &opts)?
+        }
+    };
     let grads = (o.to_dtype(DType::F32)? * &d_out)?.sum_all()?.backward()?;
     let grad = |v: &Var| -> Result<Tensor> {
         match grads.get(v.as_tensor()) {
@@ -131,7 +167,7 @@ fn run(args: Args) -> Result<()> {
             None => bail!("no gradient reached an input"),
         }
     };
-    let out: HashMap<String, Tensor> = [
+    let mut out: HashMap<String, Tensor> = [
         ("o".to_string(), o.to_dtype(DType::F32)?),
         ("lse".to_string(), lse),
         ("dq".to_string(), grad(&qv)?),
@@ -140,6 +176,10 @@ fn run(args: Args) -> Result<()> {
     ]
     .into_iter()
     .collect();
+    if let Some((pk, pv)) = &prefix {
+        out.insert("dprefix_k".to_string(), grad(pk)?);
+        out.insert("dprefix_v".to_string(), grad(pv)?);
+    }
     match candle_core::safetensors::save(&out, &args.output) {
         Ok(()) => Ok(()),
         Err(e) => bail!("cannot write --output {}: {e}", args.output),

@@ -54,7 +54,9 @@ pub fn backward<T: Elem>(
                     saved.o.load((s, h, i0), rows, d, &mut o_tile);
                     row_deltas(&sc.d_o, &o_tile, rows, d, &mut sc.delta);
                     for r in 0..rows {
-                        sc.lse[r] = saved.lse[p.lse_index(s, h, i0 + r)];
+                        let idx = p.lse_index(s, h, i0 + r);
+                        sc.lse[r] = saved.lse[idx];
+                        sc.delta[r] -= saved.dlse(idx);
                     }
                     let dq_rows = &mut dq[(gi * span.q_len + i0) * d..][..rows * d];
                     sc.dq[..rows * d].copy_from_slice(dq_rows);

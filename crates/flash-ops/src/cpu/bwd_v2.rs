@@ -68,7 +68,7 @@ pub fn backward<T: Elem>(
                         for r in 0..rows {
                             let idx = p.lse_index(s, h, i0 + r);
                             sc.lse[r] = saved.lse[idx];
-                            sc.delta[r] = delta[idx];
+                            sc.delta[r] = delta[idx] - saved.dlse(idx);
                         }
                         // This chunk's dQ partial rows: read, add, write back.
                         let part = partial_ptr.offset(dq_base);

@@ -301,7 +301,7 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
         v: Input,
     ) -> Result<(CpuStorage, CpuStorage)> {
         let ops = Operands::<T>::new(p, q, k, v)?;
-        let mut out = vec![T::default(); p.q_elems()];
+        let mut out = vec![T::default(); p.out_len()];
         let stats = match p.algorithm {
             Algorithm::V2 => fwd_v2::forward(p, &ops, &mut out),
             Algorithm::V1 => fwd_v1::forward(p, &ops, &mut out),
@@ -312,11 +312,19 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
 }
 
 /// What backward reads besides q, k, v, as the schedules take it: the forward output, its
-/// gradient and the log-sum-exp (V1's `m ‖ l` already converted).
+/// gradient, the log-sum-exp (V1's `m ‖ l` already converted) and its gradient, if any.
 pub struct BackwardOperands<'a, T> {
     pub o: Operand<'a, T>,
     pub d_o: Operand<'a, T>,
     pub lse: &'a [f32],
+    pub dlse: Option<&'a [f32]>,
+}
+
+impl<T> BackwardOperands<'_, T> {
+    /// The lse gradient of row `idx` (lse layout), 0 without one: the row term is `D − dlse`.
+    pub fn dlse(&self, idx: usize) -> f32 {
+        self.dlse.map_or(0.0, |g| g[idx])
+    }
 }
 
 /// Backward on CPU: returns `dq ‖ dk ‖ dv` flattened into one buffer in the input dtype.
@@ -337,10 +345,15 @@ pub fn backward(
         let ops = Operands::<T>::new(p, q, k, v)?;
         let (stats, offset) = bi.stats;
         let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
+        let dlse = match bi.dlse {
+            Some((s, off)) => Some(&elems::<f32>("lse gradient", s)?[off..]),
+            None => None,
+        };
         let saved = BackwardOperands {
             o: Operand::q_like("output", bi.out, p)?,
             d_o: Operand::q_like("output gradient", bi.grad_out, p)?,
             lse: &lse,
+            dlse,
         };
         let (nq, nk) = (p.q_elems(), p.k_elems());
         let mut grads = vec![T::default(); nq + 2 * nk];

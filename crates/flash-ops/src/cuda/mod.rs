@@ -148,7 +148,8 @@ pub fn forward(
     let (mut fp, _keep) = common(p, &dev, q, k, v)?;
     let dt = dt_of(q.0.dtype())?;
     let n_out = p.q_elems();
-    let out = zeros(&dev, q.0.dtype(), n_out)?;
+    // Zeroed, so the lse-gradient slot after the output (`lse_grad`) holds zeros.
+    let out = zeros(&dev, q.0.dtype(), p.out_len())?;
     let stats = zeros(&dev, DType::F32, p.stats_len())?;
     fp.o = addr(&out, 0)?;
     let _o_accum = match p.algorithm {
@@ -205,6 +206,9 @@ pub fn backward(
         }
     };
     fp.delta = addr(&delta, 0)?;
+    if let Some((g, off)) = bi.dlse {
+        fp.dlse = addr(g, off)?;
+    }
     // Kept alive until the launches below are queued; none when bwd_dq writes dQ itself.
     let _dq_accum = if plan::separate_dq(p) {
         None

@@ -159,9 +159,14 @@ pub fn forward(
     let dtype = q.dtype();
     let dt = dt_of(dtype)?;
     let c = constants(p, &dev, [lq, lk, lv])?;
-    let n_out = p.q_elems();
+    let n_out = p.out_len();
     let n_stats = p.stats_len();
-    let out = dev.new_buffer(n_out, dtype, "flash-attn-out")?;
+    let out = if p.lse_grad {
+        // The lse-gradient slot after the output must hold zeros (see `op`).
+        dev.allocate_zeros(n_out * dtype.size_in_bytes())?
+    } else {
+        dev.new_buffer(n_out, dtype, "flash-attn-out")?
+    };
     let stats = dev.new_buffer(n_stats, DType::F32, "flash-attn-stats")?;
     let launch = plan::forward_launch(p, dt);
     let pipe = pipeline(&dev, &launch.name)?;
@@ -201,7 +206,8 @@ pub fn backward(
     let dev = q.device().clone();
     let dtype = q.dtype();
     let dt = dt_of(dtype)?;
-    let c = constants(p, &dev, [lq, lk, lv])?;
+    let mut c = constants(p, &dev, [lq, lk, lv])?;
+    c.params.has_dlse = inp.dlse.is_some() as i32;
     let n = p.lse_len();
     let (nq, nk) = (p.q_elems(), p.k_elems());
     let total = nq + 2 * nk;
@@ -219,6 +225,8 @@ pub fn backward(
     let (o, o_off) = (inp.out.0, inp.out.1 * es);
     let (d_o, do_off) = (inp.grad_out.0, inp.grad_out.1 * es);
     let (st, st_off) = (inp.stats.0, inp.stats.1 * 4);
+    // Without a gradient the kernel never reads buffer 7: the statistics stand in.
+    let (dl, dl_off) = inp.dlse.map_or((st, st_off), |(g, off)| (g, off * 4));
     {
         let guard = dev.command_encoder()?;
         let enc: &ComputeCommandEncoder = guard.as_ref();
@@ -234,6 +242,7 @@ pub fn backward(
                 Bind::In(st.buffer(), st_off),
                 Bind::Out(&lse, 0),
                 Bind::Out(&delta, 0),
+                Bind::In(dl.buffer(), dl_off),
             ],
         );
         let common = [

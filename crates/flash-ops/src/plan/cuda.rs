@@ -25,6 +25,7 @@ pub struct FlashParams {
     pub dv: u64,
     pub seq_info: u64,
     pub alibi: u64,
+    pub dlse: u64,
     pub q_tok_stride: i64,
     pub q_head_stride: i64,
     pub k_tok_stride: i64,
@@ -55,7 +56,7 @@ pub struct FlashParams {
 }
 
 /// `sizeof(FlashParams)` in C; the emulator checks it at every launch.
-pub const FLASH_PARAMS_SIZE: usize = 272;
+pub const FLASH_PARAMS_SIZE: usize = 280;
 const _: () = assert!(std::mem::size_of::<FlashParams>() == FLASH_PARAMS_SIZE);
 
 pub use super::HEAD_DIMS;
@@ -192,7 +193,7 @@ pub fn dq_cfg(dt: Dt, d: usize) -> TileCfg {
     }
 }
 
-/// Backward: `bwd_pre` (delta; V1 also lse from m, l), the main kernel (dK, dV; dQ into the
+/// Backward: `bwd_pre` (delta = rowsum(dO∘O) − dlse; V1 also lse from m, l), the main kernel (dK, dV; dQ into the
 /// zeroed f32 `dq_accum`), `bwd_post` (dQ to the dtype). With [`separate_dq`], the main
 /// kernel skips dQ and `bwd_dq` writes it instead of `bwd_post`. V1 is deterministic as is
 /// (one block owns each dQ row).

@@ -35,7 +35,8 @@ pub struct MetalParams {
     pub dropout_scale: f32,
     pub seed_lo: u32,
     pub seed_hi: u32,
-    pub pad: i32,
+    /// 1: backward's `flash_bwd_pre` reads `dlse` (buffer 7) and subtracts it from delta.
+    pub has_dlse: i32,
 }
 
 /// `sizeof(MetalFlashParams)`.
@@ -91,7 +92,7 @@ pub fn params(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout)
     shared_params!(MetalParams, p, [q, k, v], {
         has_alibi: p.alibi.is_some() as i32,
         stats_v1: (p.algorithm == Algorithm::V1) as i32,
-        pad: 0,
+        has_dlse: 0,
     })
 }
 
@@ -120,7 +121,7 @@ pub fn forward_launch(p: &AttnParams, dt: Dt) -> Launch {
     }
 }
 
-/// Backward, in order: `flash_bwd_pre` (params, seq_info, o, d_o, stats, lse, delta), then
+/// Backward, in order: `flash_bwd_pre` (params, seq_info, o, d_o, stats, lse, delta, dlse), then
 /// `flash_bwd_dq` (params, seq_info, alibi, q, k, v, d_o, lse, delta, dq) and `flash_bwd_dkdv`
 /// (the same, then dk, dv). The last two are independent of each other.
 pub fn backward_launches(p: &AttnParams, dt: Dt) -> [Launch; 3] {
