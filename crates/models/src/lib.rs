@@ -46,7 +46,10 @@ pub use checkpoint::{
     load_hf_safetensors, load_tensors, save_hf_dir, save_hf_safetensors, save_tensors, LoadReport,
 };
 pub use dropout::DropoutCtx;
-pub use gpt2::{generate, Gpt2, Gpt2Config, KvCache, Sampling};
+pub use gpt2::{
+    generate, generate_batch, BatchCache, BatchConfig, Gpt2, Gpt2Config, KvCache, Sampling,
+    SharedPrefixCache,
+};
 pub use layer_norm::LayerNorm;
 pub use linear::Linear;
 pub use loss::{linear_cross_entropy, CeOptions};

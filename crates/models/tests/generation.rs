@@ -4,16 +4,13 @@
 mod common;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
-use common::{randomize, varmap};
-use flash_ops_models::{generate, AttentionKind, Gpt2, Gpt2Config, KvCache, Sampling};
+use candle_core::Tensor;
+use common::tiny_gpt2;
+use flash_ops_models::{generate, AttentionKind, Gpt2, KvCache, Sampling};
 use flash_test_support::{rel_err, Rng};
 
 fn model() -> Result<(candle_nn::VarMap, Gpt2)> {
-    let (vm, vb) = varmap(DType::F32);
-    let m = Gpt2::new(&Gpt2Config::tiny(), vb, AttentionKind::Naive)?;
-    randomize(&vm, 21)?;
-    Ok((vm, m))
+    Ok(tiny_gpt2(AttentionKind::Naive, 21)?)
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `repro`: reproduces the FlashAttention papers' tables (issue 7).
+//! `repro`: reproduces the FlashAttention papers' tables (issue 7) and Hydragen's shared-prefix
+//! decoding benchmark (issue 13, `--only prefix`).
 //!
 //! `repro run [--quick | --gpu] [--out DIR]` measures, writes `results.json` after every section,
 //! then renders `tables.md` and the PNG figures from that JSON; `repro render DIR` re-renders a
@@ -8,6 +9,7 @@ mod measure;
 mod paper;
 mod plan;
 mod plot;
+mod prefix;
 mod render;
 mod results;
 
@@ -41,7 +43,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Measure every table, write results.json, then render tables.md and the PNGs.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Re-render tables.md and the PNGs of a results folder from its results.json.
     Render { dir: PathBuf },
     /// Print what a mode would measure, without measuring.
@@ -66,7 +68,11 @@ struct RunArgs {
     #[arg(long)]
     machine: Option<String>,
     /// Sections to run.
-    #[arg(long, value_delimiter = ',', default_value = "attention,fa2,e2e")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "attention,fa2,e2e,prefix"
+    )]
     only: Vec<String>,
     /// The `train` binary for the end-to-end table (default: next to this binary).
     #[arg(long)]
@@ -84,11 +90,20 @@ struct RunArgs {
     /// Override the timed repeats per cell.
     #[arg(long)]
     reps: Option<usize>,
+    /// Shared-prefix section: override the batch sizes (microbenchmark and end to end).
+    #[arg(long, value_delimiter = ',')]
+    prefix_batches: Vec<usize>,
+    /// Shared-prefix section: override the prefix lengths of the microbenchmark.
+    #[arg(long, value_delimiter = ',')]
+    prefix_lengths: Vec<usize>,
+    /// Shared-prefix section: override the prompt lengths of the end-to-end table.
+    #[arg(long, value_delimiter = ',')]
+    prefix_prompts: Vec<usize>,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Run(a) => run(a),
+        Cmd::Run(a) => run(*a),
         Cmd::Render { dir } => {
             let r = results::read(&dir)?;
             render_dir(&r, &dir)
@@ -184,8 +199,8 @@ fn run(a: RunArgs) -> Result<()> {
         plan.reps = r.max(1);
     }
     for s in &a.only {
-        if !matches!(s.as_str(), "attention" | "fa2" | "e2e") {
-            bail!("--only takes attention, fa2, e2e; got {s}")
+        if !matches!(s.as_str(), "attention" | "fa2" | "e2e" | "prefix") {
+            bail!("--only takes attention, fa2, e2e, prefix; got {s}")
         }
     }
     let wants = |s: &str| a.only.iter().any(|x| x == s);
@@ -256,6 +271,7 @@ fn run(a: RunArgs) -> Result<()> {
         attention: None,
         fa2: None,
         e2e: None,
+        prefix: None,
     };
     let variants = [Variant::V1, Variant::V2, Variant::Naive];
     if wants("attention") {
@@ -274,6 +290,32 @@ fn run(a: RunArgs) -> Result<()> {
         let bin = train_binary(a.train_bin.clone())?;
         let measure = || measure::e2e(&plan.e2e, &bin, &dir);
         section(&mut r, &dir, "e2e", measure, |r| &mut r.e2e)?;
+    }
+    if wants("prefix") {
+        // CPU, f32 in every mode: the section's protocol is scaled to the CPU.
+        let mut p = prefix::PrefixPlan::new(mode);
+        if let Some(r) = a.reps {
+            p.reps = r.max(1);
+        }
+        for (given, slot) in [
+            (&a.prefix_batches, &mut p.batches),
+            (&a.prefix_lengths, &mut p.prefixes),
+            (&a.prefix_prompts, &mut p.e2e_prompts),
+        ] {
+            if !given.is_empty() {
+                *slot = given.clone();
+            }
+        }
+        if !a.prefix_batches.is_empty() {
+            p.e2e_batches = a.prefix_batches.clone();
+        }
+        section(
+            &mut r,
+            &dir,
+            "prefix",
+            || prefix::measure(&p),
+            |r| &mut r.prefix,
+        )?;
     }
     r.meta
         .seconds

@@ -25,7 +25,7 @@ fn font() {
     });
 }
 
-fn e(x: impl std::fmt::Display) -> anyhow::Error {
+pub(crate) fn e(x: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing: {x}")
 }
 
@@ -59,12 +59,12 @@ fn legend<'a, 'b: 'a, CT: CoordTranslate>(
         .map_err(e)
 }
 
-struct Line {
-    label: String,
-    colour: RGBColor,
-    points: Vec<(f64, f64)>,
+pub(crate) struct Line {
+    pub label: String,
+    pub colour: RGBColor,
+    pub points: Vec<(f64, f64)>,
     /// Paper lines are thin with hollow markers; ours thick with filled ones.
-    paper: bool,
+    pub paper: bool,
 }
 
 /// A line chart with log₂ x (sequence length) and linear or log y.
@@ -75,6 +75,20 @@ fn line_chart(
     lines: &[Line],
     log_y: bool,
     reference_one: bool,
+) -> Result<()> {
+    let one = reference_one.then_some("1× (standard attention)");
+    line_chart_x(area, title, "sequence length", y_desc, lines, log_y, one)
+}
+
+/// A line chart with log₂ x (`x_desc`) and linear or log y; `reference_one` labels a line at 1.
+pub(crate) fn line_chart_x(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    lines: &[Line],
+    log_y: bool,
+    reference_one: Option<&str>,
 ) -> Result<()> {
     let pts = || lines.iter().flat_map(|l| l.points.iter());
     if pts().next().is_none() {
@@ -126,18 +140,18 @@ fn line_chart(
             }
             chart
                 .configure_mesh()
-                .x_desc("sequence length")
+                .x_desc(x_desc)
                 .y_desc(y_desc)
                 .x_labels(0)
                 .y_label_formatter(&fmt_y)
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(e)?;
-            if reference_one {
+            if let Some(one) = reference_one {
                 chart
                     .draw_series(LineSeries::new([(xmin, 1.0), (xmax, 1.0)], BLACK.mix(0.5)))
                     .map_err(e)?
-                    .label("1× (standard attention)")
+                    .label(one)
                     .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.mix(0.5)));
             }
             for l in lines {
@@ -170,7 +184,11 @@ fn line_chart(
             .map_err(e)?;
         draw!(c, ymin / 2.0);
     } else {
-        let top = if reference_one { ymax.max(1.0) } else { ymax };
+        let top = if reference_one.is_some() {
+            ymax.max(1.0)
+        } else {
+            ymax
+        };
         let c = b
             .build_cartesian_2d(xmin..xmax, 0.0..top * 1.25)
             .map_err(e)?;
@@ -535,5 +553,9 @@ pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
     go("fa2_fwd.png", &|p| fa2(r, p, Pass::Fwd))?;
     go("fa2_bwd.png", &|p| fa2(r, p, Pass::Bwd))?;
     go("e2e.png", &|p| e2e(r, p))?;
+    go("prefix.png", &|p| match &r.prefix {
+        Some(s) => crate::prefix::plot(s, p),
+        None => Ok(()),
+    })?;
     Ok(written)
 }

@@ -7,7 +7,7 @@ use flash_ops_bench::Variant;
 use crate::paper;
 use crate::results::{AttnRow, AttnSection, E2eSection, Fa2Section, Results};
 
-pub const PLOTS: [(&str, &str); 6] = [
+pub const PLOTS: [(&str, &str); 7] = [
     (
         "speedup.png",
         "Attention fwd+bwd speedup over standard attention vs sequence length",
@@ -31,6 +31,10 @@ pub const PLOTS: [(&str, &str); 6] = [
     (
         "e2e.png",
         "End-to-end training throughput per attention kind",
+    ),
+    (
+        "prefix.png",
+        "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
     ),
 ];
 
@@ -517,6 +521,9 @@ pub fn document(r: &Results) -> String {
     }
     if let Some(s) = &r.e2e {
         writeln!(o, "{}", table3(r, s)).ok();
+    }
+    if let Some(s) = &r.prefix {
+        writeln!(o, "{}", crate::prefix::table(s)).ok();
     }
     o
 }

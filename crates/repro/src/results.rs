@@ -19,6 +19,9 @@ pub struct Results {
     pub fa2: Option<Fa2Section>,
     /// Table 3 (end-to-end training throughput from `train bench`).
     pub e2e: Option<E2eSection>,
+    /// Shared-prefix decoding (Hydragen protocol; absent in runs from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<crate::prefix::PrefixSection>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

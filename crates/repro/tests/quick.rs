@@ -35,7 +35,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         }
         None => {
             eprintln!("no train binary next to repro: skipping the end-to-end table");
-            cmd.args(["--only", "attention,fa2"]);
+            cmd.args(["--only", "attention,fa2,prefix"]);
         }
     }
     let out = cmd.output().expect("run repro");
@@ -62,11 +62,24 @@ fn quick_mode_writes_json_markdown_and_plots() {
         .any(|r| r["variant"] == "naive" && r["fwd_bwd_mem_bytes"].is_u64()));
     assert!(!json["fa2"]["rows"].as_array().unwrap().is_empty());
 
+    // Shared-prefix decoding: both sides measured somewhere, the baseline over budget elsewhere.
+    let any = |part: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        json["prefix"][part].as_array().unwrap().iter().any(pred)
+    };
+    assert!(any("micro", &|r| r["ours_ms"].is_f64()
+        && r["baseline_ms"].is_f64()));
+    assert!(any("micro", &|r| r["skipped"].is_string()));
+    for cache in ["shared", "duplicated"] {
+        assert!(any("e2e", &|r| r["cache"] == cache
+            && r["tokens_per_s"].is_f64()));
+    }
+
     let md = std::fs::read_to_string(dir.join("tables.md")).unwrap();
     for needle in [
         "## Table 1",
         "## Memory footprint",
         "## Table 2",
+        "## Shared-prefix decoding",
         "Quick mode",
         "paper",
     ] {
@@ -80,6 +93,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         "fa2_fwd_bwd.png",
         "fa2_fwd.png",
         "fa2_bwd.png",
+        "prefix.png",
     ];
     if train.is_some() {
         assert!(md.contains("## Table 3"));

@@ -241,10 +241,24 @@ struct SampleArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Samples of the prompt, decoded in one batch (sample i is what `--seed` gives alone for
+    /// i = 0, and its own stream otherwise); each stops after `<|endoftext|>`.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    /// How the batch caches the prompt: once, shared by all samples (shared-prefix attention),
+    /// or copied into every sample's cache (flash decoding; the baseline).
+    #[arg(long, value_enum, default_value = "shared")]
+    prompt_cache: PromptCache,
     #[arg(long, default_value = "flash2", value_parser = parse_attn)]
     attn: AttentionKind,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PromptCache {
+    Shared,
+    Duplicated,
 }
 
 #[derive(Args, Debug)]
@@ -400,14 +414,43 @@ fn run_sample(a: SampleArgs) -> Result<()> {
             temperature: a.temperature,
         }
     };
-    let room = gpt.config().n_positions.saturating_sub(prompt.len());
-    let n = a.max_new_tokens.min(room);
-    let out = flash_ops_models::generate(gpt, &prompt, n, sampling, a.seed)?;
-    let text = loaded
-        .tokenizer
-        .decode(&out, false)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("{text}");
+    if a.num_samples == 0 {
+        bail!("--num-samples must be at least 1")
+    }
+    let cfg = flash_ops_models::BatchConfig {
+        num_samples: a.num_samples,
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        seed: a.seed,
+        stop: loaded.tokenizer.token_to_id(tokenizer::GPT2_EOT),
+        cache: match a.prompt_cache {
+            PromptCache::Shared => flash_ops_models::BatchCache::SharedPrefix,
+            PromptCache::Duplicated => flash_ops_models::BatchCache::Duplicated,
+        },
+    };
+    let out = flash_ops_models::generate_batch(gpt, &prompt, &cfg)?;
+    for (i, seq) in out.sequences.iter().enumerate() {
+        let text = loaded
+            .tokenizer
+            .decode(seq, false)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if a.num_samples > 1 {
+            println!("--- sample {i} ---");
+        }
+        println!("{text}");
+    }
+    // On stderr: stdout is the samples alone.
+    let new = out.new_tokens(prompt.len());
+    let secs = (out.prefill + out.decode).as_secs_f64();
+    eprintln!(
+        "{} sample(s), {new} new tokens in {secs:.2} s: {:.1} tokens/s (prompt of {} tokens prefilled once in {:.2} s; decoding {:.1} tokens/s, {} prompt cache)",
+        a.num_samples,
+        new as f64 / secs.max(1e-9),
+        prompt.len(),
+        out.prefill.as_secs_f64(),
+        (new.saturating_sub(a.num_samples)) as f64 / out.decode.as_secs_f64().max(1e-9),
+        format!("{:?}", a.prompt_cache).to_lowercase(),
+    );
     Ok(())
 }
 

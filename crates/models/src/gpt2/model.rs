@@ -6,6 +6,7 @@ use candle_nn::{Init, VarBuilder};
 use flash_ops::AttnOptions;
 
 use super::config::Gpt2Config;
+use super::shared_cache::{retain_rows, LayerCache, SharedPrefixCache};
 use crate::activation::Activation;
 use crate::attention::AttentionKind;
 use crate::dropout::{DropoutCtx, SeedCounter};
@@ -17,6 +18,9 @@ use crate::loss::{linear_cross_entropy, CeOptions};
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Buffers `(b, capacity, h, d)` that `layers` are leading views of, written in place.
+    reserved: Vec<Option<(Tensor, Tensor)>>,
+    split_kv: bool,
 }
 
 impl KvCache {
@@ -33,7 +37,110 @@ impl KvCache {
     }
 
     pub fn clear(&mut self) {
-        self.layers.clear()
+        self.layers.clear();
+        self.reserved.clear()
+    }
+
+    /// Single-token steps attend with flash decoding (the key axis split into chunks on parallel
+    /// threads, merged by log-sum-exp) instead of the model's attention kind.
+    pub fn with_flash_decoding(mut self, on: bool) -> Self {
+        self.split_kv = on;
+        self
+    }
+
+    /// `n` physical copies of a batch-1 cache with room for `extra` more positions: per-sequence
+    /// caches each holding the prompt, the layout batched decoding without prefix sharing uses.
+    /// Appends within the room write in place (no copy of the cache per step, as a serving
+    /// engine's preallocated cache); past it they fall back to concatenation. Clones share the
+    /// room: append to one of them only.
+    pub fn repeat(&self, n: usize, extra: usize) -> Result<KvCache> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut reserved = Vec::with_capacity(self.layers.len());
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            if t.dim(0)? != 1 {
+                bail!(
+                    "KvCache::repeat: the cache must hold one sequence, got {}",
+                    t.dim(0)?
+                )
+            }
+            let (_, _, h, d) = t.dims4()?;
+            let room = Tensor::zeros((n, extra, h, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&t.repeat((n, 1, 1, 1))?, &room], 1)
+        };
+        for l in &self.layers {
+            match l {
+                Some((k, v)) => {
+                    let (bk, bv) = (grow(k)?, grow(v)?);
+                    let len = k.dim(1)?;
+                    layers.push(Some((bk.narrow(1, 0, len)?, bv.narrow(1, 0, len)?)));
+                    reserved.push(Some((bk, bv)));
+                }
+                None => {
+                    layers.push(None);
+                    reserved.push(None);
+                }
+            }
+        }
+        Ok(KvCache {
+            layers,
+            reserved,
+            split_kv: self.split_kv,
+        })
+    }
+
+    /// Keeps the sequences at `rows` (in that order).
+    pub fn retain(&mut self, rows: &[usize]) -> Result<()> {
+        let len = self.len();
+        if self.reserved.iter().any(Option::is_some) {
+            retain_rows(&mut self.reserved, rows)?;
+            for (l, r) in self.layers.iter_mut().zip(&self.reserved) {
+                if let Some((bk, bv)) = r {
+                    *l = Some((bk.narrow(1, 0, len)?, bv.narrow(1, 0, len)?));
+                }
+            }
+            Ok(())
+        } else {
+            retain_rows(&mut self.layers, rows)
+        }
+    }
+
+    pub(crate) fn into_layers(self) -> Vec<Option<(Tensor, Tensor)>> {
+        self.layers
+    }
+}
+
+/// The cache one forward pass decodes with.
+enum CacheMut<'a> {
+    Dense(&'a mut KvCache),
+    Shared(&'a mut SharedPrefixCache),
+}
+
+impl CacheMut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            CacheMut::Dense(c) => c.len(),
+            CacheMut::Shared(c) => c.len(),
+        }
+    }
+
+    fn layers(&mut self, n: usize) -> Vec<LayerCache<'_>> {
+        match self {
+            CacheMut::Dense(c) => {
+                c.layers.resize(n, None);
+                c.reserved.resize(n, None);
+                let split_kv = c.split_kv;
+                c.layers
+                    .iter_mut()
+                    .zip(c.reserved.iter_mut())
+                    .map(|(kv, reserved)| LayerCache::Dense {
+                        kv,
+                        reserved,
+                        split_kv,
+                    })
+                    .collect()
+            }
+            CacheMut::Shared(c) => c.layers().collect(),
+        }
     }
 }
 
@@ -75,28 +182,25 @@ impl SelfAttention {
         layer: usize,
         attn: AttentionKind,
         ctx: &DropoutCtx,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let d = c / self.n_head;
         // (b, t, 3, h, d): q, k, v already in the flash layout, no transpose.
         let qkv = self.c_attn.forward(x)?.reshape((b, t, 3, self.n_head, d))?;
         let q = qkv.narrow(2, 0, 1)?.squeeze(2)?;
-        let mut k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
-        let mut v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
+        let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
+        let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
         // Causal with the diagonal aligned bottom-right, so cached keys are all visible.
         let mut opts = AttnOptions::new().causal(true);
         if ctx.active(self.attn_pdrop) {
             opts = opts.dropout(self.attn_pdrop, ctx.site_seed(site(layer, ATTN_PROBS)));
         }
-        let y = attn.attend(&q, &k, &v, opts)?.reshape((b, t, c))?;
+        let y = match cache {
+            Some(cache) => cache.attend(attn, &q, k, v, opts)?,
+            None => attn.attend(&q, &k, &v, opts)?,
+        };
+        let y = y.reshape((b, t, c))?;
         let y = self.c_proj.forward(&y)?;
         ctx.apply(&y, self.resid_pdrop, site(layer, ATTN_RESID))
     }
@@ -241,7 +345,31 @@ impl Gpt2 {
     /// Eval-mode logits for the new tokens `input_ids (b, t)`, attending to everything in
     /// `cache` and appending these tokens' keys and values to it.
     pub fn forward_with_cache(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.hidden(input_ids, &DropoutCtx::eval(), Some(cache))?;
+        let h = self.hidden(input_ids, &DropoutCtx::eval(), Some(CacheMut::Dense(cache)))?;
+        self.lm_head(&h)
+    }
+
+    /// As [`forward_with_cache`](Self::forward_with_cache), returning the logits of the last
+    /// position only, `(b, 1, vocab)`: a long prompt's `(t × vocab)` logits are never formed.
+    pub fn prefill(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden(input_ids, &DropoutCtx::eval(), Some(CacheMut::Dense(cache)))?;
+        let t = h.dim(1)?;
+        self.lm_head(&h.narrow(1, t - 1, 1)?)
+    }
+
+    /// As [`forward_with_cache`](Self::forward_with_cache) for `n` samples of one prompt:
+    /// `input_ids (n, t)` are each sample's new tokens; attention reads the prompt's K/V once for
+    /// all of them and appends the new K/V to each sample's suffix.
+    pub fn forward_with_shared_cache(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut SharedPrefixCache,
+    ) -> Result<Tensor> {
+        let h = self.hidden(
+            input_ids,
+            &DropoutCtx::eval(),
+            Some(CacheMut::Shared(cache)),
+        )?;
         self.lm_head(&h)
     }
 
@@ -278,7 +406,7 @@ impl Gpt2 {
         &self,
         input_ids: &Tensor,
         ctx: &DropoutCtx,
-        mut cache: Option<&mut KvCache>,
+        mut cache: Option<CacheMut<'_>>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
@@ -296,11 +424,11 @@ impl Gpt2 {
             .reshape((b, t, c))?;
         let pos = self.wpe.narrow(0, past, t)?.unsqueeze(0)?;
         let mut h = ctx.apply(&tok.broadcast_add(&pos)?, self.cfg.embd_pdrop, 0)?;
-        if let Some(cache) = cache.as_mut() {
-            cache.layers.resize(self.blocks.len(), None);
-        }
+        let mut slots = cache
+            .as_mut()
+            .map(|c| c.layers(self.blocks.len()).into_iter());
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let slot = slots.as_mut().and_then(|s| s.next());
             let a = block
                 .attn
                 .forward(&block.ln_1.forward(&h)?, i, self.attn, ctx, slot)?;

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Result, Var};
 use candle_nn::{VarBuilder, VarMap};
+use flash_ops_models::{AttentionKind, Gpt2, Gpt2Config};
 use flash_test_support::Rng;
 
 /// A fresh `VarMap` and a `VarBuilder` creating parameters in it.
@@ -23,6 +24,11 @@ pub fn random_model<M>(
     let m = build(vb)?;
     randomize(&vm, seed)?;
     Ok((vm, m))
+}
+
+/// The tiny GPT-2 in f32 with [`randomize`]d parameters (the `VarMap` keeps them alive).
+pub fn tiny_gpt2(attn: AttentionKind, seed: u64) -> Result<(VarMap, Gpt2)> {
+    random_model(DType::F32, seed, |vb| Gpt2::new(&Gpt2Config::tiny(), vb, attn))
 }
 
 /// Sorted (name, var) pairs of a `VarMap`.
