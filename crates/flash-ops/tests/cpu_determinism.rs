@@ -6,15 +6,6 @@ use candle_core::{DType, Tensor};
 use flash_ops::{flash_attn_with_lse, Algorithm, AttnOptions};
 use flash_test_support::*;
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    t.to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
-}
-
 fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -48,7 +39,7 @@ fn backward_bits_do_not_depend_on_the_thread_count() {
                     flash_attn_with_lse(q, k, v, &opts)
                 })
                 .unwrap();
-                [r.out, r.lse, r.dq, r.dk, r.dv].map(|t| bits(&t))
+                [r.out, r.lse, r.dq, r.dk, r.dv].map(|t| f32_bits(&t))
             };
             let one = in_pool(1, run);
             let (two, again) = in_pool(2, || (run(), run()));

@@ -6,16 +6,6 @@ use flash_ops::dropout::DropoutMask;
 use flash_ops::{flash_attn, Algorithm, AttnOptions};
 use flash_test_support::*;
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
-}
-
 #[test]
 fn backward_is_deterministic() {
     let mut rng = Rng::new(21);
@@ -39,7 +29,7 @@ fn backward_is_deterministic() {
             (&a.dk, &b.dk),
             (&a.dv, &b.dv),
         ] {
-            assert_eq!(bits(x), bits(y), "{alg:?}: two runs differ");
+            assert_eq!(f32_bits(x), f32_bits(y), "{alg:?}: two runs differ");
         }
     }
 }

@@ -11,6 +11,18 @@ pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
         .expect("a float tensor")
 }
 
+/// The f32 bit patterns of all elements of `t` (widened from f16/bf16), for tests that ask for
+/// identical results rather than close ones.
+pub fn f32_bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("a float tensor")
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
 /// `‖a − b‖₂ / ‖b‖₂` in f64; `‖a − b‖₂` when `b` is all zeros (so 0 when both are).
 pub fn rel_err_slices(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "compared results differ in length");

@@ -11,7 +11,7 @@ mod rng;
 mod skip;
 
 pub use cases::{cu_seqlens, option_cases, HEAD_DIMS};
-pub use compare::{lse_err, lse_err_slices, rel_err, rel_err_slices, to_f64_vec};
+pub use compare::{f32_bits, lse_err, lse_err_slices, rel_err, rel_err_slices, to_f64_vec};
 pub use oracle::{oracle, oracle_varlen, run_with_grads, Run};
 pub use rng::Rng;
 pub use skip::{skip_or_fail, REQUIRE_GPU, REQUIRE_MINILM};

@@ -569,6 +569,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarBuilder;
+    use flash_test_support::f32_bits;
 
     #[test]
     fn schedule_shape() {
@@ -715,17 +716,6 @@ mod tests {
                 host.step(&g, lr, scale).unwrap();
                 ops.step(&g, lr, scale).unwrap();
             }
-            let bits = |t: &Tensor| -> Vec<u32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .into_iter()
-                    .map(f32::to_bits)
-                    .collect()
-            };
             let pairs = [
                 (host.f32_params().unwrap(), ops.f32_params().unwrap()),
                 (host.state().unwrap(), ops.state().unwrap()),
@@ -733,12 +723,15 @@ mod tests {
             for (a, b) in pairs {
                 assert_eq!(a.len(), b.len());
                 for (name, t) in &a {
-                    assert!(bits(t) == bits(&b[name]), "{dtype:?} {name} differs");
+                    assert!(
+                        f32_bits(t) == f32_bits(&b[name]),
+                        "{dtype:?} {name} differs"
+                    );
                 }
             }
             let (da, db) = (vm_a.data().lock().unwrap(), vm_b.data().lock().unwrap());
             for (name, var) in da.iter() {
-                let same = bits(var.as_tensor()) == bits(db[name].as_tensor());
+                let same = f32_bits(var.as_tensor()) == f32_bits(db[name].as_tensor());
                 assert!(same, "{dtype:?} parameter {name} differs");
             }
         }
