@@ -152,6 +152,12 @@ const ATTN_PROBS: u64 = 0;
 const ATTN_RESID: u64 = 1;
 const MLP_RESID: u64 = 2;
 
+/// GPT-2 §2.3: the projections into the residual stream start at the initialiser's std scaled
+/// by 1/sqrt(number of residual layers), two per block.
+fn residual_proj_std(cfg: &Gpt2Config) -> f64 {
+    cfg.initializer_range / (2.0 * cfg.n_layer as f64).sqrt()
+}
+
 #[derive(Debug, Clone)]
 struct SelfAttention {
     c_attn: Linear,
@@ -164,12 +170,9 @@ struct SelfAttention {
 impl SelfAttention {
     fn new(cfg: &Gpt2Config, vb: VarBuilder) -> Result<Self> {
         let c = cfg.n_embd;
-        let std = cfg.initializer_range;
-        // GPT-2 §2.3: residual projections scaled by 1/sqrt(number of residual layers).
-        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
         Ok(Self {
-            c_attn: Linear::conv1d(c, 3 * c, std, vb.pp("c_attn"))?,
-            c_proj: Linear::conv1d(c, c, proj_std, vb.pp("c_proj"))?,
+            c_attn: Linear::conv1d(c, 3 * c, cfg.initializer_range, vb.pp("c_attn"))?,
+            c_proj: Linear::conv1d(c, c, residual_proj_std(cfg), vb.pp("c_proj"))?,
             n_head: cfg.n_head,
             attn_pdrop: cfg.attn_pdrop,
             resid_pdrop: cfg.resid_pdrop,
@@ -216,11 +219,10 @@ struct Mlp {
 
 impl Mlp {
     fn new(cfg: &Gpt2Config, vb: VarBuilder) -> Result<Self> {
-        let std = cfg.initializer_range;
-        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        let (c, inner) = (cfg.n_embd, cfg.inner_dim());
         Ok(Self {
-            c_fc: Linear::conv1d(cfg.n_embd, cfg.inner_dim(), std, vb.pp("c_fc"))?,
-            c_proj: Linear::conv1d(cfg.inner_dim(), cfg.n_embd, proj_std, vb.pp("c_proj"))?,
+            c_fc: Linear::conv1d(c, inner, cfg.initializer_range, vb.pp("c_fc"))?,
+            c_proj: Linear::conv1d(inner, c, residual_proj_std(cfg), vb.pp("c_proj"))?,
             act: cfg.activation_function,
             resid_pdrop: cfg.resid_pdrop,
         })
