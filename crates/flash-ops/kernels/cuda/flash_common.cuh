@@ -272,6 +272,19 @@ struct Dropout {
     }
 };
 
+// Where a forward or dQ block starts: sequence s (grid z), query head h (grid y), the K/V head it
+// reads (GQA: heads_q / heads_k query heads share one), and the visibility, score modifiers and
+// dropout stream of (s, h). The grid mapping of plan::cuda's launches, written once.
+struct QueryHead {
+    int s, h, hk;
+    Seq sq;
+    Mods md;
+    Dropout dr;
+    FLASH_DEV explicit QueryHead(const FlashParams& p)
+        : s(blockIdx.z), h(blockIdx.y), hk(blockIdx.y / (p.heads_q / p.heads_k)), sq(p, s),
+          md(p, sq, s, h), dr(p, s, h) {}
+};
+
 }  // namespace flash
 
 // ---------------------------------------------------------------------------------------------

@@ -16,13 +16,10 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
     constexpr int kBr = C::kBr, kBc = C::kBc, kLd = C::kLd, kNT = kBc / 8, kDT = D / 8;
     check_launch(C::kSmem, C::kThreads);
 
-    const int s = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBr;
-    const Seq sq(p, s);
+    const auto [s, h, hk, sq, md, dr] = QueryHead(p);
+    const int i0 = blockIdx.x * kBr;
     if (i0 >= sq.q_len) return;  // padding block of a shorter sequence (whole block leaves)
     const int rows = min(kBr, sq.q_len - i0);
-    const int hk = h / (p.heads_q / p.heads_k);
-    const Mods md(p, sq, s, h);
-    const Dropout dr(p, s, h);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     FLASH_DYNAMIC_SMEM(smem_raw);
