@@ -7,34 +7,44 @@ use flash_ops_bench::Variant;
 use crate::paper;
 use crate::results::{AttnRow, AttnSection, E2eSection, Fa2Section, Results};
 
-pub const PLOTS: [(&str, &str); 7] = [
+/// Each plot file, its title, and whether a results file has the section it draws (a run of
+/// some sections only links the plots it made).
+type PlotEntry = (&'static str, &'static str, fn(&Results) -> bool);
+pub const PLOTS: [PlotEntry; 7] = [
     (
         "speedup.png",
         "Attention fwd+bwd speedup over standard attention vs sequence length",
+        |r| r.attention.is_some(),
     ),
     (
         "memory.png",
         "Attention fwd+bwd peak memory vs sequence length (log scale)",
+        |r| r.attention.is_some(),
     ),
     (
         "fa2_fwd_bwd.png",
         "Forward+backward GFLOP/s (FlashAttention-2 Fig. 4 layout)",
+        |r| r.fa2.is_some(),
     ),
     (
         "fa2_fwd.png",
         "Forward GFLOP/s (FlashAttention-2 Fig. 5 layout)",
+        |r| r.fa2.is_some(),
     ),
     (
         "fa2_bwd.png",
         "Backward GFLOP/s (FlashAttention-2 Fig. 6 layout)",
+        |r| r.fa2.is_some(),
     ),
     (
         "e2e.png",
         "End-to-end training throughput per attention kind",
+        |r| r.e2e.is_some(),
     ),
     (
         "prefix.png",
         "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
+        |r| r.prefix.is_some(),
     ),
 ];
 
@@ -509,7 +519,7 @@ pub fn document(r: &Results) -> String {
     )
     .ok();
     writeln!(o, "{}\n", differences(r)).ok();
-    for (file, title) in PLOTS {
+    for (file, title, _) in PLOTS.iter().filter(|(_, _, drawn)| drawn(r)) {
         writeln!(o, "![{title}]({file})").ok();
     }
     writeln!(o).ok();
