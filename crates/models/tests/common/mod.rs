@@ -28,7 +28,9 @@ pub fn random_model<M>(
 
 /// The tiny GPT-2 in f32 with [`randomize`]d parameters (the `VarMap` keeps them alive).
 pub fn tiny_gpt2(attn: AttentionKind, seed: u64) -> Result<(VarMap, Gpt2)> {
-    random_model(DType::F32, seed, |vb| Gpt2::new(&Gpt2Config::tiny(), vb, attn))
+    random_model(DType::F32, seed, |vb| {
+        Gpt2::new(&Gpt2Config::tiny(), vb, attn)
+    })
 }
 
 /// Sorted (name, var) pairs of a `VarMap`.
