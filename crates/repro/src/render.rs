@@ -7,46 +7,48 @@ use flash_ops_bench::Variant;
 use crate::paper;
 use crate::results::{AttnRow, AttnSection, E2eSection, Fa2Section, Results};
 
-/// Each plot file, its title, and whether a results file has the section it draws (a run of
-/// some sections only links the plots it made).
-type PlotEntry = (&'static str, &'static str, fn(&Results) -> bool);
-pub const PLOTS: [PlotEntry; 7] = [
-    (
-        "speedup.png",
-        "Attention fwd+bwd speedup over standard attention vs sequence length",
-        |r| r.attention.is_some(),
-    ),
-    (
-        "memory.png",
-        "Attention fwd+bwd peak memory vs sequence length (log scale)",
-        |r| r.attention.is_some(),
-    ),
-    (
-        "fa2_fwd_bwd.png",
-        "Forward+backward GFLOP/s (FlashAttention-2 Fig. 4 layout)",
-        |r| r.fa2.is_some(),
-    ),
-    (
-        "fa2_fwd.png",
-        "Forward GFLOP/s (FlashAttention-2 Fig. 5 layout)",
-        |r| r.fa2.is_some(),
-    ),
-    (
-        "fa2_bwd.png",
-        "Backward GFLOP/s (FlashAttention-2 Fig. 6 layout)",
-        |r| r.fa2.is_some(),
-    ),
-    (
-        "e2e.png",
-        "End-to-end training throughput per attention kind",
-        |r| r.e2e.is_some(),
-    ),
-    (
-        "prefix.png",
-        "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
-        |r| r.prefix.is_some(),
-    ),
-];
+/// The plots (file, title) of the sections a results file holds: a run of some sections links
+/// only the plots it drew.
+fn plots(r: &Results) -> Vec<(&'static str, &'static str)> {
+    let mut v = Vec::new();
+    if r.attention.is_some() {
+        v.push((
+            "speedup.png",
+            "Attention fwd+bwd speedup over standard attention vs sequence length",
+        ));
+        v.push((
+            "memory.png",
+            "Attention fwd+bwd peak memory vs sequence length (log scale)",
+        ));
+    }
+    if r.fa2.is_some() {
+        v.push((
+            "fa2_fwd_bwd.png",
+            "Forward+backward GFLOP/s (FlashAttention-2 Fig. 4 layout)",
+        ));
+        v.push((
+            "fa2_fwd.png",
+            "Forward GFLOP/s (FlashAttention-2 Fig. 5 layout)",
+        ));
+        v.push((
+            "fa2_bwd.png",
+            "Backward GFLOP/s (FlashAttention-2 Fig. 6 layout)",
+        ));
+    }
+    if r.e2e.is_some() {
+        v.push((
+            "e2e.png",
+            "End-to-end training throughput per attention kind",
+        ));
+    }
+    if r.prefix.is_some() {
+        v.push((
+            "prefix.png",
+            "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
+        ));
+    }
+    v
+}
 
 /// A result file's variant key as tables and plots name it.
 fn variant_label(key: &str) -> &str {
@@ -519,7 +521,7 @@ pub fn document(r: &Results) -> String {
     )
     .ok();
     writeln!(o, "{}\n", differences(r)).ok();
-    for (file, title, _) in PLOTS.iter().filter(|(_, _, drawn)| drawn(r)) {
+    for (file, title) in plots(r) {
         writeln!(o, "![{title}]({file})").ok();
     }
     writeln!(o).ok();
