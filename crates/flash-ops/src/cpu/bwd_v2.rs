@@ -9,8 +9,8 @@
 use rayon::prelude::*;
 
 use super::{
-    backward_tile, row_deltas, BackwardOperands, BwdScratch, Elem, GradOutputs, Operand, Operands,
-    RowView, SharedOut, TILE,
+    backward_tile, row_deltas, BackwardOperands, BwdScratch, Elem, GradOutputs, Operands, RowView,
+    SharedOut, TILE,
 };
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
@@ -29,7 +29,7 @@ pub fn backward<T: Elem>(
     let d = p.head_dim;
     let q_view = RowView::contiguous(p, p.heads_q, true);
     let k_view = RowView::contiguous(p, p.heads_k, false);
-    let delta = deltas(p, &saved.o, &saved.d_o);
+    let delta = deltas(p, saved);
 
     let units = p.batch() * p.heads_k;
     let chunks = TARGET_TASKS.div_ceil(units.max(1)).clamp(1, MAX_CHUNKS);
@@ -67,7 +67,7 @@ pub fn backward<T: Elem>(
                         for r in 0..rows {
                             let idx = p.lse_index(s, h, i0 + r);
                             sc.lse[r] = saved.lse[idx];
-                            sc.delta[r] = delta[idx] - saved.dlse(idx);
+                            sc.delta[r] = delta[idx];
                         }
                         // This chunk's dQ partial rows: read, add, write back.
                         let part = partial_ptr.offset(dq_base);
@@ -102,8 +102,10 @@ pub fn backward<T: Elem>(
         });
 }
 
-/// `delta = rowsum(dO ∘ O)` for every (sequence, head, row) (Algorithm 2 line 4).
-fn deltas<T: Elem>(p: &AttnParams, o: &Operand<T>, d_o: &Operand<T>) -> Vec<f32> {
+/// Backward's row term `D − dlse`, `D = rowsum(dO ∘ O)` (Algorithm 2 line 4), for every
+/// (sequence, head, row), once: not once per k/v tile that revisits the row.
+fn deltas<T: Elem>(p: &AttnParams, saved: &BackwardOperands<T>) -> Vec<f32> {
+    let (o, d_o) = (&saved.o, &saved.d_o);
     let d = p.head_dim;
     let mut delta = vec![0f32; p.lse_len()];
     let delta_ptr = SharedOut::new(&mut delta);
@@ -121,7 +123,8 @@ fn deltas<T: Elem>(p: &AttnParams, o: &Operand<T>, d_o: &Operand<T>) -> Vec<f32>
             row_deltas(&dot, &ot, rows, d, &mut out);
             for (r, &x) in out.iter().enumerate().take(rows) {
                 // SAFETY: (s, h) rows belong to this task alone.
-                unsafe { delta_ptr.write(p.lse_index(s, h, i0 + r), x) };
+                let idx = p.lse_index(s, h, i0 + r);
+                unsafe { delta_ptr.write(idx, x - saved.dlse(idx)) };
             }
             i0 += rows;
         }
