@@ -298,6 +298,14 @@ pub fn drop_tile(mask: &DropoutMask, at: TileAt, s: &mut [f32], factors: &mut [f
     }
 }
 
+/// Until the tile loops walk the block lists, a mask is refused rather than ignored.
+fn refuse_block_mask(p: &AttnParams) -> Result<()> {
+    if p.block_mask.is_some() {
+        bail!("flash_attn: `block_mask` is not yet supported by the CPU backend")
+    }
+    Ok(())
+}
+
 /// Forward on CPU: the output `(total_q, hq, d)` in the input dtype and the saved statistics
 /// (f32, [`AttnParams::stats_len`]: V2 log-sum-exp; V1 `m` then `l`).
 pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStorage, CpuStorage)> {
@@ -308,6 +316,7 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
         v: Input,
     ) -> Result<(CpuStorage, CpuStorage)> {
         Isa::active()?;
+        refuse_block_mask(p)?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let mut out = vec![T::default(); p.out_len()];
         let stats = match p.algorithm {
@@ -351,6 +360,7 @@ pub fn backward(
         bi: BackwardInputs<CpuStorage>,
     ) -> Result<CpuStorage> {
         Isa::active()?;
+        refuse_block_mask(p)?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let (stats, offset) = bi.stats;
         let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
