@@ -57,16 +57,21 @@ pub struct Inputs {
     pub v: (Buf, InputLayout),
     pub seq_info: Vec<i64>,
     pub alibi: Option<Vec<f32>>,
+    /// The block mask's dims and its lists, uploaded once (as the backend does per call).
+    mask: Option<(plan::MaskDims, Buf)>,
 }
 
 impl Inputs {
+    /// Fails, as the backend does before any launch, for a block mask the kernels cannot tile.
     pub fn new(p: &AttnParams, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
         let dt = dt_of(q)?;
+        let mask = plan::block_mask(p, dt)?.map(|(dims, lists)| (dims, Buf::from_u32(&lists)));
         let (q, k, v) = (host_input(q)?, host_input(k)?, host_input(v)?);
         Ok(Self {
             dt,
             seq_info: plan::seq_info(p, &q.1, &k.1, &v.1),
             alibi: p.alibi.clone(),
+            mask,
             q,
             k,
             v,
@@ -93,6 +98,10 @@ impl Inputs {
         fp.v = self.v.0.addr();
         fp.seq_info = si.addr();
         fp.alibi = alibi.as_mut().map_or(0, |b| b.addr());
+        if let Some((dims, buf)) = &mut self.mask {
+            fp.mask = buf.addr();
+            fp.mask_dims = *dims;
+        }
         (fp, si, alibi)
     }
 }

@@ -41,6 +41,9 @@ impl Buf {
     pub fn from_f32(v: &[f32]) -> Self {
         Self::from_bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())
     }
+    pub fn from_u32(v: &[u32]) -> Self {
+        Self::from_bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())
+    }
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: `words` holds at least `bytes` bytes.
         unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.bytes) }

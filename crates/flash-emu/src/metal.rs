@@ -59,6 +59,8 @@ pub struct Inputs {
     mp: MetalParams,
     seq_info: Buf,
     alibi: Buf,
+    /// The block mask's lists (a one-word stand-in without a mask: every buffer is bound).
+    mask: Buf,
 }
 
 impl Inputs {
@@ -67,7 +69,12 @@ impl Inputs {
         let (q, ql) = host_input(q)?;
         let (k, kl) = host_input(k)?;
         let (v, vl) = host_input(v)?;
-        let mp: MetalParams = plan::params(p, &ql, &kl, &vl);
+        // As the backend: refused before any dispatch for a block size the kernels cannot tile.
+        let (mask_dims, lists) = plan::block_mask(p)?.unwrap_or_default();
+        let mp = MetalParams {
+            mask_dims,
+            ..plan::params(p, &ql, &kl, &vl)
+        };
         let si: Vec<u8> = plan::seq_info(p, &ql, &kl, &vl)
             .iter()
             .flat_map(|x| x.to_le_bytes())
@@ -82,6 +89,7 @@ impl Inputs {
             seq_info: Buf::from_bytes(&si),
             // Unused without ALiBi, but bound like every buffer.
             alibi: Buf::from_f32(p.alibi.as_deref().unwrap_or(&[0.0])),
+            mask: Buf::from_u32(if lists.is_empty() { &[0] } else { &lists }),
         })
     }
 
@@ -114,7 +122,7 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     let mut out = Buf::zeros(p.q_elems() * dt.size());
     let mut stats = Buf::zeros(4 * p.stats_len());
     let mut args = inp.problem_buffers().to_vec();
-    args.extend([out.ptr(), stats.ptr()]);
+    args.extend([out.ptr(), stats.ptr(), inp.mask.ptr()]);
     launch(&plan::forward_launch(p, dt), &args)?;
     Ok(Forward::read(out, &stats, dt))
 }
@@ -154,10 +162,10 @@ pub fn backward(
     common.extend([d_out.ptr(), b.lse.ptr(), b.delta.ptr()]);
     let [dq, dk, dv] = &mut b.grads;
     let mut a = common.clone();
-    a.push(dq.ptr());
+    a.extend([dq.ptr(), inp.mask.ptr()]);
     launch(&dq_l, &a)?;
     let mut a = common;
-    a.extend([dk.ptr(), dv.ptr()]);
+    a.extend([dk.ptr(), dv.ptr(), inp.mask.ptr()]);
     launch(&dkdv_l, &a)?;
     Ok(Grads::read(&b.grads, dt))
 }

@@ -55,8 +55,12 @@ template <typename T, int D> __device__ void bwd_dq(const FlashParams& p) {
 
     int k_lo, k_hi;
     md.key_range_rows(i0, i0 + rows, k_lo, k_hi);
-    for (int j0 = k_lo; j0 < k_hi; j0 += kBc) {
-        const int cols = min(kBc, k_hi - j0);
+    const BlockMask bm(p);
+    const int qb = bm.q_block(i0);
+    TileWalk walk = bm.keys(s, h, qb, k_lo, k_hi, kBc);
+    for (Tile kt; walk.next(kt);) {
+        const int j0 = kt.x0, cols = kt.n;
+        const BlockBits bb = bm.bits(kt.id, qb, kt.blk);
         __syncthreads();  // previous tile's readers of sK / sV are done
         load_tile<T, D>(sK, kLd, sq.k<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
         load_tile<T, D>(sV, kLd, sq.v<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
@@ -74,8 +78,9 @@ template <typename T, int D> __device__ void bwd_dq(const FlashParams& p) {
             for (int e = 0; e < 4; ++e) {
                 const int i = row[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
                 float pz;  // P Z: dV's operand, not needed here
-                dp[n][e] = score_grad(p, md, dr, i < sq.q_len && j < j0 + cols, i, j, sc[n][e],
-                                      dp[n][e], lse[e >> 1], delta[e >> 1], pz);
+                const bool in_tile = i < sq.q_len && j < j0 + cols && bb.test(i, j);
+                dp[n][e] = score_grad(p, md, dr, in_tile, i, j, sc[n][e], dp[n][e], lse[e >> 1],
+                                      delta[e >> 1], pz);
             }
         // dQ += dS K, dS straight from registers as the A operand.
         mma_pb(acc, dp, sK, kLd, lane);

@@ -2,7 +2,8 @@
 // one block per k/v tile, dQ by f32 atomics) and the FlashAttention schedule (bwd_v1.cu, one
 // block per (sequence, k/v head) walking its tiles in order, dQ by plain read-add-write).
 //
-// For each query head of the GQA group and each query tile that sees the keys (block skipping),
+// For each query head of the GQA group and each query tile that sees the keys (block skipping;
+// with a block mask, only the query blocks the key block's column lists),
 // with lse and delta = rowsum(dO * O) precomputed (bwd_pre.cu):
 //   S^T = K Q^T,  P^T = exp(mod(scale S^T) - lse)       (transposed: warps own keys)
 //   dV += (P Z)^T dO                                    Z: dropout factors, regenerated
@@ -18,7 +19,7 @@
 namespace flash {
 
 // One element (i, j) of the backward, from its raw score s = q.k and dp = dO.v (in_tile: the
-// element lies inside the sequence's rows and keys): P = exp(mod(scale s) - lse) where visible,
+// element lies inside the sequence's rows and keys, and the block mask's bits): P = exp(mod(scale s) - lse) where visible,
 // 0 elsewhere, the dropout factor Z, and dS = P (dP Z - delta) softcap'(scale s). Returns dS;
 // `pz` receives P Z (dV's operand). Shared by the dK/dV tile step and bwd_dq.cu.
 FLASH_DEV float score_grad(const FlashParams& p, const Mods& md, const Dropout& dr, bool in_tile,
@@ -62,6 +63,8 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
     zero_acc(dv);
     const int key[2] = {j0 + wk * 16 + g, j0 + wk * 16 + g + 8};
 
+    const BlockMask bm(p);
+    const int kb = bm.k_block(j0);
     for (int h = hk * group; h < (hk + 1) * group; ++h) {
         const Mods md(p, sq, s, h);
         const Dropout dr(p, s, h);
@@ -69,8 +72,11 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
         md.query_range_keys(j0, j0 + cols, q_lo, q_hi);
         const long long lse_base = sq.lse_off + (long long)h * p.lse_head_stride;
         const long long o_base = sq.o_off + (long long)h * p.head_dim;
-        for (int i0 = q_lo; i0 < q_hi; i0 += kBr) {
-            const int rows = min(kBr, q_hi - i0);
+        // Query tiles that see these keys (block mask: of the query blocks its column lists).
+        TileWalk qw = bm.queries(s, h, kb, q_lo, q_hi, kBr);
+        for (Tile qt; qw.next(qt);) {
+            const int i0 = qt.x0, rows = qt.n;
+            const BlockBits bb = bm.bits(qt.id, qt.blk, kb);
             __syncthreads();  // the previous step is done with sQ, sdO, sdS
             load_tile<T, D>(sQ, kLd, sq.q<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
             load_tile<T, D>(sdO, kLd, sq.d_o<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
@@ -94,7 +100,7 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = n * 8 + 2 * c + (e & 1), i = i0 + qi, j = key[e >> 1];
-                    const bool in_tile = qi < rows && j < j0 + cols;
+                    const bool in_tile = qi < rows && j < j0 + cols && bb.test(i, j);
                     // pt becomes the dropped probabilities, for dV.
                     dpt[n][e] = score_grad(p, md, dr, in_tile, i, j, pt[n][e], dpt[n][e], sLse[qi],
                                            sDelta[qi], pt[n][e]);

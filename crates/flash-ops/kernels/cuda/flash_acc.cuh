@@ -7,11 +7,12 @@
 
 namespace flash {
 
-// S <- mod(scale S) where key j0 + column is visible to the row (and below j0 + cols), -inf
-// elsewhere. `plain` (no modifiers, every element visible) only scales.
+// S <- mod(scale S) where key j0 + column is visible to the row (below j0 + cols, and set in
+// the block mask's bits `bb`), -inf elsewhere. `plain` (no modifiers, every element visible)
+// only scales.
 template <int N>
-FLASH_DEV void mask_scores(float (&s)[N][4], const Mods& md, float scale, const int (&row)[2],
-                           int j0, int cols, int c, bool plain) {
+FLASH_DEV void mask_scores(float (&s)[N][4], const Mods& md, const BlockBits& bb, float scale,
+                           const int (&row)[2], int j0, int cols, int c, bool plain) {
 #pragma unroll
     for (int n = 0; n < N; ++n)
 #pragma unroll
@@ -19,7 +20,8 @@ FLASH_DEV void mask_scores(float (&s)[N][4], const Mods& md, float scale, const 
             float x = s[n][e] * scale;
             if (!plain) {
                 const int i = row[e >> 1], j = j0 + n * 8 + 2 * c + (e & 1);
-                x = (j < j0 + cols && md.visible(i, j)) ? md.modify(x, i, j) : -FLASH_INF;
+                x = (j < j0 + cols && md.visible(i, j) && bb.test(i, j)) ? md.modify(x, i, j)
+                                                                          : -FLASH_INF;
             }
             s[n][e] = x;
         }

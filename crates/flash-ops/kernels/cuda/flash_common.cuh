@@ -285,6 +285,106 @@ struct QueryHead {
           md(p, sq, s, h), dr(p, s, h) {}
 };
 
+// ---------------------------------------------------------------------------------------------
+// Block-sparse attention (FlashAttention §3.3; flash_ops::BlockMask): a query block visits only
+// the key blocks its row lists, a key block (dK/dV) only the query blocks its column lists.
+// The launch plan guarantees the block size is a multiple of every kernel tile, so a tile lies
+// inside one block; *full* blocks skip the element bits, *partial* ones test them where the
+// causal/window mask is applied.
+
+constexpr unsigned kFullBlock = 0xffffffffu;  // the partial-block id of a full block
+
+// The element bits of one listed block, origin (i0, j0): row r is wpr words, bit c % 32 of
+// word c / 32. Null words: every element visible (a full block, or no mask).
+struct BlockBits {
+    const unsigned* w;
+    int wpr, i0, j0;
+    FLASH_DEV bool full() const { return w == nullptr; }
+    FLASH_DEV bool test(int i, int j) const {
+        if (w == nullptr) return true;
+        const int r = i - i0, c = j - j0;
+        return (w[r * wpr + (c >> 5)] >> (c & 31)) & 1u;
+    }
+};
+
+// One tile of a walk: positions [x0, x0 + n) inside block `blk`, whose partial-block id is id.
+struct Tile {
+    int x0, n, blk;
+    unsigned id;
+};
+
+// Tiles of `step` positions over [lo, hi) along one axis, in ascending order: all of them
+// (dense: `blk` null), or only those inside the listed blocks of `bsize` positions (a tile is
+// cut at its block's end). The branch on `blk` is uniform over the block.
+struct TileWalk {
+    const unsigned* blk;  // listed block indices (ascending) ...
+    const unsigned* ids;  // ... and their partial-block ids
+    int pos, end, lo, hi, bsize, step;
+    int x = 0, cur_end = 0, cur_blk = 0;
+    unsigned cur_id = kFullBlock;
+    FLASH_DEV TileWalk(const unsigned* b, const unsigned* i, int n, int lo_, int hi_, int bs, int st)
+        : blk(b), ids(i), pos(0), end(n), lo(lo_), hi(hi_), bsize(bs), step(st), x(lo_), cur_end(lo_) {}
+    FLASH_DEV bool next(Tile& t) {
+        if (blk == nullptr) {
+            if (x >= hi) return false;
+            t = {x, min(step, hi - x), 0, kFullBlock};
+            x += step;
+            return true;
+        }
+        while (x >= cur_end) {  // on to the next listed block that meets [lo, hi)
+            if (pos >= end) return false;
+            const int b = (int)blk[pos], s = max(b * bsize, lo), e = min((b + 1) * bsize, hi);
+            cur_id = ids[pos++];
+            if (s >= hi) { pos = end; return false; }  // ascending: no later block meets it
+            if (s < e) { x = s; cur_end = e; cur_blk = b; }
+        }
+        t = {x, min(step, cur_end - x), cur_blk, cur_id};
+        x += step;
+        return true;
+    }
+};
+
+// The mask of a launch (p.mask null: none).
+struct BlockMask {
+    const FlashParams& p;
+    FLASH_DEV explicit BlockMask(const FlashParams& p_) : p(p_) {}
+    FLASH_DEV bool on() const { return p.mask != nullptr; }
+    // Row / column index of block `b` of (sequence s, query head h): the mask broadcasts an
+    // extent of 1.
+    FLASH_DEV int line(int s, int h, int nb, int b) const {
+        const FlashMaskDims& d = p.mask_dims;
+        return ((d.batch > 1 ? s : 0) * d.heads + (d.heads > 1 ? h : 0)) * nb + b;
+    }
+    FLASH_DEV TileWalk walk(unsigned start, unsigned block, unsigned ids, int line, int bsize, int lo,
+                            int hi, int step) const {
+        if (!on()) return TileWalk(nullptr, nullptr, 0, lo, hi, bsize, step);
+        const unsigned* m = p.mask;
+        const unsigned a = m[start + line], e = m[start + line + 1];
+        return TileWalk(m + block + a, m + ids + a, (int)(e - a), lo, hi, bsize, step);
+    }
+    // Key tiles over [lo, hi) that query block qb of (s, h) lists (dense without a mask).
+    FLASH_DEV TileWalk keys(int s, int h, int qb, int lo, int hi, int step) const {
+        const FlashMaskDims& d = p.mask_dims;
+        return walk(d.kv_start, d.kv_block, d.kv_bits, on() ? line(s, h, d.qb, qb) : 0, d.bk, lo,
+                    hi, step);
+    }
+    // Query tiles over [lo, hi) that key block kb of (s, h) lists: the transposed lists.
+    FLASH_DEV TileWalk queries(int s, int h, int kb, int lo, int hi, int step) const {
+        const FlashMaskDims& d = p.mask_dims;
+        return walk(d.q_start, d.q_block, d.q_bits, on() ? line(s, h, d.kb, kb) : 0, d.bq, lo, hi,
+                    step);
+    }
+    // The query block of row i, the key block of key j (0 without a mask).
+    FLASH_DEV int q_block(int i) const { return on() ? i / p.mask_dims.bq : 0; }
+    FLASH_DEV int k_block(int j) const { return on() ? j / p.mask_dims.bk : 0; }
+    // The bits of block (qb, kb) with partial-block id `id`.
+    FLASH_DEV BlockBits bits(unsigned id, int qb, int kb) const {
+        const FlashMaskDims& d = p.mask_dims;
+        if (!on() || id == kFullBlock) return {nullptr, 0, 0, 0};
+        return {p.mask + d.bits + (long long)id * d.bq * d.wpr, d.wpr, qb * d.bq, kb * d.bk};
+    }
+};
+
 }  // namespace flash
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 // size/offset test against the numbers below.
 //
 // One struct serves every kernel (forward, backward, pre/post passes): each kernel reads the
-// fields it needs and ignores the rest. Passed by value (it is ~300 bytes, well under the 4 KiB
+// fields it needs and ignores the rest. Passed by value (it is ~350 bytes, well under the 4 KiB
 // kernel-parameter limit), so kernels read it from the constant bank.
 #pragma once
 
@@ -23,6 +23,20 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+// Where the lists of a block-sparse mask (flash_ops::BlockMask, issue 12) lie in the one u32
+// buffer `FlashParams::mask`, and their extents. Mirrored by `MaskDims` (src/plan/layout.rs);
+// the Metal header declares the same fields.
+typedef struct FlashMaskDims {
+    // Word offsets in the buffer of kv_start, kv_block, kv_bits (rows: per query block, the
+    // key blocks it lists, ascending, and their partial-block ids), q_start, q_block, q_bits
+    // (the transposed columns) and bits (bq rows of wpr words per partial block).
+    unsigned kv_start, kv_block, kv_bits, q_start, q_block, q_bits, bits;
+    int qb, kb;          // query / key blocks per sequence
+    int batch, heads;    // the mask's extents: 1 = broadcast over sequences / query heads
+    int bq, bk, wpr;     // block size; words per bit row of a partial block
+    int pad_[2];
+} FlashMaskDims;
 
 typedef struct FlashParams {
     // Buffers (device pointers; host pointers in the emulator).
@@ -63,6 +77,10 @@ typedef struct FlashParams {
     float dropout_scale;            // 1 / (1 - p)
     unsigned int dropout_threshold; // keep iff draw >= threshold
     unsigned int seed_lo, seed_hi;
+
+    // Block-sparse mask: null when there is none (every kernel then takes its dense path).
+    const unsigned* mask;
+    FlashMaskDims mask_dims;
 } FlashParams;
 
 #ifdef __cplusplus

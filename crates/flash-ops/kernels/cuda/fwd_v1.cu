@@ -33,17 +33,24 @@ template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
     for (long long e = tid; e < (long long)sq.q_len * p.head_dim; e += C::kThreads)
         gacc[(e / p.head_dim) * p.o_tok_stride + e % p.head_dim] = 0.f;
 
+    const BlockMask bm(p);
     for (int j0 = 0; j0 < sq.k_len; j0 += kBc) {
         const int cols = min(kBc, sq.k_len - j0);
         int q_lo, q_hi;
         md.query_range_keys(j0, j0 + cols, q_lo, q_hi);
-        if (q_lo >= q_hi) continue;  // block skipping (uniform over the block)
+        // The query tiles that see these keys (block mask: of the query blocks its key block
+        // lists, the transposed lists).
+        const int kb = bm.k_block(j0);
+        TileWalk qw = bm.queries(s, h, kb, q_lo, q_hi, kBr);
+        Tile qt;
+        if (!qw.next(qt)) continue;  // block skipping (uniform over the block)
         __syncthreads();  // previous tile: sK/sV readers and m/l writers done
         load_tile<T, D>(sK, kLd, sq.k<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
         load_tile<T, D>(sV, kLd, sq.v<T>(p, hk), j0, cols, kBc, p, tid, C::kThreads);
         cp_async_commit();
-        for (int i0 = q_lo; i0 < q_hi; i0 += kBr) {
-            const int rows = min(kBr, q_hi - i0);
+        do {
+            const int i0 = qt.x0, rows = qt.n;
+            const BlockBits bb = bm.bits(qt.id, qt.blk, kb);
             __syncthreads();
             load_tile<T, D>(sQ, kLd, sq.q<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
             cp_async_commit();
@@ -54,7 +61,7 @@ template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
             zero_acc(sc);
             mma_abt<D>(sc, sQ + warp * 16 * kLd, sK, kLd, lane);
             const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-            mask_scores(sc, md, p.scale, row, j0, cols, c, false);
+            mask_scores(sc, md, bb, p.scale, row, j0, cols, c, false);
             // Tile statistics m~, l~ and P~ = exp(S - m~) (Algorithm 1 line 10).
             float mt[2], lt[2];
 #pragma unroll
@@ -97,7 +104,7 @@ template <typename T, int D> __device__ void fwd_v1(const FlashParams& p) {
                         gm[row[r]] = m_new[r];
                         gl[row[r]] = l_new[r];
                     }
-        }
+        } while (qw.next(qt));
     }
     __syncthreads();
     T* go = static_cast<T*>(p.o) + sq.o_off + (long long)h * p.head_dim;

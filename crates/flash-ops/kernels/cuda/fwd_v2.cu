@@ -4,7 +4,8 @@
 // accumulator straight into the P V product, and only the log-sum-exp is written.
 // K/V tiles stream through shared memory with cp.async double buffering (the next tile loads
 // while this one is multiplied). Tiles that no row of the block can see (causal, window) are
-// never visited: the k loop runs over the visible key range of the block only.
+// never visited: the k loop runs over the visible key range of the block only (and, with a
+// block mask, over the key blocks its query block lists).
 #include "flash_acc.cuh"
 #include "flash_config.cuh"
 #include "flash_mma.cuh"
@@ -32,7 +33,10 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
 
     int k_lo, k_hi;
     md.key_range_rows(i0, i0 + rows, k_lo, k_hi);
-    const int n_tiles = k_hi > k_lo ? (k_hi - k_lo + kBc - 1) / kBc : 0;
+    // The key tiles of the visible range (block mask: of the listed blocks only).
+    const BlockMask bm(p);
+    const int qb = bm.q_block(i0);
+    TileWalk walk = bm.keys(s, h, qb, k_lo, k_hi, kBc);
 
     float acc[kDT][4];
     zero_acc(acc);
@@ -40,35 +44,40 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
     const int row[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
 
     const Rows<T> gk = sq.k<T>(p, hk), gv = sq.v<T>(p, hk);
-    auto load_kv = [&](int t, int stage) {
-        int j0 = k_lo + t * kBc, cols = min(kBc, k_hi - j0);
-        load_tile<T, D>(sK + stage * kBc * kLd, kLd, gk, j0, cols, kBc, p, tid, C::kThreads);
-        load_tile<T, D>(sV + stage * kBc * kLd, kLd, gv, j0, cols, kBc, p, tid, C::kThreads);
+    auto load_kv = [&](const Tile& t, int stage) {
+        load_tile<T, D>(sK + stage * kBc * kLd, kLd, gk, t.x0, t.n, kBc, p, tid, C::kThreads);
+        load_tile<T, D>(sV + stage * kBc * kLd, kLd, gv, t.x0, t.n, kBc, p, tid, C::kThreads);
         cp_async_commit();
     };
-    if (n_tiles > 0) load_kv(0, 0);
+    Tile cur;
+    bool have = walk.next(cur);
+    if (have) load_kv(cur, 0);
 
-    for (int t = 0; t < n_tiles; ++t) {
+    for (int t = 0; have; ++t) {
         const int stage = C::kStages == 2 ? (t & 1) : 0;
-        if (C::kStages == 2 && t + 1 < n_tiles) {
-            load_kv(t + 1, (t + 1) & 1);  // prefetch while this tile is multiplied
+        Tile nxt;
+        const bool more = walk.next(nxt);
+        if (C::kStages == 2 && more) {
+            load_kv(nxt, (t + 1) & 1);  // prefetch while this tile is multiplied
             cp_async_wait<1>();
         } else {
-            if (C::kStages == 1 && t > 0) load_kv(t, 0);  // single stage: load, then wait
+            if (C::kStages == 1 && t > 0) load_kv(cur, 0);  // single stage: load, then wait
             cp_async_wait<0>();
         }
         __syncthreads();
         const T* cK = sK + stage * kBc * kLd;
         const T* cV = sV + stage * kBc * kLd;
-        const int j0 = k_lo + t * kBc, cols = min(kBc, k_hi - j0);
+        const int j0 = cur.x0, cols = cur.n;
 
-        // S = Q K^T for this warp's 16 rows; scale, modifiers, mask (skipped for interior tiles).
+        // S = Q K^T for this warp's 16 rows; scale, modifiers, mask (skipped for interior tiles
+        // of full blocks).
         float sc[kNT][4];
         zero_acc(sc);
         mma_abt<D>(sc, sQ + warp * 16 * kLd, cK, kLd, lane);
-        const bool plain = !md.has_mods() && cols == kBc &&
+        const BlockBits bb = bm.bits(cur.id, qb, cur.blk);
+        const bool plain = !md.has_mods() && cols == kBc && bb.full() &&
                            md.tile_fully_visible(i0, i0 + rows, j0, j0 + cols);
-        mask_scores(sc, md, p.scale, row, j0, cols, c, plain);
+        mask_scores(sc, md, bb, p.scale, row, j0, cols, c, plain);
 
         // Online softmax: new row max, rescale the accumulator, exponentiate. l stays a
         // per-lane partial sum (reduced over the quad once, at the end).
@@ -91,6 +100,8 @@ template <typename T, int D> __device__ void fwd_v2(const FlashParams& p) {
         // O += P V, P taken from the S registers.
         mma_pb(acc, sc, cV, kLd, lane);
         __syncthreads();  // the next prefetch overwrites this stage
+        cur = nxt;
+        have = more;
     }
     cp_async_wait<0>();
 

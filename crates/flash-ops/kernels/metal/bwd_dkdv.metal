@@ -17,7 +17,8 @@ template <typename T, int D>
                                device const T *v [[buffer(5)]], device const T *d_o [[buffer(6)]],
                                device const float *lse [[buffer(7)]],
                                device const float *delta [[buffer(8)]], device T *dk [[buffer(9)]],
-                               device T *dv [[buffer(10)]]) {
+                               device T *dv [[buffer(10)]],
+                               device const uint *mask [[buffer(11)]]) {
     constexpr int BK = FLASH_BK, BQ = FLASH_BQ(D), NT = FLASH_THREADS;
     FLASH_CHECK_SMEM((2 * BQ * D + 2 * BK * BQ + 2 * BQ) * 4);
     const int b = (int)tgid.z, hk = (int)tgid.y, j0 = (int)tgid.x * BK;
@@ -45,20 +46,25 @@ template <typename T, int D>
     }
     threadgroup float *my_s = sbuf + 8 * sg * BQ, *my_dp = dpbuf + 8 * sg * BQ;
 
+    const int kb = mask_k_block(p, j0);
     for (int h = hk * group; h < (hk + 1) * group; ++h) {
         const Mods mods = make_mods(p, si, alibi, b, h);
-        // Block skipping: only q tiles with a row that sees one of these keys.
+        // Block skipping: only q tiles with a row that sees one of these keys (and, with a
+        // block mask, inside the query blocks its key block's column lists).
         const int q_lo = query_lo(mods, j0), q_hi = query_hi(mods, j1);
         device const T *qp = q + si.q_off + (long)h * p.q_head_stride;
         device const T *dop = d_o + si.o_off + (long)h * hd;
-        for (int i0 = q_lo; i0 < q_hi; i0 += BQ) {
-            load_rows<T, D>(qbuf, qp, p.q_tok_stride, i0, q_hi, BQ, hd, tid, NT, 1.0f);
-            load_rows<T, D>(dobuf, dop, p.o_tok_stride, i0, q_hi, BQ, hd, tid, NT, 1.0f);
+        TileWalk walk = make_walk(p, mask, false, b, h, kb, q_lo, q_hi, BQ);
+        for (Tile t; walk_next(walk, t);) {
+            const int i0 = t.x0, i_end = t.x0 + t.n;
+            const BlockBits bb = block_bits(p, mask, t.id, t.blk, kb);
+            load_rows<T, D>(qbuf, qp, p.q_tok_stride, i0, i_end, BQ, hd, tid, NT, 1.0f);
+            load_rows<T, D>(dobuf, dop, p.o_tok_stride, i0, i_end, BQ, hd, tid, NT, 1.0f);
             if ((int)tid < BQ) {
                 const int i = i0 + (int)tid;
                 const long idx = si.lse_off + (long)h * p.lse_head_stride + i;
-                lse_s[tid] = i < q_hi ? lse[idx] : -INFINITY;
-                delta_s[tid] = i < q_hi ? delta[idx] : 0.0f;
+                lse_s[tid] = i < i_end ? lse[idx] : -INFINITY;
+                delta_s[tid] = i < i_end ? delta[idx] : 0.0f;
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
             a_bt<D, BQ / 8>(km, qbuf, my_s, BQ);
@@ -67,7 +73,7 @@ template <typename T, int D>
             for (int e = (int)lane; e < 8 * BQ; e += 32) {
                 const int rr = e / BQ, c = e % BQ, j = j0 + 8 * (int)sg + rr, i = i0 + c;
                 float pz = 0.0f, ds = 0.0f;
-                if (j < j1 && visible(mods, i, j)) {
+                if (j < j1 && i < i_end && visible(mods, i, j) && bits_test(bb, i, j)) {
                     float dcap;
                     const float s = modify(mods, my_s[e], i, j, dcap);
                     const float pr = exp(s - lse_s[c]);

@@ -16,7 +16,8 @@ template <typename T, int D>
                              device const T *q [[buffer(3)]], device const T *k [[buffer(4)]],
                              device const T *v [[buffer(5)]], device const T *d_o [[buffer(6)]],
                              device const float *lse [[buffer(7)]],
-                             device const float *delta [[buffer(8)]], device T *dq [[buffer(9)]]) {
+                             device const float *delta [[buffer(8)]], device T *dq [[buffer(9)]],
+                             device const uint *mask [[buffer(10)]]) {
     constexpr int BR = FLASH_BR, BC = FLASH_BC(D), NT = FLASH_THREADS;
     FLASH_CHECK_SMEM((BC * D + 2 * BR * BC + 2 * BR) * 4);
     const int b = (int)tgid.z, h = (int)tgid.y, i0 = (int)tgid.x * BR;
@@ -50,19 +51,24 @@ template <typename T, int D>
     device const T *kp = k + si.k_off + (long)hk * p.k_head_stride;
     device const T *vp = v + si.v_off + (long)hk * p.v_head_stride;
     threadgroup float *my_s = sbuf + 8 * sg * BC, *my_dp = dpbuf + 8 * sg * BC;
-    for (int j0 = k_lo; j0 < k_hi; j0 += BC) {
-        load_rows<T, D>(kv, vp, p.v_tok_stride, j0, k_hi, BC, hd, tid, NT, 1.0f);
+    // The forward's key tiles: the listed key blocks only, with a block mask.
+    const int qb = mask_q_block(p, i0);
+    TileWalk walk = make_walk(p, mask, true, b, h, qb, k_lo, k_hi, BC);
+    for (Tile t; walk_next(walk, t);) {
+        const int j0 = t.x0, j_end = t.x0 + t.n;
+        const BlockBits bb = block_bits(p, mask, t.id, qb, t.blk);
+        load_rows<T, D>(kv, vp, p.v_tok_stride, j0, j_end, BC, hd, tid, NT, 1.0f);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         a_bt<D, BC / 8>(dom, kv, my_dp, BC);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // v no longer needed
-        load_rows<T, D>(kv, kp, p.k_tok_stride, j0, k_hi, BC, hd, tid, NT, 1.0f);
+        load_rows<T, D>(kv, kp, p.k_tok_stride, j0, j_end, BC, hd, tid, NT, 1.0f);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         a_bt<D, BC / 8>(qm, kv, my_s, BC);
         simdgroup_barrier(mem_flags::mem_threadgroup);
         for (int e = (int)lane; e < 8 * BC; e += 32) {
             const int rr = e / BC, c = e % BC, i = i0 + 8 * (int)sg + rr, j = j0 + c;
             float ds = 0.0f;
-            if (visible(mods, i, j)) {
+            if (j < j_end && visible(mods, i, j) && bits_test(bb, i, j)) {
                 float dcap;
                 const float s = modify(mods, my_s[e], i, j, dcap);
                 const float pr = exp(s - lse_s[8 * sg + rr]);

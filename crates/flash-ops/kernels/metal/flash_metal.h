@@ -71,6 +71,16 @@ struct MetalFlashParams {
     float dropout_scale;     // 1 / (1 - p)
     uint seed_lo, seed_hi;
     int has_dlse;  // backward: bwd_pre subtracts dlse (the lse's gradient) from delta
+    // Block-sparse mask (flash_ops::BlockMask; `MaskDims` of src/plan/layout.rs): word offsets
+    // in the `mask` buffer of kv_start, kv_block, kv_bits (per query block: the key blocks it
+    // lists, ascending, and their partial-block ids), q_start, q_block, q_bits (the transposed
+    // columns) and bits (bq rows of wpr words per partial block); the extents.
+    uint m_kv_start, m_kv_block, m_kv_bits, m_q_start, m_q_block, m_q_bits, m_bits;
+    int m_qb, m_kb;        // query / key blocks per sequence
+    int m_batch, m_heads;  // 1: broadcast over sequences / query heads
+    int m_bq, m_bk, m_wpr; // block size; words per bit row
+    int m_on;              // 1: a mask (the buffer is always bound; a stand-in without one)
+    int m_pad;
 };
 
 // Per-sequence record: 8 longs per sequence in `seq_info` (element offsets of row 0, head 0,
@@ -164,6 +174,126 @@ inline float dropout_factor(constant MetalFlashParams &p, int b, int h, int i, i
     const uint draw = philox_draw(p.seed_lo, p.seed_hi, (uint)i, (uint)j, (uint)(b * p.heads_q + h));
     return draw >= p.dropout_threshold ? p.dropout_scale : 0.0f;
 }
+
+// ---- block-sparse attention (FlashAttention §3.3, flash_ops::BlockMask) ----------------------
+// A query block visits only the key blocks its row lists, a key block (dK/dV) only the query
+// blocks its column lists. The launch plan guarantees the block size is a multiple of every
+// tile, so a tile lies inside one block; *full* blocks skip the element bits, *partial* ones
+// test them where the causal/window mask is applied.
+#define FLASH_FULL_BLOCK 0xffffffffu  // the partial-block id of a full block
+
+// One tile of a walk: positions [x0, x0 + n) inside block `blk`, partial-block id `id`.
+struct Tile {
+    int x0, n, blk;
+    uint id;
+};
+
+// Tiles of `step` positions over [lo, hi), ascending: all of them (dense), or only those inside
+// the listed blocks of `bsize` positions, each cut at its block's end. Uniform over the
+// threadgroup (every thread walks the same list).
+struct TileWalk {
+    device const uint *blk;  // listed block indices (ascending) ...
+    device const uint *ids;  // ... and their partial-block ids
+    int dense, pos, end, lo, hi, bsize, step, x, cur_end, cur_blk;
+    uint cur_id;
+};
+
+// Row (query block; `rows`) or column (key block) `b` of (sequence s, query head h): the
+// mask broadcasts an extent of 1.
+inline int mask_line(constant MetalFlashParams &p, int s, int h, int b, bool rows) {
+    const int base = (p.m_batch > 1 ? s : 0) * p.m_heads + (p.m_heads > 1 ? h : 0);
+    return base * (rows ? p.m_qb : p.m_kb) + b;
+}
+
+// Key tiles (`rows`: of query block b's row) or query tiles (of key block b's column).
+inline TileWalk make_walk(constant MetalFlashParams &p, device const uint *mask, bool rows, int s,
+                          int h, int b, int lo, int hi, int step) {
+    TileWalk w;
+    w.blk = mask;
+    w.ids = mask;
+    w.dense = !p.m_on;
+    w.pos = 0;
+    w.end = 0;
+    w.lo = lo;
+    w.hi = hi;
+    w.bsize = 1;
+    w.step = step;
+    w.x = lo;
+    w.cur_end = lo;
+    w.cur_blk = 0;
+    w.cur_id = FLASH_FULL_BLOCK;
+    if (p.m_on) {
+        const int line = mask_line(p, s, h, b, rows);
+        const uint start = rows ? p.m_kv_start : p.m_q_start;
+        const uint a = mask[start + line], e = mask[start + line + 1];
+        w.blk = mask + (rows ? p.m_kv_block : p.m_q_block) + a;
+        w.ids = mask + (rows ? p.m_kv_bits : p.m_q_bits) + a;
+        w.end = (int)(e - a);
+        w.bsize = rows ? p.m_bk : p.m_bq;
+    }
+    return w;
+}
+
+inline bool walk_next(thread TileWalk &w, thread Tile &t) {
+    if (w.dense) {
+        if (w.x >= w.hi) return false;
+        t.x0 = w.x;
+        t.n = min(w.step, w.hi - w.x);
+        t.blk = 0;
+        t.id = FLASH_FULL_BLOCK;
+        w.x += w.step;
+        return true;
+    }
+    while (w.x >= w.cur_end) {  // on to the next listed block that meets [lo, hi)
+        if (w.pos >= w.end) return false;
+        const int b = (int)w.blk[w.pos], s = max(b * w.bsize, w.lo), e = min((b + 1) * w.bsize, w.hi);
+        w.cur_id = w.ids[w.pos];
+        w.pos += 1;
+        if (s >= w.hi) {  // ascending: no later block meets the range
+            w.pos = w.end;
+            return false;
+        }
+        if (s < e) {
+            w.x = s;
+            w.cur_end = e;
+            w.cur_blk = b;
+        }
+    }
+    t.x0 = w.x;
+    t.n = min(w.step, w.cur_end - w.x);
+    t.blk = w.cur_blk;
+    t.id = w.cur_id;
+    w.x += w.step;
+    return true;
+}
+
+// The element bits of listed block (qb, kb), origin (i0, j0): row r is wpr words, bit c % 32
+// of word c / 32. `full`: every element visible (a full block, or no mask).
+struct BlockBits {
+    device const uint *w;
+    int wpr, i0, j0, full;
+};
+
+inline BlockBits block_bits(constant MetalFlashParams &p, device const uint *mask, uint id, int qb,
+                            int kb) {
+    BlockBits bb;
+    bb.full = !p.m_on || id == FLASH_FULL_BLOCK;
+    bb.w = mask + (bb.full ? 0 : p.m_bits + (long)id * p.m_bq * p.m_wpr);
+    bb.wpr = p.m_wpr;
+    bb.i0 = qb * p.m_bq;
+    bb.j0 = kb * p.m_bk;
+    return bb;
+}
+
+inline bool bits_test(BlockBits bb, int i, int j) {
+    if (bb.full) return true;
+    const int r = i - bb.i0, c = j - bb.j0;
+    return ((bb.w[r * bb.wpr + c / 32] >> (uint)(c % 32)) & 1u) != 0;
+}
+
+// The query block of row i, the key block of key j (0 without a mask).
+inline int mask_q_block(constant MetalFlashParams &p, int i) { return p.m_on ? i / p.m_bq : 0; }
+inline int mask_k_block(constant MetalFlashParams &p, int j) { return p.m_on ? j / p.m_bk : 0; }
 
 // ---- tile movers ------------------------------------------------------------------------------
 // Tiles live in threadgroup memory as f32 rows of D (the kernel's head dim): rows past `len`

@@ -16,7 +16,8 @@ template <typename T, int D>
                           device const long *seq_info [[buffer(1)]],
                           device const float *alibi [[buffer(2)]], device const T *q [[buffer(3)]],
                           device const T *k [[buffer(4)]], device const T *v [[buffer(5)]],
-                          device T *o [[buffer(6)]], device float *stats [[buffer(7)]]) {
+                          device T *o [[buffer(6)]], device float *stats [[buffer(7)]],
+                          device const uint *mask [[buffer(8)]]) {
     constexpr int BR = FLASH_BR, BC = FLASH_BC(D), NT = FLASH_THREADS;
     FLASH_CHECK_SMEM((BC * D + BR * BC + 4 * 64) * 4);
     const int b = (int)tgid.z, h = (int)tgid.y, i0 = (int)tgid.x * BR;
@@ -40,13 +41,18 @@ template <typename T, int D>
     threadgroup float *srow = sbuf + (8 * (int)sg + r) * BC;
     float m_run = -INFINITY, l_run = 0.0f;
 
-    // Block skipping: only key tiles visible to some row of this q tile.
+    // Block skipping: only key tiles visible to some row of this q tile (and, with a block
+    // mask, inside the key blocks its query block lists).
     const int i_last = min(i0 + BR, (int)si.q_len) - 1;
     const int k_lo = min(key_lo(mods, i0), mods.k_len), k_hi = key_hi(mods, i_last);
     device const T *kp = k + si.k_off + (long)hk * p.k_head_stride;
     device const T *vp = v + si.v_off + (long)hk * p.v_head_stride;
-    for (int j0 = k_lo; j0 < k_hi; j0 += BC) {
-        load_rows<T, D>(kv, kp, p.k_tok_stride, j0, k_hi, BC, hd, tid, NT, 1.0f);
+    const int qb = mask_q_block(p, i0);
+    TileWalk walk = make_walk(p, mask, true, b, h, qb, k_lo, k_hi, BC);
+    for (Tile t; walk_next(walk, t);) {
+        const int j0 = t.x0, j_end = t.x0 + t.n;
+        const BlockBits bb = block_bits(p, mask, t.id, qb, t.blk);
+        load_rows<T, D>(kv, kp, p.k_tok_stride, j0, j_end, BC, hd, tid, NT, 1.0f);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         a_bt<D, BC / 8>(qm, kv, sbuf + 8 * sg * BC, BC);
         simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -55,7 +61,8 @@ template <typename T, int D>
         for (int c = qd; c < BC; c += 4) {
             const int j = j0 + c;
             float dcap;
-            const float s = visible(mods, i, j) ? modify(mods, srow[c], i, j, dcap) : -INFINITY;
+            const bool vis = j < j_end && visible(mods, i, j) && bits_test(bb, i, j);
+            const float s = vis ? modify(mods, srow[c], i, j, dcap) : -INFINITY;
             srow[c] = s;
             mx = max(mx, s);
         }
@@ -81,7 +88,7 @@ template <typename T, int D>
         scale_rows<D>(om, diag);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // every simdgroup is done with k
 
-        load_rows<T, D>(kv, vp, p.v_tok_stride, j0, k_hi, BC, hd, tid, NT, 1.0f);
+        load_rows<T, D>(kv, vp, p.v_tok_stride, j0, j_end, BC, hd, tid, NT, 1.0f);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         acc_ab<D, BC / 8>(om, sbuf + 8 * sg * BC, BC, kv);
         threadgroup_barrier(mem_flags::mem_threadgroup);  // ... and with v and P

@@ -82,6 +82,7 @@ fn addr(s: &CudaStorage, offset: usize) -> Result<u64> {
         DType::F16 => go::<f16>(s, offset),
         DType::BF16 => go::<bf16>(s, offset),
         DType::I64 => go::<i64>(s, offset),
+        DType::U32 => go::<u32>(s, offset),
         d => bail!("flash_attn: unexpected dtype {d:?} on the CUDA path"),
     }
 }
@@ -120,11 +121,20 @@ fn common(
         InputLayout::checked("k", lk, p.head_dim)?,
         InputLayout::checked("v", lv, p.head_dim)?,
     );
+    // Refused before anything is uploaded or launched: a block size the kernels cannot tile.
+    let mask = plan::block_mask(p, dt)?;
     let info = plan::seq_info(p, &il_q, &il_k, &il_v);
     let mut fp = plan::base_params(p, dt, [&il_q, &il_k, &il_v], &info);
     let info = i64::wrap_cuda_slice(dev.clone_htod(&info)?, dev.clone());
     fp.seq_info = addr(&info, 0)?;
     let mut keep = vec![info];
+    if let Some((dims, lists)) = mask {
+        // The block lists, once per call, as one buffer (offsets in `mask_dims`).
+        let m = u32::wrap_cuda_slice(dev.clone_htod(&lists)?, dev.clone());
+        fp.mask = addr(&m, 0)?;
+        fp.mask_dims = dims;
+        keep.push(m);
+    }
     if let Some(a) = &p.alibi {
         let a = f32::wrap_cuda_slice(dev.clone_htod(a)?, dev.clone());
         fp.alibi = addr(&a, 0)?;

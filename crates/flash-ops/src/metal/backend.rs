@@ -87,12 +87,13 @@ fn dt_of(d: DType) -> Result<Dt> {
     Dt::of(d, "the Metal backend")
 }
 
-/// The problem's constant buffers: parameters (bytes), per-sequence records, ALiBi slopes
-/// (a one-element stand-in when off: every declared buffer is bound).
+/// The problem's constant buffers: parameters (bytes), per-sequence records, ALiBi slopes and
+/// the block mask's lists (one-element stand-ins when off: every declared buffer is bound).
 struct Constants {
     params: MetalParams,
     seq_info: Arc<Buffer>,
     alibi: Arc<Buffer>,
+    mask: Arc<Buffer>,
 }
 
 fn constants(p: &AttnParams, dev: &MetalDevice, l: [&Layout; 3]) -> Result<Constants> {
@@ -101,11 +102,18 @@ fn constants(p: &AttnParams, dev: &MetalDevice, l: [&Layout; 3]) -> Result<Const
         InputLayout::checked("k", l[1], p.head_dim)?,
         InputLayout::checked("v", l[2], p.head_dim)?,
     );
+    // Refused before anything is dispatched: a block size the kernels cannot tile.
+    let (mask_dims, lists) = plan::block_mask(p)?.unwrap_or_default();
     let slopes = p.alibi.clone().unwrap_or_else(|| vec![0.0]);
+    let lists = if lists.is_empty() { vec![0] } else { lists };
     Ok(Constants {
-        params: plan::params(p, &q, &k, &v),
+        params: MetalParams {
+            mask_dims,
+            ..plan::params(p, &q, &k, &v)
+        },
         seq_info: dev.new_buffer_with_data(&plan::seq_info(p, &q, &k, &v))?,
         alibi: dev.new_buffer_with_data(&slopes)?,
+        mask: dev.new_buffer_with_data(&lists)?,
     })
 }
 
@@ -186,6 +194,7 @@ pub fn forward(
                 Bind::In(v.buffer(), 0),
                 Bind::Out(&out, 0),
                 Bind::Out(&stats, 0),
+                Bind::In(&c.mask, 0),
             ],
         );
     }
@@ -255,12 +264,13 @@ pub fn backward(
             Bind::In(&delta, 0),
         ];
         let mut b = common.to_vec();
-        b.push(Bind::Out(&grads, 0));
+        b.extend([Bind::Out(&grads, 0), Bind::In(&c.mask, 0)]);
         dispatch(enc, &pipes[1], &dq_l, &c, &b);
         let mut b = common.to_vec();
         b.extend([
             Bind::Out(&grads, nq * es),
             Bind::Out(&grads, (nq + nk) * es),
+            Bind::In(&c.mask, 0),
         ]);
         dispatch(enc, &pipes[2], &dkdv_l, &c, &b);
     }

@@ -2,8 +2,10 @@
 //! `FlashParams`, the tile configurations of `flash_config.cuh`, and which kernels run with
 //! which grids for a problem.
 
-pub use super::{kernel_head_dim, seq_info, Dt, InputLayout, Strides, HEAD_DIMS, SEQ_INFO_STRIDE};
-use super::{max_lens, shared_params, AttnParams};
+pub use super::{
+    kernel_head_dim, seq_info, Dt, InputLayout, MaskDims, Strides, HEAD_DIMS, SEQ_INFO_STRIDE,
+};
+use super::{lcm, max_lens, shared_params, AttnParams};
 use crate::Algorithm;
 
 /// Mirror of `FlashParams` in `kernels/cuda/flash_params.h` (same order, pointers as `u64`).
@@ -44,10 +46,13 @@ pub struct FlashParams {
     pub dropout_threshold: u32,
     pub seed_lo: u32,
     pub seed_hi: u32,
+    /// The uploaded [`block_mask`] buffer, or 0 without a mask.
+    pub mask: u64,
+    pub mask_dims: MaskDims,
 }
 
 /// `sizeof(FlashParams)` in C; the emulator checks it at every launch.
-pub const FLASH_PARAMS_SIZE: usize = 280;
+pub const FLASH_PARAMS_SIZE: usize = 352;
 const _: () = assert!(std::mem::size_of::<FlashParams>() == FLASH_PARAMS_SIZE);
 
 /// Threads, dynamic shared memory and tile sizes of one kernel (mirrors flash_config.cuh).
@@ -99,6 +104,22 @@ pub fn bwd_cfg(dt: Dt, d: usize) -> TileCfg {
         br,
         bc,
     }
+}
+
+/// The (query, key) multiples of a block mask's block size that the kernels of `(dt, d)` need:
+/// every query tile (forward, dQ, dK/dV sweep) and key tile must lie inside one block.
+pub fn block_multiples(dt: Dt, d: usize) -> (usize, usize) {
+    let (f, b, q) = (fwd_cfg(dt, d), bwd_cfg(dt, d), dq_cfg(dt, d));
+    (lcm(lcm(f.br, b.br), q.br), lcm(lcm(f.bc, b.bc), q.bc))
+}
+
+/// The block mask of `p` checked against the kernels of `dt` (a clear error for a block size
+/// they cannot tile) and laid out for upload: see [`super::block_mask`]. Call it before any
+/// launch; the caller uploads the buffer and sets [`FlashParams::mask`] and `mask_dims`.
+pub fn block_mask(p: &AttnParams, dt: Dt) -> candle_core::Result<Option<(MaskDims, Vec<u32>)>> {
+    let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
+    let who = format!("the CUDA kernels ({}, head_dim {d})", dt.name());
+    super::block_mask(p, block_multiples(dt, d), &who)
 }
 
 /// One kernel launch.

@@ -125,6 +125,92 @@ pub fn dropout_fields(p: &AttnParams) -> (i32, u32, f32, u64) {
     }
 }
 
+/// `FlashMaskDims` (kernels/cuda/flash_params.h) and the mask fields of `MetalFlashParams`:
+/// where each list of a [`crate::BlockMask`] lies in the one `u32` buffer the kernels read
+/// (word offsets), and the mask's extents. All zero without a mask.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MaskDims {
+    /// Word offsets of the lists `kv_start`, `kv_block`, `kv_bits`, `q_start`, `q_block`,
+    /// `q_bits`, `bits`, in this order.
+    pub lists: [u32; 7],
+    /// Query / key blocks per sequence.
+    pub qb: i32,
+    pub kb: i32,
+    /// The mask's batch and heads (1: broadcast).
+    pub batch: i32,
+    pub heads: i32,
+    pub bq: i32,
+    pub bk: i32,
+    /// Words per bit row of a partial block, `ceil(bk / 32)`.
+    pub wpr: i32,
+    /// 1 with a mask (Metal, whose mask buffer is always bound; CUDA tests the pointer).
+    pub on: i32,
+    pub pad: i32,
+}
+
+/// The block mask of `p` as the kernels take it: its [`MaskDims`] and the buffer to upload
+/// once per call (the lists of `BlockMask::lists`, as they are, one after another); `None`
+/// without a mask. The kernels need the block size to be a multiple of every tile they cut it
+/// into, `multiple` = (query, key); `who` names the kernels in the error.
+pub fn block_mask(
+    p: &AttnParams,
+    multiple: (usize, usize),
+    who: &str,
+) -> Result<Option<(MaskDims, Vec<u32>)>> {
+    let Some(m) = &p.block_mask else {
+        return Ok(None);
+    };
+    let l = m.lists();
+    let (bq, bk) = l.block;
+    if !bq.is_multiple_of(multiple.0) || !bk.is_multiple_of(multiple.1) {
+        bail!(
+            "flash_attn: `block_mask` block size ({bq}, {bk}) must be multiples of ({}, {}) on {who}",
+            multiple.0,
+            multiple.1
+        )
+    }
+    let parts = [
+        l.kv_start, l.kv_block, l.kv_bits, l.q_start, l.q_block, l.q_bits, l.bits,
+    ];
+    let total: usize = parts.iter().map(|x| x.len()).sum();
+    if total > u32::MAX as usize {
+        bail!(
+            "flash_attn: `block_mask` lists hold {total} words, more than the kernels index (2^32)"
+        )
+    }
+    let mut buf = Vec::with_capacity(total);
+    let mut offs = [0u32; 7];
+    for (o, part) in offs.iter_mut().zip(parts) {
+        *o = buf.len() as u32;
+        buf.extend_from_slice(part);
+    }
+    let dims = MaskDims {
+        lists: offs,
+        qb: l.q_blocks as i32,
+        kb: l.k_blocks as i32,
+        batch: l.batch as i32,
+        heads: l.heads as i32,
+        bq: bq as i32,
+        bk: bk as i32,
+        wpr: l.words_per_row as i32,
+        on: 1,
+        pad: 0,
+    };
+    Ok(Some((dims, buf)))
+}
+
+/// The least common multiple of tile sizes (the block-size multiple a mask needs).
+pub fn lcm(a: usize, b: usize) -> usize {
+    let gcd = |mut x: usize, mut y: usize| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    a / gcd(a, b) * b
+}
+
 /// The block of 64-bit strides and lengths that `FlashParams` (CUDA) and `MetalFlashParams`
 /// (Metal) both declare, in the same order: element strides of q, k, v (token, head), of the
 /// contiguous outputs, and of the statistics. Eight-byte fields at an eight-byte offset in both,

@@ -2,8 +2,10 @@
 //! `MetalFlashParams`, the tile sizes of `flash_metal.h`, and which kernels run with which
 //! grids.
 
-pub use super::{kernel_head_dim, seq_info, Dt, InputLayout, Strides, HEAD_DIMS, SEQ_INFO_STRIDE};
-use super::{max_lens, shared_params, AttnParams};
+pub use super::{
+    kernel_head_dim, seq_info, Dt, InputLayout, MaskDims, Strides, HEAD_DIMS, SEQ_INFO_STRIDE,
+};
+use super::{lcm, max_lens, shared_params, AttnParams};
 use crate::Algorithm;
 
 /// Mirror of `MetalFlashParams` in `kernels/metal/flash_metal.h` (same order; `long` is i64).
@@ -28,10 +30,12 @@ pub struct MetalParams {
     pub seed_hi: u32,
     /// 1: backward's `flash_bwd_pre` reads `dlse` (buffer 7) and subtracts it from delta.
     pub has_dlse: i32,
+    /// The block mask's lists in the `mask` buffer ([`block_mask`]); zero without one.
+    pub mask_dims: MaskDims,
 }
 
 /// `sizeof(MetalFlashParams)`.
-pub const PARAMS_SIZE: usize = 144;
+pub const PARAMS_SIZE: usize = 208;
 const _: () = assert!(std::mem::size_of::<MetalParams>() == PARAMS_SIZE);
 
 /// Threads per threadgroup of the tile kernels (4 simdgroups).
@@ -72,13 +76,29 @@ pub fn dkdv_smem(d: usize) -> usize {
     (2 * bq(d) * d + 2 * BK * bq(d) + 2 * bq(d)) * 4
 }
 
-/// The kernel parameters of a problem.
+/// The kernel parameters of a problem (`mask_dims` left zero: see [`block_mask`]).
 pub fn params(p: &AttnParams, q: &InputLayout, k: &InputLayout, v: &InputLayout) -> MetalParams {
     shared_params!(MetalParams, p, [q, k, v], {
         has_alibi: p.alibi.is_some() as i32,
         stats_v1: (p.algorithm == Algorithm::V1) as i32,
         has_dlse: 0,
+        mask_dims: MaskDims::default(),
     })
+}
+
+/// The (query, key) multiples of a block mask's block size that the kernels of head dim `d`
+/// need: every query tile (forward and dQ rows, dK/dV sweep) and key tile inside one block.
+pub fn block_multiples(d: usize) -> (usize, usize) {
+    (lcm(BR, bq(d)), lcm(bc(d), BK))
+}
+
+/// The block mask of `p` checked against the kernels (a clear error for a block size they
+/// cannot tile) and laid out for the `mask` buffer: see [`super::block_mask`]. Call it before
+/// any dispatch; the caller binds the buffer (a stand-in without a mask) and sets `mask_dims`.
+pub fn block_mask(p: &AttnParams) -> candle_core::Result<Option<(MaskDims, Vec<u32>)>> {
+    let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
+    let who = format!("the Metal kernels (head_dim {d})");
+    super::block_mask(p, block_multiples(d), &who)
 }
 
 /// One kernel dispatch: 1-D threadgroups of `threads`, `smem` bytes of threadgroup memory.
@@ -90,7 +110,7 @@ pub struct Launch {
     pub smem: usize,
 }
 
-/// The forward kernel: buffers params, seq_info, alibi, q, k, v, o, stats.
+/// The forward kernel: buffers params, seq_info, alibi, q, k, v, o, stats, mask.
 pub fn forward_launch(p: &AttnParams, dt: Dt) -> Launch {
     let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
     let (max_q, _) = max_lens(p);
@@ -107,8 +127,9 @@ pub fn forward_launch(p: &AttnParams, dt: Dt) -> Launch {
 }
 
 /// Backward, in order: `flash_bwd_pre` (params, seq_info, o, d_o, stats, lse, delta, dlse), then
-/// `flash_bwd_dq` (params, seq_info, alibi, q, k, v, d_o, lse, delta, dq) and `flash_bwd_dkdv`
-/// (the same, then dk, dv). The last two are independent of each other.
+/// `flash_bwd_dq` (params, seq_info, alibi, q, k, v, d_o, lse, delta, dq, mask) and
+/// `flash_bwd_dkdv` (params ... delta, then dk, dv, mask). The last two are independent of each
+/// other.
 pub fn backward_launches(p: &AttnParams, dt: Dt) -> [Launch; 3] {
     let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
     let (max_q, max_k) = max_lens(p);

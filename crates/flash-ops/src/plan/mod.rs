@@ -15,4 +15,7 @@ pub use crate::params::{AttnParams, SeqLayout, SeqSpan};
 pub use crate::stats::lse_host;
 pub use head_dims::{kernel_head_dim, HEAD_DIMS};
 use layout::shared_params;
-pub use layout::{max_lens, seq_info, window_bound, Dt, InputLayout, Strides, SEQ_INFO_STRIDE};
+pub use layout::{
+    block_mask, lcm, max_lens, seq_info, window_bound, Dt, InputLayout, MaskDims, Strides,
+    SEQ_INFO_STRIDE,
+};
