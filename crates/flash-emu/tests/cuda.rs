@@ -3,12 +3,12 @@
 
 use candle_core::{DType, Device, Tensor};
 use flash_emu::cuda as emu;
-use flash_ops::AttnOptions;
+use flash_ops::{AttnOptions, BlockMask};
 
 mod shared;
-use emu::{host_input, Dt};
+use emu::{host_input, AttnParams, Dt, Inputs};
 use flash_test_support::{to_f64_vec, Rng};
-use shared::{case, check, DTYPES};
+use shared::{case, check, random_mask, DTYPES};
 
 pub fn tol(dtype: DType) -> f64 {
     // About 4x the largest error measured (f16 3.7e-4, bf16 3.0e-3, f32 3.3e-7): the output
@@ -39,6 +39,30 @@ fn deterministic_dq() {
             .deterministic(true)
             .window(Some(10), Some(3));
         check(&format!("deterministic dq d{d}"), &c);
+    }
+    // bwd_dq walks the listed key blocks like the forward.
+    let mut c = case(DType::F16, (1, 150, 200), (2, 1, 64));
+    c.opts = AttnOptions::new()
+        .deterministic(true)
+        .dropout(0.1, 2)
+        .block_mask(random_mask((150, 200), (1, 2), (0.3, 0.3), 8));
+    check("deterministic dq, block mask", &c);
+}
+
+/// A block size the kernels cannot tile is refused before any launch, naming the multiple
+/// (f16 at d64 tiles keys by 64, f32 by 32; queries by 64 in both).
+#[test]
+fn block_mask_bad_block_size() {
+    let mut rng = Rng::new(2);
+    for (dtype, want) in [(DType::F16, "(64, 64)"), (DType::F32, "(64, 32)")] {
+        let [q, k, v] = [0; 3].map(|_| rng.tensor(&[1, 100, 1, 64]).to_dtype(dtype).unwrap());
+        let mask = BlockMask::causal(100, 100, (32, 32)).unwrap();
+        let p = AttnParams::dense(&q, &k, &v, &AttnOptions::new().block_mask(mask)).unwrap();
+        let e = Inputs::new(&p, &q, &k, &v)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("`block_mask`") && e.contains(want), "{e}");
     }
 }
 

@@ -1,7 +1,7 @@
 //! The case tables the CPU, GPU and emulated-kernel suites share.
 
 use candle_core::{Device, Tensor};
-use flash_ops::{Algorithm, AttnOptions, Dropout};
+use flash_ops::{Algorithm, AttnOptions, BlockMask, Dropout};
 
 use crate::Rng;
 
@@ -91,4 +91,30 @@ pub fn random_options(rng: &mut Rng, b: usize, sk: usize, hq: usize) -> AttnOpti
         opts.softmax_scale = Some(0.05 + 0.5 * rng.uniform() as f32);
     }
     opts
+}
+
+/// Every named block-mask pattern for `(sq, sk)` queries and keys in blocks of `block`
+/// (`random` per head over `heads`, the others broadcast), named: the pattern table of the
+/// block-sparse suites.
+pub fn block_mask_patterns(
+    sq: usize,
+    sk: usize,
+    block: (usize, usize),
+    heads: usize,
+) -> Vec<(&'static str, BlockMask)> {
+    let named = [
+        ("causal", BlockMask::causal(sq, sk, block)),
+        ("window", BlockMask::sliding_window(sq, sk, block, 70, 10)),
+        (
+            "local_global",
+            BlockMask::local_global(sq, sk, block, 40, 20),
+        ),
+        ("strided", BlockMask::strided(sq, sk, block, 30, 50)),
+        ("butterfly", BlockMask::butterfly(sq, sk, block)),
+        ("random", BlockMask::random(sq, sk, block, heads, 0.5, 3)),
+    ];
+    named
+        .into_iter()
+        .map(|(name, m)| (name, m.expect("a valid pattern")))
+        .collect()
 }

@@ -6,10 +6,10 @@
 
 use candle_core::{DType, Result, Tensor, Var};
 use flash_ops::plan::lse_host;
-use flash_ops::{reference, AttnOptions, Varlen};
+use flash_ops::{reference, Algorithm, AttnOptions, BlockMask, Varlen};
 use flash_test_support::{
-    cu_seqlens, lse_err_slices, option_cases, oracle, oracle_varlen, rel_err_slices, to_f64_vec,
-    Rng, Run,
+    block_mask_patterns, cu_seqlens, lse_err_slices, option_cases, oracle, oracle_varlen,
+    rel_err_slices, to_f64_vec, Rng, Run,
 };
 
 use super::emu::{backward, forward, host_input, AttnParams, Inputs};
@@ -317,4 +317,103 @@ fn comparison_detects_a_wrong_mask() {
         e > 0.1,
         "a non-causal output matched the causal oracle ({e:.2e})"
     );
+}
+
+// ---- block-sparse attention (issue 12) ---------------------------------------------------------
+
+/// The block size of the block-mask cases: a multiple of every tile of both dialects.
+pub const BLOCK: (usize, usize) = (64, 64);
+
+/// A random block mask over (batch, heads): each block empty, full or partial (random bits,
+/// half set) with odds `(empty, full)`, the rest partial; query block 1 of slot 0 lists nothing
+/// (a row that sees no key: output 0, lse -inf, zero gradients).
+pub fn random_mask(
+    (q_len, k_len): (usize, usize),
+    (batch, heads): (usize, usize),
+    (empty, full): (f64, f64),
+    seed: u64,
+) -> BlockMask {
+    let (bq, bk) = BLOCK;
+    let (qb, kb) = (q_len.div_ceil(bq), k_len.div_ceil(bk));
+    let mut rng = Rng::new(seed);
+    let kind: Vec<f64> = (0..batch * heads * qb * kb)
+        .map(|_| rng.uniform())
+        .collect();
+    let bits: Vec<bool> = (0..batch * heads * q_len * k_len)
+        .map(|_| rng.uniform() < 0.5)
+        .collect();
+    BlockMask::from_predicate(q_len, k_len, BLOCK, batch, heads, move |b, h, i, j| {
+        let slot = b * heads + h;
+        let u = kind[(slot * qb + i / bq) * kb + j / bk];
+        !(slot == 0 && i / bq == 1)
+            && u >= empty
+            && (u < empty + full || bits[(slot * q_len + i) * k_len + j])
+    })
+    .unwrap()
+}
+
+/// Random per-(sequence, head) masks with empty rows, full and partial blocks, against the
+/// reference's expanded element mask: both schedules, every dtype, with causal, GQA, dropout.
+#[test]
+fn block_mask_random() {
+    for (n, dt) in DTYPES.into_iter().enumerate() {
+        for alg in [Algorithm::V2, Algorithm::V1] {
+            let mut c = case(dt, (1, 150, 200), (2, 1, 64));
+            let mask = random_mask((150, 200), (1, 2), (0.3, 0.3), 40 + n as u64);
+            c.opts = AttnOptions::new().algorithm(alg).block_mask(mask);
+            c.opts = match n {
+                0 => c.opts.causal(true),
+                1 => c.opts.dropout(0.2, 5),
+                _ => c.opts.window(Some(90), Some(20)).softcap(6.0),
+            };
+            check(&format!("block mask random {alg:?} #{n}"), &c);
+        }
+    }
+}
+
+/// Every named pattern (broadcast over heads; `random` per head), all-full and all-partial.
+#[test]
+fn block_mask_named_patterns() {
+    let (sq, sk) = (140usize, 192usize);
+    let all_full = BlockMask::from_block_layout(
+        &Tensor::ones(
+            (1, sq.div_ceil(64), sk.div_ceil(64)),
+            DType::U8,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+        sq,
+        sk,
+        BLOCK,
+    )
+    .unwrap();
+    let mut masks = block_mask_patterns(sq, sk, BLOCK, 2);
+    masks.push(("all full, window", all_full));
+    masks.push(("all partial", random_mask((sq, sk), (1, 1), (0.0, 0.0), 3)));
+    for (n, (name, mask)) in masks.into_iter().enumerate() {
+        let dt = DTYPES[n % 3];
+        let mut c = case(dt, (1, sq, sk), (2, 1, 64));
+        c.opts = AttnOptions::new().block_mask(mask);
+        if name.starts_with("all full") {
+            c.opts = c.opts.window(Some(50), None);
+        }
+        check(&format!("block mask {name}"), &c);
+    }
+}
+
+/// Varlen (the mask sized by the max lengths, each sequence from its own start), the lse's
+/// gradient, and a mask with one entry per sequence.
+#[test]
+fn block_mask_varlen_lse_grad() {
+    let mut c = case(DType::F16, (0, 0, 0), (2, 1, 64));
+    c.varlen = Some(vec![(130, 70), (40, 150), (1, 1)]);
+    c.opts =
+        AttnOptions::new()
+            .causal(true)
+            .block_mask(random_mask((130, 150), (1, 2), (0.2, 0.4), 77));
+    c.lse_grad = true;
+    check("block mask varlen, lse grad", &c);
+    let mut c = case(DType::BF16, (2, 100, 130), (2, 2, 64));
+    c.opts = AttnOptions::new().block_mask(random_mask((100, 130), (2, 1), (0.3, 0.3), 5));
+    check("block mask per sequence", &c);
 }

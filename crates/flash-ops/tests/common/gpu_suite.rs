@@ -6,12 +6,13 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use flash_ops::{
-    flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions, Varlen,
+    flash_attn, flash_attn_varlen_with_lse, flash_attn_with_lse, reference, Algorithm, AttnOptions,
+    BlockMask, Varlen,
 };
 
 use flash_test_support::{
-    cu_seqlens, lse_err, option_cases, oracle, rel_err, run_with_grads, skip_or_fail, Rng,
-    HEAD_DIMS, REQUIRE_GPU,
+    block_mask_patterns, cu_seqlens, lse_err, option_cases, oracle, rel_err, run_with_grads,
+    skip_or_fail, Rng, HEAD_DIMS, REQUIRE_GPU,
 };
 
 /// The device, or `None` after a loud skip (a failure under `FLASH_OPS_REQUIRE_GPU=1`).
@@ -45,6 +46,13 @@ macro_rules! gpu_tests {
         fn varlen_matches_oracle() {
             if let Some(dev) = gpu("varlen_matches_oracle") {
                 gpu_suite::varlen_matches_oracle(&dev)
+            }
+        }
+
+        #[test]
+        fn block_mask_matches_oracle() {
+            if let Some(dev) = gpu("block_mask_matches_oracle") {
+                gpu_suite::block_mask_matches_oracle(&dev)
             }
         }
     };
@@ -149,6 +157,59 @@ pub fn varlen_matches_oracle(dev: &Device) {
         println!("varlen {dtype:?}: out {e:.1e} lse {le:.1e}");
         assert!(e < tol(dtype) && le < 1e-4);
     }
+}
+
+/// Block-sparse attention (issue 12) on the device against the reference's expanded element
+/// mask: per-head masks with empty rows, full and partial blocks, both schedules, GQA, causal,
+/// dropout, named patterns; and a block size the kernels cannot tile refused by name.
+pub fn block_mask_matches_oracle(dev: &Device) {
+    let (sq, sk, blk) = (300, 400, (64, 64));
+    // Row block 1 of head 0 lists nothing; other blocks empty, full or partial by position.
+    let mixed = BlockMask::from_predicate(sq, sk, blk, 1, 4, |_, h, i, j| {
+        let (r, c) = (i / 64, j / 64);
+        !(h == 0 && r == 1)
+            && (r + c + h) % 3 != 0
+            && ((r * c + h) % 2 == 0 || (i + 3 * j) % 5 != 0)
+    })
+    .unwrap();
+    for alg in [Algorithm::V2, Algorithm::V1] {
+        let opts = AttnOptions::new().algorithm(alg).block_mask(mixed.clone());
+        check_dense(
+            dev,
+            &format!("block mask mixed {alg:?}"),
+            (2, sq, sk, 4, 2, 64),
+            &opts,
+        );
+        let opts = opts.causal(true).dropout(0.1, 4);
+        check_dense(
+            dev,
+            &format!("block mask causal dropout {alg:?}"),
+            (2, sq, sk, 4, 2, 64),
+            &opts,
+        );
+    }
+    for (name, mask) in block_mask_patterns(sq, sk, blk, 4) {
+        let opts = AttnOptions::new().block_mask(mask);
+        check_dense(
+            dev,
+            &format!("block mask {name}"),
+            (1, sq, sk, 4, 1, 128),
+            &opts,
+        );
+    }
+    let mut rng = Rng::new(1);
+    let [q, k, v] = [0; 3].map(|_| {
+        let t = rng.tensor(&[1, 128, 2, 64]).to_dtype(DType::F32).unwrap();
+        t.to_device(dev).unwrap()
+    });
+    let bad = AttnOptions::new().block_mask(BlockMask::causal(128, 128, (16, 16)).unwrap());
+    let e = flash_attn(&q, &k, &v, &bad)
+        .expect_err("block size 16 refused")
+        .to_string();
+    assert!(
+        e.contains("`block_mask`") && e.contains("multiples of"),
+        "{e}"
+    );
 }
 
 // ---- benchmark --------------------------------------------------------------------------------
