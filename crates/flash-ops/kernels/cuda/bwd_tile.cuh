@@ -19,8 +19,8 @@
 namespace flash {
 
 // One element (i, j) of the backward, from its raw score s = q.k and dp = dO.v (in_tile: the
-// element lies inside the sequence's rows and keys, and the block mask's bits): P = exp(mod(scale s) - lse) where visible,
-// 0 elsewhere, the dropout factor Z, and dS = P (dP Z - delta) softcap'(scale s). Returns dS;
+// element lies inside the sequence's rows and keys, and its block mask bit is set):
+// P = exp(mod(scale s) - lse) where visible, 0 elsewhere, the dropout factor Z, and dS = P (dP Z - delta) softcap'(scale s). Returns dS;
 // `pz` receives P Z (dV's operand). Shared by the dK/dV tile step and bwd_dq.cu.
 FLASH_DEV float score_grad(const FlashParams& p, const Mods& md, const Dropout& dr, bool in_tile,
                            int i, int j, float s, float dp, float lse, float delta, float& pz) {
@@ -73,76 +73,96 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
         const long long lse_base = sq.lse_off + (long long)h * p.lse_head_stride;
         const long long o_base = sq.o_off + (long long)h * p.head_dim;
         // Query tiles that see these keys (block mask: of the query blocks its column lists).
-        TileWalk qw = bm.queries(s, h, kb, q_lo, q_hi, kBr);
-        for (Tile qt; qw.next(qt);) {
-            const int i0 = qt.x0, rows = qt.n;
-            const BlockBits bb = bm.bits(qt.id, qt.blk, kb);
-            __syncthreads();  // the previous step is done with sQ, sdO, sdS
-            load_tile<T, D>(sQ, kLd, sq.q<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
-            load_tile<T, D>(sdO, kLd, sq.d_o<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
-            cp_async_commit();
-            for (int r = tid; r < kBr; r += C::kThreads) {
-                // Rows past the tile get lse = +inf: P = exp(-inf) = 0, they add nothing.
-                sLse[r] = r < rows ? p.lse[lse_base + i0 + r] : FLASH_INF;
-                sDelta[r] = r < rows ? p.delta[lse_base + i0 + r] : 0.f;
-            }
-            cp_async_wait<0>();
-            __syncthreads();
-
-            // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kBr queries.
-            float pt[kQT][4], dpt[kQT][4];
-            zero_acc(pt);
-            zero_acc(dpt);
-            mma_abt2<D>(pt, sK + wk * 16 * kLd, sQ, dpt, sV + wk * 16 * kLd, sdO, kLd, lane);
-            // P^T, dropout, dS^T. Element e of n-tile n: key key[e >> 1], query n*8 + 2c + (e&1).
-#pragma unroll
-            for (int n = 0; n < kQT; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = n * 8 + 2 * c + (e & 1), i = i0 + qi, j = key[e >> 1];
-                    const bool in_tile = qi < rows && j < j0 + cols && bb.test(i, j);
-                    // pt becomes the dropped probabilities, for dV.
-                    dpt[n][e] = score_grad(p, md, dr, in_tile, i, j, pt[n][e], dpt[n][e], sLse[qi],
-                                           sDelta[qi], pt[n][e]);
+        const unsigned* listed;
+        const int n_listed = bm.column(s, h, kb, listed);
+        for (int le = 0; le < n_listed; ++le) {
+            int lo = q_lo, hi = q_hi, qb = 0;
+            unsigned id = kFullBlock;
+            bm.column_entry(listed, le, lo, hi, qb, id);
+            for (int i0 = lo; i0 < hi; i0 += kBr) {
+                const int rows = min(kBr, hi - i0);
+                const BlockBits bb = bm.bits(id, qb, kb);
+                __syncthreads();  // the previous step is done with sQ, sdO, sdS
+                load_tile<T, D>(sQ, kLd, sq.q<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
+                load_tile<T, D>(sdO, kLd, sq.d_o<T>(p, h), i0, rows, kBr, p, tid, C::kThreads);
+                cp_async_commit();
+                for (int r = tid; r < kBr; r += C::kThreads) {
+                    // Rows past the tile get lse = +inf: P = exp(-inf) = 0, they add nothing.
+                    sLse[r] = r < rows ? p.lse[lse_base + i0 + r] : FLASH_INF;
+                    sDelta[r] = r < rows ? p.delta[lse_base + i0 + r] : 0.f;
                 }
-            // dV += (P Z)^T dO and dK += dS^T Q for this warp's head-dim slice.
-            mma_pb2(dv, pt, sdO + wd * kSliceD, dk, dpt, sQ + wd * kSliceD, kLd, lane);
-            // dQ = scale dS K: dS^T goes through shared memory (warps own keys, dQ rows need
-            // all of them); the slice-0 warp of each key group writes it.
-            if (p.dq_accum == nullptr) continue;  // deterministic mode: bwd_dq.cu makes dQ
-            if (wd == 0) {
+                cp_async_wait<0>();
+                __syncthreads();
+
+                // Which of the lane's elements (below) lie inside the tile with their block mask
+                // bit set, one bit each: formed before the products, while registers are free
+                // (the element loop has none to spare at d128 on sm_80).
+                static_assert(kQT * 4 <= 32, "one bit per element of the lane");
+                unsigned in_bits = 0;
 #pragma unroll
                 for (int n = 0; n < kQT; ++n)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        sdS[(wk * 16 + g + 8 * (e >> 1)) * kLdS + n * 8 + 2 * c + (e & 1)] =
-                            from_f32<T>(dpt[n][e]);
-            }
-            __syncthreads();
-            constexpr int kRG = kBr / 16, kUnits = kRG * (D / 16);
-            for (int u = warp; u < kUnits; u += C::kWarps) {
-                const int rg = u % kRG, dc = u / kRG;
-                float qa[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+                    for (int e = 0; e < 4; ++e) {
+                        const int qi = n * 8 + 2 * c + (e & 1), j = key[e >> 1];
+                        if (qi < rows && j < j0 + cols && bb.test(i0 + qi, j))
+                            in_bits |= 1u << (4 * n + e);
+                    }
+
+                // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kBr queries.
+                float pt[kQT][4], dpt[kQT][4];
+                zero_acc(pt);
+                zero_acc(dpt);
+                mma_abt2<D>(pt, sK + wk * 16 * kLd, sQ, dpt, sV + wk * 16 * kLd, sdO, kLd, lane);
+                // P^T, dropout, dS^T. Element e of n-tile n: key key[e >> 1], query n*8 + 2c + (e&1).
 #pragma unroll
-                for (int ks = 0; ks < kBc / 16; ++ks) {
-                    typename M::FragA a;
-                    typename M::FragB b0, b1;
-                    M::load_a_trans(a, sdS + ks * 16 * kLdS + rg * 16, kLdS, lane);
-                    M::load_b_kn2(b0, b1, sK + ks * 16 * kLd + dc * 16, kLd, lane);
-                    M::mma(qa[0], a, b0);
-                    M::mma(qa[1], a, b1);
-                }
-#pragma unroll
-                for (int t = 0; t < 2; ++t)
+                for (int n = 0; n < kQT; ++n)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const int qi = rg * 16 + g + 8 * (e >> 1), col = dc * 16 + t * 8 + 2 * c + (e & 1);
-                        if (qi < rows && col < p.head_dim) {
-                            float* dst = p.dq_accum + o_base + (long long)(i0 + qi) * p.o_tok_stride + col;
-                            if (kAtomicDq) atomicAdd(dst, p.scale * qa[t][e]);
-                            else *dst += p.scale * qa[t][e];
-                        }
+                        const int qi = n * 8 + 2 * c + (e & 1), i = i0 + qi, j = key[e >> 1];
+                        const bool in_tile = (in_bits >> (4 * n + e)) & 1u;
+                        // pt becomes the dropped probabilities, for dV.
+                        dpt[n][e] = score_grad(p, md, dr, in_tile, i, j, pt[n][e], dpt[n][e], sLse[qi],
+                                               sDelta[qi], pt[n][e]);
                     }
+                // dV += (P Z)^T dO and dK += dS^T Q for this warp's head-dim slice.
+                mma_pb2(dv, pt, sdO + wd * kSliceD, dk, dpt, sQ + wd * kSliceD, kLd, lane);
+                // dQ = scale dS K: dS^T goes through shared memory (warps own keys, dQ rows need
+                // all of them); the slice-0 warp of each key group writes it.
+                if (p.dq_accum == nullptr) continue;  // deterministic mode: bwd_dq.cu makes dQ
+                if (wd == 0) {
+#pragma unroll
+                    for (int n = 0; n < kQT; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            sdS[(wk * 16 + g + 8 * (e >> 1)) * kLdS + n * 8 + 2 * c + (e & 1)] =
+                                from_f32<T>(dpt[n][e]);
+                }
+                __syncthreads();
+                constexpr int kRG = kBr / 16, kUnits = kRG * (D / 16);
+                for (int u = warp; u < kUnits; u += C::kWarps) {
+                    const int rg = u % kRG, dc = u / kRG;
+                    float qa[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+                    for (int ks = 0; ks < kBc / 16; ++ks) {
+                        typename M::FragA a;
+                        typename M::FragB b0, b1;
+                        M::load_a_trans(a, sdS + ks * 16 * kLdS + rg * 16, kLdS, lane);
+                        M::load_b_kn2(b0, b1, sK + ks * 16 * kLd + dc * 16, kLd, lane);
+                        M::mma(qa[0], a, b0);
+                        M::mma(qa[1], a, b1);
+                    }
+#pragma unroll
+                    for (int t = 0; t < 2; ++t)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int qi = rg * 16 + g + 8 * (e >> 1), col = dc * 16 + t * 8 + 2 * c + (e & 1);
+                            if (qi < rows && col < p.head_dim) {
+                                float* dst = p.dq_accum + o_base + (long long)(i0 + qi) * p.o_tok_stride + col;
+                                if (kAtomicDq) atomicAdd(dst, p.scale * qa[t][e]);
+                                else *dst += p.scale * qa[t][e];
+                            }
+                        }
+                }
             }
         }
     }

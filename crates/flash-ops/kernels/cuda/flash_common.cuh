@@ -317,12 +317,11 @@ struct Tile {
 // (dense: `blk` null), or only those inside the listed blocks of `bsize` positions (a tile is
 // cut at its block's end). The branch on `blk` is uniform over the block.
 struct TileWalk {
-    const unsigned* blk;  // listed block indices (ascending) ...
-    const unsigned* ids;  // ... and their partial-block ids
-    int pos, end, lo, hi, bsize, step;
+    const unsigned* blk;  // listed block indices (ascending); their partial-block ids at + ids
+    int ids, pos, end, lo, hi, bsize, step;
     int x = 0, cur_end = 0, cur_blk = 0;
     unsigned cur_id = kFullBlock;
-    FLASH_DEV TileWalk(const unsigned* b, const unsigned* i, int n, int lo_, int hi_, int bs, int st)
+    FLASH_DEV TileWalk(const unsigned* b, int i, int n, int lo_, int hi_, int bs, int st)
         : blk(b), ids(i), pos(0), end(n), lo(lo_), hi(hi_), bsize(bs), step(st), x(lo_), cur_end(lo_) {}
     FLASH_DEV bool next(Tile& t) {
         if (blk == nullptr) {
@@ -334,7 +333,7 @@ struct TileWalk {
         while (x >= cur_end) {  // on to the next listed block that meets [lo, hi)
             if (pos >= end) return false;
             const int b = (int)blk[pos], s = max(b * bsize, lo), e = min((b + 1) * bsize, hi);
-            cur_id = ids[pos++];
+            cur_id = blk[ids + pos++];
             if (s >= hi) { pos = end; return false; }  // ascending: no later block meets it
             if (s < e) { x = s; cur_end = e; cur_blk = b; }
         }
@@ -357,10 +356,10 @@ struct BlockMask {
     }
     FLASH_DEV TileWalk walk(unsigned start, unsigned block, unsigned ids, int line, int bsize, int lo,
                             int hi, int step) const {
-        if (!on()) return TileWalk(nullptr, nullptr, 0, lo, hi, bsize, step);
+        if (!on()) return TileWalk(nullptr, 0, 0, lo, hi, bsize, step);
         const unsigned* m = p.mask;
         const unsigned a = m[start + line], e = m[start + line + 1];
-        return TileWalk(m + block + a, m + ids + a, (int)(e - a), lo, hi, bsize, step);
+        return TileWalk(m + block + a, (int)(ids - block), (int)(e - a), lo, hi, bsize, step);
     }
     // Key tiles over [lo, hi) that query block qb of (s, h) lists (dense without a mask).
     FLASH_DEV TileWalk keys(int s, int h, int qb, int lo, int hi, int step) const {
@@ -373,6 +372,28 @@ struct BlockMask {
         const FlashMaskDims& d = p.mask_dims;
         return walk(d.q_start, d.q_block, d.q_bits, on() ? line(s, h, d.kb, kb) : 0, d.bq, lo, hi,
                     step);
+    }
+    // Key block kb's column of (s, h) for a two-level loop (entry, then its tiles): returns the
+    // entry count, 1 without a mask (the whole range), and points `blk` at the entries. Fewer
+    // live registers than a TileWalk: the dK/dV sweep has none to spare (d128 on sm_80).
+    FLASH_DEV int column(int s, int h, int kb, const unsigned*& blk) const {
+        blk = nullptr;
+        if (!on()) return 1;
+        const FlashMaskDims& d = p.mask_dims;
+        const int c = line(s, h, d.kb, kb);
+        const unsigned a = p.mask[d.q_start + c], e = p.mask[d.q_start + c + 1];
+        blk = p.mask + d.q_block + a;
+        return (int)(e - a);
+    }
+    // Entry e of a column: the query range [lo, hi) cut to its block, the block and its id.
+    FLASH_DEV void column_entry(const unsigned* blk, int e, int& lo, int& hi, int& qb,
+                                unsigned& id) const {
+        if (blk == nullptr) return;  // no mask: the whole range, full
+        const FlashMaskDims& d = p.mask_dims;
+        qb = (int)blk[e];
+        id = blk[e + (int)(d.q_bits - d.q_block)];
+        lo = max(lo, qb * d.bq);
+        hi = min(hi, (qb + 1) * d.bq);
     }
     // The query block of row i, the key block of key j (0 without a mask).
     FLASH_DEV int q_block(int i) const { return on() ? i / p.mask_dims.bq : 0; }
