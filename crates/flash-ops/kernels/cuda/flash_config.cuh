@@ -24,10 +24,14 @@ template <typename T, int D> struct FwdCfg {
 // x (head-dim slice of kSliceD columns). Each warp accumulates dK and dV for its 16 keys and its
 // slice in registers (kSliceD <= 64 keeps them at <= 64 registers), recomputing S^T and dP^T of
 // its key group (the redundancy across slices only exists for D > 64).
-template <typename T, int D> struct BwdCfg {
+// kMasked: the block-sparse instance (bwd_kv_tile's list walk and bit tests). Its extra live
+// state pushes f16/bf16 past 255 registers (d128 sm_90, d64 sm_80) with 64-query tiles, so it
+// steps 32 queries at a time: S^T / dP^T halve (kBr / 8 n-tiles each); 32 still divides every
+// CUDA block size (multiples of 64, plan/cuda.rs). The dense instance keeps today's tiles.
+template <typename T, int D, bool kMasked = false> struct BwdCfg {
     static constexpr bool kF32 = sizeof(T) == 4;
     static constexpr int kBc = (kF32 || D > 128) ? 32 : 64;
-    static constexpr int kBr = (kF32 || D > 128) ? 32 : 64;
+    static constexpr int kBr = (kF32 || D > 128 || kMasked) ? 32 : 64;
     static constexpr int kWarpsK = kBc / 16;
     static constexpr int kWarpsD = D <= 64 ? 1 : (D == 96 ? 2 : D / 64);
     static constexpr int kSliceD = D / kWarpsD;
@@ -38,5 +42,6 @@ template <typename T, int D> struct BwdCfg {
     static constexpr unsigned kSmem =
         (unsigned)((2 * kBc + 2 * kBr) * kLd * sizeof(T) + kBc * kLdS * sizeof(T) + 2 * kBr * 4);
 };
+template <typename T, int D> using BwdCfgMasked = BwdCfg<T, D, true>;
 
 }  // namespace flash

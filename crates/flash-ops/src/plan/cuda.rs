@@ -85,11 +85,12 @@ pub fn fwd_cfg(dt: Dt, d: usize) -> TileCfg {
     }
 }
 
-/// `BwdCfg<T, D>` (both backward schedules).
-pub fn bwd_cfg(dt: Dt, d: usize) -> TileCfg {
+/// `BwdCfg<T, D, kMasked>` (both backward schedules); `masked`: the block-sparse instance
+/// (`flash_bwd_v*_masked_*`), 32-query tiles to stay within 255 registers.
+pub fn bwd_cfg(dt: Dt, d: usize, masked: bool) -> TileCfg {
     let f32 = dt == Dt::F32;
     let bc = if f32 || d > 128 { 32 } else { 64 };
-    let br = bc;
+    let br = if masked { 32 } else { bc };
     let wd = match d {
         0..=64 => 1,
         96 => 2,
@@ -107,9 +108,9 @@ pub fn bwd_cfg(dt: Dt, d: usize) -> TileCfg {
 }
 
 /// The (query, key) multiples of a block mask's block size that the kernels of `(dt, d)` need:
-/// every query tile (forward, dQ, dK/dV sweep) and key tile must lie inside one block.
+/// every query tile (forward, dQ, the masked dK/dV sweep) and key tile must lie inside one block.
 pub fn block_multiples(dt: Dt, d: usize) -> (usize, usize) {
-    let (f, b, q) = (fwd_cfg(dt, d), bwd_cfg(dt, d), dq_cfg(dt, d));
+    let (f, b, q) = (fwd_cfg(dt, d), bwd_cfg(dt, d, true), dq_cfg(dt, d));
     (lcm(lcm(f.br, b.br), q.br), lcm(lcm(f.bc, b.bc), q.bc))
 }
 
@@ -205,18 +206,21 @@ pub fn dq_cfg(dt: Dt, d: usize) -> TileCfg {
 /// (one block owns each dQ row).
 pub fn backward_launches(p: &AttnParams, dt: Dt) -> Vec<Launch> {
     let d = kernel_head_dim(p.head_dim).expect("head_dim checked by AttnParams");
-    let cfg = bwd_cfg(dt, d);
+    // A block mask takes the masked instance; without one the dense kernel has no list walk.
+    let masked = p.block_mask.is_some();
+    let cfg = bwd_cfg(dt, d, masked);
+    let inst = if masked { "_masked" } else { "" };
     let (max_q, max_k) = max_lens(p);
     let (b, hq, hk) = (p.batch() as u32, p.heads_q as u32, p.heads_k as u32);
     let main = match p.algorithm {
         Algorithm::V2 => Launch {
-            name: format!("flash_bwd_v2_{}_d{d}", dt.name()),
+            name: format!("flash_bwd_v2{inst}_{}_d{d}", dt.name()),
             grid: [max_k.div_ceil(cfg.bc).max(1) as u32, hk, b],
             block: cfg.threads,
             smem: cfg.smem,
         },
         Algorithm::V1 => Launch {
-            name: format!("flash_bwd_v1_{}_d{d}", dt.name()),
+            name: format!("flash_bwd_v1{inst}_{}_d{d}", dt.name()),
             grid: [1, hk, b],
             block: cfg.threads,
             smem: cfg.smem,
