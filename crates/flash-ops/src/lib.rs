@@ -30,6 +30,7 @@
 //! functions; [`reference`] is the plain matmul–softmax–matmul attention used as the baseline
 //! and test oracle. How forward's statistics reach backward is explained in the `op` module.
 
+pub mod block_mask;
 pub mod compat;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -48,6 +49,7 @@ mod prefix;
 pub mod reference;
 mod stats;
 
+pub use block_mask::BlockMask;
 pub use merge::merge_attention_states;
 pub use options::{Algorithm, AttnOptions, Dropout, Varlen};
 pub use prefix::{shared_prefix_attention, shared_prefix_attention_with_lse, PrefixLevel};

@@ -2,6 +2,8 @@
 
 use candle_core::Tensor;
 
+use crate::BlockMask;
+
 /// Which FlashAttention schedule runs.
 ///
 /// Both compute the same function; they differ in work partitioning and in what forward saves for
@@ -101,6 +103,10 @@ pub struct AttnOptions {
     /// and with this set computes dQ in a separate query-stationary kernel instead (more work:
     /// the scores are recomputed once more).
     pub deterministic: bool,
+    /// Block-sparse attention (FlashAttention §3.3): only the blocks the mask lists are visited,
+    /// its element bits applied in partial blocks, on top of the rules above (see
+    /// [`BlockMask`]). Its lengths must be the call's (varlen: the `max_seqlen`s).
+    pub block_mask: Option<BlockMask>,
 }
 
 impl AttnOptions {
@@ -142,6 +148,10 @@ impl AttnOptions {
     }
     pub fn deterministic(mut self, deterministic: bool) -> Self {
         self.deterministic = deterministic;
+        self
+    }
+    pub fn block_mask(mut self, mask: BlockMask) -> Self {
+        self.block_mask = Some(mask);
         self
     }
 }

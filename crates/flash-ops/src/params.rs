@@ -8,7 +8,7 @@ use candle_core::{bail, DType, Device, DeviceLocation, Result, Tensor, D};
 
 use crate::dropout::DropoutMask;
 use crate::options::{AttnOptions, Dropout, Varlen};
-use crate::Algorithm;
+use crate::{Algorithm, BlockMask};
 
 /// Largest head dimension any backend supports (FlashAttention-2's limit).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -110,6 +110,8 @@ pub struct AttnParams {
     /// The log-sum-exp is returned with a gradient: the op's output carries `lse_len` more
     /// elements after the attention output, through which backward receives `dlse` (see `op`).
     pub lse_grad: bool,
+    /// Block-sparse attention: the blocks to visit, already checked against the call.
+    pub block_mask: Option<BlockMask>,
 }
 
 /// The error for an input on another device than `q` (a function so it can be tested on a
@@ -246,7 +248,7 @@ impl AttnParams {
                 k_len,
             })
             .collect();
-        Self::finish(q, k, seqs, SeqLayout::Dense { sq, sk }, opts)
+        Self::finish(q, k, seqs, SeqLayout::Dense { sq, sk }, (sq, sk), opts)
     }
 
     /// Varlen inputs: q `(total_q, hq, d)`, k and v `(total_k, hk, d)`, sequences delimited by
@@ -287,16 +289,19 @@ impl AttnParams {
                 k_len: cu_k[i + 1] - cu_k[i],
             })
             .collect();
-        Self::finish(q, k, seqs, SeqLayout::Varlen, opts)
+        let max_lens = (varlen.max_seqlen_q, varlen.max_seqlen_k);
+        Self::finish(q, k, seqs, SeqLayout::Varlen, max_lens, opts)
     }
 
     /// The options resolved against already checked q and k (heads and head_dim are their last
-    /// two axes, the token rows everything before).
+    /// two axes, the token rows everything before); `lens` are the lengths a block mask must
+    /// have (dense `(sq, sk)`, varlen the `max_seqlen`s).
     fn finish(
         q: &Tensor,
         k: &Tensor,
         seqs: Vec<SeqSpan>,
         layout: SeqLayout,
+        lens: (usize, usize),
         opts: &AttnOptions,
     ) -> Result<Self> {
         let (heads_q, head_dim) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
@@ -332,6 +337,9 @@ impl AttnParams {
             None => None,
             Some(s) => Some(read_alibi(s, batch, heads_q)?),
         };
+        if let Some(m) = &opts.block_mask {
+            check_block_mask(m, lens, batch, heads_q)?;
+        }
         Ok(Self {
             heads_q,
             heads_k,
@@ -349,6 +357,7 @@ impl AttnParams {
             algorithm: opts.algorithm,
             deterministic: opts.deterministic,
             lse_grad: false,
+            block_mask: opts.block_mask.clone(),
         })
     }
 
@@ -427,6 +436,36 @@ impl AttnParams {
     pub fn k_elems(&self) -> usize {
         self.total_k * self.heads_k * self.head_dim
     }
+}
+
+/// A block mask fits the call: its lengths are the call's (varlen: the `max_seqlen`s, each
+/// sequence using the top-left part), its batch and heads are 1 (broadcast) or the call's.
+fn check_block_mask(
+    m: &BlockMask,
+    (sq, sk): (usize, usize),
+    batch: usize,
+    heads_q: usize,
+) -> Result<()> {
+    if (m.q_len(), m.k_len()) != (sq, sk) {
+        bail!(
+            "flash_attn: `block_mask` was built for (q_len, k_len) = ({}, {}), the call has ({sq}, {sk}) (varlen: max_seqlen_q, max_seqlen_k)",
+            m.q_len(),
+            m.k_len()
+        )
+    }
+    if m.batch() != 1 && m.batch() != batch {
+        bail!(
+            "flash_attn: `block_mask` batch must be 1 (broadcast) or the batch size {batch}, got {}",
+            m.batch()
+        )
+    }
+    if m.heads() != 1 && m.heads() != heads_q {
+        bail!(
+            "flash_attn: `block_mask` heads must be 1 (broadcast) or the query heads {heads_q}, got {}",
+            m.heads()
+        )
+    }
+    Ok(())
 }
 
 fn read_alibi(slopes: &Tensor, batch: usize, heads_q: usize) -> Result<Vec<f32>> {

@@ -48,8 +48,9 @@ impl PrefixLevel {
 /// least `sq - 1` keys (decoding, `sq = 1`, always): that is required, and then causal applies to
 /// the suffix alone. Softmax scale, softcap, GQA, the algorithm and `deterministic` act as in
 /// [`crate::flash_attn`]. Refused: sliding windows and ALiBi (both depend on a key's position,
-/// which the split would change) and dropout (its mask is drawn per part, so it would not be the
-/// dense attention's). Differentiable in q, every level's K/V and the suffix.
+/// which the split would change), dropout (its mask is drawn per part, so it would not be the
+/// dense attention's) and a block mask (its key blocks are positions in the one key sequence the
+/// levels split). Differentiable in q, every level's K/V and the suffix.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -176,6 +177,9 @@ fn check(q: &Tensor, levels: &[PrefixLevel], suffix_k: &Tensor, opts: &AttnOptio
     };
     if opts.window_left.is_some() || opts.window_right.is_some() {
         bail!("shared_prefix_attention: sliding windows are not supported (a key's window position changes when the keys are split)")
+    }
+    if opts.block_mask.is_some() {
+        bail!("shared_prefix_attention: `block_mask` is not supported (its key blocks are positions in one key sequence, which the levels split)")
     }
     if opts.alibi_slopes.is_some() {
         bail!("shared_prefix_attention: ALiBi is not supported (its bias depends on key positions across the split)")

@@ -164,23 +164,30 @@ fn naive_core(
     }
 
     // Keys of each local sequence: its `key_lengths` entry (dense) or its whole length (varlen).
+    // A block mask adds its element rule (`BlockMask::visible`, sequence-local indices).
     let k_lens: Vec<usize> = seq_ids.iter().map(|&sid| p.seqs[sid].k_len).collect();
-    let sees = |b: usize, i: usize, j: usize| visible(opts, i, j, sq, k_lens[b]);
-    let all_visible = (0..nb).all(|b| (0..sq).all(|i| (0..sk).all(|j| sees(b, i, j))));
+    let mask = opts.block_mask.as_ref();
+    let sees = |b: usize, h: usize, i: usize, j: usize| {
+        visible(opts, i, j, sq, k_lens[b]) && mask.is_none_or(|m| m.visible(seq_ids[b], h, i, j))
+    };
+    // One bias per batch entry and head only when slopes, key counts or the mask differ
+    // between them.
+    let per_head = p.alibi.is_some() || mask.is_some_and(|m| m.heads() > 1);
+    let per_batch =
+        per_head || k_lens.iter().any(|&l| l != k_lens[0]) || mask.is_some_and(|m| m.batch() > 1);
+    let bb = if per_batch { nb } else { 1 };
+    let hh = if per_head { hq } else { 1 };
+    let all_visible =
+        (0..bb).all(|b| (0..hh).all(|h| (0..sq).all(|i| (0..sk).all(|j| sees(b, h, i, j)))));
     let mut valid_rows = None;
     if p.alibi.is_some() || !all_visible {
-        // One bias per batch entry and head only when slopes or key counts differ between them.
-        let per_head = p.alibi.is_some();
-        let per_batch = per_head || k_lens.iter().any(|&l| l != k_lens[0]);
-        let bb = if per_batch { nb } else { 1 };
-        let hh = if per_head { hq } else { 1 };
         let neg = mask_value(dtype);
         let mut bias = Vec::with_capacity(bb * hh * sq * sk);
         for b in 0..bb {
             for h in 0..hh {
                 let slope = p.alibi_slope(seq_ids[b], h);
                 for i in 0..sq {
-                    bias.extend((0..sk).map(|j| match (sees(b, i, j), slope) {
+                    bias.extend((0..sk).map(|j| match (sees(b, h, i, j), slope) {
                         (false, _) => neg,
                         (true, None) => 0.0,
                         (true, Some(sl)) => alibi_bias(sl, i, j, sq, k_lens[b]),
@@ -190,9 +197,9 @@ fn naive_core(
         }
         s = s.broadcast_add(&on_device(bias, &[bb, hh, sq, sk])?)?;
         let valid: Vec<f64> = (0..nb)
-            .flat_map(|b| (0..sq).map(move |i| (b, i)))
-            .map(|(b, i)| {
-                if (0..sk).any(|j| sees(b, i, j)) {
+            .flat_map(|b| (0..hh).flat_map(move |h| (0..sq).map(move |i| (b, h, i))))
+            .map(|(b, h, i)| {
+                if (0..sk).any(|j| sees(b, h, i, j)) {
                     1.0
                 } else {
                     0.0
@@ -200,7 +207,7 @@ fn naive_core(
             })
             .collect();
         if valid.contains(&0.0) {
-            valid_rows = Some(on_device(valid, &[nb, 1, sq, 1])?.broadcast_as((nb, hq, sq, 1))?);
+            valid_rows = Some(on_device(valid, &[nb, hh, sq, 1])?.broadcast_as((nb, hq, sq, 1))?);
         }
     }
 

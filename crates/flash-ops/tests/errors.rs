@@ -1,7 +1,10 @@
 //! Every bad input is a `candle::Error` that names the argument and the expectation.
 
 use candle_core::{DType, Device, Tensor};
-use flash_ops::{flash_attn, flash_attn_varlen, AttnOptions, Varlen};
+use flash_ops::{
+    flash_attn, flash_attn_varlen, shared_prefix_attention, AttnOptions, BlockMask, PrefixLevel,
+    Varlen,
+};
 use flash_test_support::Rng;
 
 fn t(rng: &mut Rng, dims: &[usize]) -> Tensor {
@@ -172,5 +175,40 @@ fn cu_seqlens_errors() {
             &o,
         ),
         &["`q`", "rank 3"],
+    );
+}
+
+#[test]
+fn block_mask_errors() {
+    let (mut r, [q, k, v]) = valid_problem(4);
+    let with = |m: BlockMask| AttnOptions::new().block_mask(m);
+    let causal = |sq, sk| BlockMask::causal(sq, sk, (16, 16)).unwrap();
+    expect_err(
+        flash_attn(&q, &k, &v, &with(causal(10, 13))),
+        &["`block_mask`", "(10, 13)", "(10, 12)"],
+    );
+    let per_batch = BlockMask::from_predicate(10, 12, (16, 16), 3, 1, |_, _, _, _| true).unwrap();
+    expect_err(
+        flash_attn(&q, &k, &v, &with(per_batch)),
+        &["`block_mask` batch", "1 (broadcast)", "2", "got 3"],
+    );
+    let per_head = BlockMask::random(10, 12, (16, 16), 2, 1.0, 0).unwrap();
+    expect_err(
+        flash_attn(&q, &k, &v, &with(per_head)),
+        &["`block_mask` heads", "query heads 4", "got 2"],
+    );
+    // Varlen: the mask is sized by the max_seqlens, not the token counts.
+    let (qv, kv) = (t(&mut r, &[10, 2, 16]), t(&mut r, &[12, 2, 16]));
+    let cu = |x: &[u32]| Tensor::new(x, &Device::Cpu).unwrap();
+    let batch = Varlen::new(&cu(&[0, 4, 10]), &cu(&[0, 5, 12]), 6, 7);
+    expect_err(
+        flash_attn_varlen(&qv, &kv, &kv, &batch, &with(causal(10, 12))),
+        &["`block_mask`", "(10, 12)", "(6, 7)", "max_seqlen"],
+    );
+    // Shared-prefix attention splits the keys: a mask is refused.
+    let prefix = PrefixLevel::shared(&k.narrow(0, 0, 1).unwrap(), &v.narrow(0, 0, 1).unwrap(), 2);
+    expect_err(
+        shared_prefix_attention(&q, &[prefix], &k, &v, &with(causal(10, 12))),
+        &["shared_prefix_attention", "`block_mask`", "not supported"],
     );
 }
