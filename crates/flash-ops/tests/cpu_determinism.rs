@@ -6,14 +6,6 @@ use candle_core::{DType, Tensor};
 use flash_ops::{flash_attn_with_lse, Algorithm, AttnOptions};
 use flash_test_support::*;
 
-fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("a rayon pool")
-        .install(f)
-}
-
 #[test]
 fn backward_bits_do_not_depend_on_the_thread_count() {
     let mut rng = Rng::new(0xD7);

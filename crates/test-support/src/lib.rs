@@ -7,11 +7,13 @@
 mod cases;
 mod compare;
 mod oracle;
+mod pool;
 mod rng;
 mod skip;
 
 pub use cases::{cu_seqlens, option_cases, HEAD_DIMS};
 pub use compare::{f32_bits, lse_err, lse_err_slices, rel_err, rel_err_slices, to_f64_vec};
 pub use oracle::{oracle, oracle_varlen, run_with_grads, Run};
+pub use pool::in_pool;
 pub use rng::Rng;
 pub use skip::{skip_or_fail, REQUIRE_GPU, REQUIRE_MINILM};
