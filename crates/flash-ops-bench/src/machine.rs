@@ -1,4 +1,39 @@
-//! The machine a measurement ran on, for every report's header.
+//! The machine a measurement ran on, for every report's header, and its memory read bandwidth.
+
+use std::time::Instant;
+
+use candle_core::{bail, Result};
+use rayon::prelude::*;
+
+use crate::median;
+
+/// Bytes [`read_bandwidth`] streams: 8× the 32 MiB L3 of a Zen 2/3 CCX (and above any server
+/// L3 slice a thread sees), so the read comes from DRAM.
+pub const BANDWIDTH_BYTES: usize = 256 << 20;
+
+/// What a plain parallel read of [`BANDWIDTH_BYTES`] reaches now, GB/s (median of `reps` after a
+/// warm-up), on all threads of the rayon pool: the roof of memory-bound work such as a decoding
+/// step. Summing u64 words with wrapping adds has a 1-cycle dependency, so it vectorises and
+/// keeps up with the memory system.
+pub fn read_bandwidth(reps: usize) -> Result<f64> {
+    if reps == 0 {
+        bail!("read_bandwidth: `reps` must be at least 1, got 0")
+    }
+    // Non-zero, so every page is written and backed before the timing.
+    let buf = vec![1u64; BANDWIDTH_BYTES / 8];
+    let read = || {
+        let t = Instant::now();
+        let sum = buf
+            .par_chunks(1 << 15)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        BANDWIDTH_BYTES as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    read();
+    let rates: Vec<f64> = (0..reps).map(|_| read()).collect();
+    Ok(median(&rates).unwrap_or(0.0))
+}
 
 /// The CPU's model name (Linux `/proc/cpuinfo`), else the architecture.
 pub fn cpu_model() -> String {
@@ -56,6 +91,14 @@ pub fn kernel_path() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bandwidth_is_positive_and_zero_reps_is_an_error() -> Result<()> {
+        assert!(read_bandwidth(1)? > 0.0);
+        let e = read_bandwidth(0).unwrap_err();
+        assert!(e.to_string().contains("`reps`"), "{e}");
+        Ok(())
+    }
 
     #[test]
     fn machine_line_is_filled() {
