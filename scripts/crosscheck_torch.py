@@ -230,6 +230,8 @@ def bench(a):
         f"- GEMM ceiling (f32 {m['gemm_ceiling_n']}³): candle matmul {ceiling:.1f} GFLOP/s, "
         f"torch.matmul {torch_ceiling:.1f} GFLOP/s; each side's % below is of its own ceiling",
         f"- FLOPs: 4·N²·d·H forward (half when causal), backward {BWD_PER_FWD}× forward",
+        f"- measured in the cargo bench run (best of 200 short runs): clock {fmt(m['clock_ghz'], '.2f')} GHz, one core's "
+        f"f32 FMA peak {fmt(m['core_fma_peak_gflops'])} GFLOP/s",
     ]
     if decode_sk:
         lines.append(f"- memory read bandwidth (parallel read of 256 MiB, in the cargo bench run): "

@@ -11,13 +11,20 @@
 //!   [--max-naive-n 4096] [--decode 1024,4096] [--decode-kv-heads 32,8] [--json FILE]
 //!   [--linear-memory-n 16384]`
 //!
+//! `--profile-fwd-bwd N,D,STEPS` runs only flash V2 forward+backward (f32, `--heads`, not
+//! causal) STEPS times and prints the time per step: what `perf record`/`perf stat` attribute to
+//! V2 alone, without the ceiling and the other rows.
+//!
 //! `--json` writes `{"machine": {..}, "rows": [..], "decode": [..]}`: what
 //! `scripts/crosscheck_torch.py --bench` reads to put PyTorch's times beside these.
 
-use candle_core::{bail, DType, Device, Result};
+use std::time::Instant;
+
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use flash_ops_bench::{
-    cpu_model, gemm_ceiling, gemm_ceiling_n, gemm_path, kernel_path, measure, measure_decode,
-    read_bandwidth, DecodeWorkload, PeakAlloc, Row, Variant, Workload, BWD_PER_FWD_FLOPS,
+    clock_ghz, cpu_model, fma_peak_gflops, gemm_ceiling, gemm_ceiling_n, gemm_path, kernel_path,
+    measure, measure_decode, read_bandwidth, DecodeWorkload, PeakAlloc, Row, Variant, Workload,
+    BWD_PER_FWD_FLOPS,
 };
 
 #[global_allocator]
@@ -61,6 +68,16 @@ fn num(args: &[String], name: &str, default: usize) -> Result<usize> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(p) = arg_list(&args, "--profile-fwd-bwd")? {
+        let p: Vec<usize> = p.iter().filter_map(|x| x.parse().ok()).collect();
+        let [n, d, steps] = p[..] else {
+            bail!("`--profile-fwd-bwd` takes three numbers N,D,STEPS")
+        };
+        return profile_fwd_bwd(
+            Workload::new(1, num(&args, "--heads", 12)?, n, d, false),
+            steps,
+        );
+    }
     let ns = nums(&args, "--n", &[512, 1024, 2048, 4096, 8192])?;
     let ds = nums(&args, "--d", &[64, 128])?;
     let reps = num(&args, "--reps", 3)?;
@@ -111,6 +128,14 @@ fn main() -> Result<()> {
     println!(
         "fp32 GEMM ceiling in this run (candle matmul {}³): {ceiling:.1} GFLOP/s\n",
         gemm_ceiling_n(&Device::Cpu),
+    );
+    let (ghz, fma) = (clock_ghz(200), fma_peak_gflops(200));
+    let opt = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.2}"));
+    println!(
+        "measured (best of 200 short runs): clock {} GHz, one core's f32 FMA peak {} GFLOP/s (× {threads} threads: {})\n",
+        opt(ghz),
+        opt(fma),
+        opt(fma.map(|g| g * threads as f64)),
     );
     println!("| dtype | N | d | causal | variant | fwd ms | fwd GFLOP/s | bwd ms | bwd GFLOP/s | fwd+bwd ms | fwd+bwd GFLOP/s | fwd, fwd+bwd % of ceiling | peak mem fwd | peak mem fwd+bwd |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -201,11 +226,13 @@ fn main() -> Result<()> {
             })
             .collect();
         let machine = format!(
-            "{{\"cpu\":{:?},\"gemm_path\":{:?},\"kernel_path\":{:?},\"threads\":{threads},\"reps\":{reps},\"gemm_ceiling_n\":{},\"gemm_ceiling_gflops\":{ceiling:.2},\"read_gbps\":{}}}",
+            "{{\"cpu\":{:?},\"gemm_path\":{:?},\"kernel_path\":{:?},\"threads\":{threads},\"reps\":{reps},\"gemm_ceiling_n\":{},\"gemm_ceiling_gflops\":{ceiling:.2},\"clock_ghz\":{},\"core_fma_peak_gflops\":{},\"read_gbps\":{}}}",
             cpu_model(),
             gemm_path(),
             kernel_path(),
             gemm_ceiling_n(&Device::Cpu),
+            ghz.map_or("null".into(), |x| format!("{x:.3}")),
+            fma.map_or("null".into(), |x| format!("{x:.2}")),
             decode.first().map_or("null".into(), |r| format!("{:.2}", r.read_gbps)),
         );
         let decode: Vec<String> = decode.iter().map(DecodeRow::json).collect();
@@ -219,6 +246,29 @@ fn main() -> Result<()> {
         )?;
         println!("\nwrote {path}");
     }
+    Ok(())
+}
+
+/// `steps` V2 forward+backward steps on one workload, nothing else (see `--profile-fwd-bwd`).
+fn profile_fwd_bwd(w: Workload, steps: usize) -> Result<()> {
+    let input = || Tensor::randn(0f32, 1.0, w.shape(), &Device::Cpu);
+    let (q, k, v) = (
+        Var::from_tensor(&input()?)?,
+        Var::from_tensor(&input()?)?,
+        Var::from_tensor(&input()?)?,
+    );
+    let d_out = input()?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        let o = Variant::V2.forward(q.as_tensor(), k.as_tensor(), v.as_tensor(), &w)?;
+        (o * &d_out)?.sum_all()?.backward()?;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
+    let gflops = (1.0 + BWD_PER_FWD_FLOPS) * w.fwd_flops() / ms / 1e6;
+    println!(
+        "flash V2 fwd+bwd N={} d={} H={}: {ms:.1} ms/step, {gflops:.1} GFLOP/s",
+        w.n, w.d, w.heads
+    );
     Ok(())
 }
 

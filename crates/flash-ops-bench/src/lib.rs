@@ -10,7 +10,8 @@
 //! - [`gemm_ceiling`]: what a large plain matmul reaches, the roof for GFLOP/s;
 //! - [`measure_decode`] and [`read_bandwidth`]: one decoding step, and its roof, the memory
 //!   read bandwidth;
-//! - [`cpu_model`], [`gemm_path`] and [`kernel_path`]: the machine line of every report.
+//! - [`cpu_model`], [`gemm_path`] and [`kernel_path`]: the machine line of every report;
+//!   [`clock_ghz`] and [`fma_peak_gflops`]: the core's clock and FMA peak, measured.
 
 mod alloc;
 #[cfg(feature = "cuda")]
@@ -23,7 +24,9 @@ mod workload;
 
 pub use alloc::{peak_extra, peak_extra_on, PeakAlloc};
 pub use decode::{measure_decode, DecodeWorkload};
-pub use machine::{cpu_model, gemm_path, kernel_path, read_bandwidth, BANDWIDTH_BYTES};
+pub use machine::{
+    clock_ghz, cpu_model, fma_peak_gflops, gemm_path, kernel_path, read_bandwidth, BANDWIDTH_BYTES,
+};
 pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, median, Row};
 pub use variant::Variant;
 pub use workload::{flops_fwd, Workload, BWD_PER_FWD_FLOPS};
