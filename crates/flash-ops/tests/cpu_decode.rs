@@ -48,6 +48,14 @@ fn cases() -> Vec<Case> {
                 .softcap(6.0),
         ),
         (
+            "sq 2 causal, window, alibi, GQA 4/1",
+            (1, 2, 650, 4, 1, 64),
+            AttnOptions::new()
+                .causal(true)
+                .window(Some(300), None)
+                .alibi_slopes(slopes(4)),
+        ),
+        (
             "sq 1, every key masked by key_lengths",
             (2, 1, 300, 2, 1, 16),
             AttnOptions::new().key_lengths(vec![0, 300]),
