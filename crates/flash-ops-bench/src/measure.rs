@@ -29,7 +29,11 @@ fn time_ms(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 /// The median wall time of `reps` runs of `f`, ms.
-fn median_ms(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn median_ms(
+    dev: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     let times = (0..reps)
         .map(|_| time_ms(dev, &mut f))
         .collect::<Result<Vec<_>>>()?;

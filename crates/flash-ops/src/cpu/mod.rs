@@ -20,6 +20,7 @@
 
 mod bwd_v1;
 mod bwd_v2;
+mod decode;
 mod fused;
 mod fwd_v1;
 mod fwd_v2;
@@ -312,6 +313,7 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
         let ops = Operands::<T>::new(p, q, k, v)?;
         let mut out = vec![T::default(); p.out_len()];
         let stats = match p.algorithm {
+            Algorithm::V2 if decode::applies(p) => decode::forward(p, &ops, &mut out),
             Algorithm::V2 => fwd_v2::forward(p, &ops, &mut out),
             Algorithm::V1 => fwd_v1::forward(p, &ops, &mut out),
         };
