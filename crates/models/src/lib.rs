@@ -33,6 +33,7 @@ pub mod bert;
 mod checkpoint;
 mod dropout;
 mod elementwise;
+mod embedding;
 pub mod gpt2;
 mod layer_norm;
 mod linear;

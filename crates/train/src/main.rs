@@ -486,6 +486,7 @@ fn real_main() -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    stepping::candle_elementwise_on_caller();
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
