@@ -42,8 +42,10 @@ pub const CHUNK: usize = 2 * TILE;
 pub fn applies(p: &AttnParams) -> bool {
     let max_q = p.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
     let v2_tasks: usize = p.seqs.iter().map(|s| s.q_len.div_ceil(TILE)).sum::<usize>() * p.heads_q;
+    // A block mask walks its lists in the tile loops instead (fwd_v2).
     p.algorithm == Algorithm::V2
         && p.dropout.is_none()
+        && p.block_mask.is_none()
         && (max_q <= DECODE_ROWS || v2_tasks < FEW_TASKS)
 }
 
@@ -164,6 +166,7 @@ fn run_chunk<T: Elem>(
                 m: &mut m[r.clone()],
                 l: &mut l[r.clone()],
                 acc: Some((&mut acc[r.start * d..r.end * d], d)),
+                bits: None,
             });
         }
         gemm(
