@@ -5,7 +5,8 @@
 //! crate, then one fused pass over the tile ([`fused`]: softcap, ALiBi, mask, running max, exp,
 //! row sum; in backward `P` and `dS`), then the `P·V` (backward: `dV`, `dP`, `dQ`, `dK`)
 //! products. Tiles the mask cuts run as 32-row parts narrowed to their visible keys
-//! ([`visible_parts`]). The fused passes run on the ISA path [`simd::Isa`] chose at run time.
+//! ([`visible_parts`]). With a block mask the loops visit only its listed blocks ([`sparse`]).
+//! The fused passes run on the ISA path [`simd::Isa`] chose at run time.
 //!
 //! **Tile size, per path.** `TILE = 128` rows and columns on all three paths, because what sizes
 //! it is L2, not the vector width: a task's q, k, v and accumulator tiles plus the score tile
