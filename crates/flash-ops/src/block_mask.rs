@@ -61,8 +61,9 @@
 //! block row; bit `c % 32` of word `c / 32`); bits past the lengths are 0. The CPU backend cuts
 //! mask blocks into its tiles (no tile straddles two blocks), visits only listed blocks (row
 //! lists in the V2 forward, transposed lists in the V1 forward and both backwards, so dQ stays
-//! reduced in a fixed order), runs full blocks on its unmasked path and applies a partial
-//! block's bits as one more vector select in the fused softmax pass.
+//! reduced in a fixed order), runs full blocks on its unmasked path, and runs a partial block
+//! in 32-row strips narrowed to the columns its bits hold, its bits applied as one more vector
+//! select in the fused softmax pass.
 //!
 //! # Checks and refusals
 //! Block sizes must be positive multiples of 16 up to 1024 (checked by every constructor; the
