@@ -8,6 +8,7 @@
 //!   [--json FILE] [--linear-memory-n 16384]`
 
 use candle_core::{bail, DType, Device, Result};
+use flash_ops_bench::args::{arg_list, num, nums};
 use flash_ops_bench::{
     cpu_model, gemm_ceiling, gemm_ceiling_n, gemm_path, kernel_path, measure, PeakAlloc, Row,
     Variant, Workload, BWD_PER_FWD_FLOPS,
@@ -18,38 +19,6 @@ static GLOBAL: PeakAlloc = PeakAlloc;
 
 fn mb(b: usize) -> String {
     format!("{:.0} MB", b as f64 / 1e6)
-}
-
-/// The comma-separated values after `--name`, if given.
-fn arg_list(args: &[String], name: &str) -> Result<Option<Vec<String>>> {
-    let Some(i) = args.iter().position(|a| a == name) else {
-        return Ok(None);
-    };
-    match args.get(i + 1) {
-        Some(v) => Ok(Some(v.split(',').map(str::to_string).collect())),
-        None => bail!("`{name}` needs a value"),
-    }
-}
-
-/// The numbers after `--name`, or `default`.
-fn nums(args: &[String], name: &str, default: &[usize]) -> Result<Vec<usize>> {
-    let Some(v) = arg_list(args, name)? else {
-        return Ok(default.to_vec());
-    };
-    v.iter()
-        .map(|x| match x.parse() {
-            Ok(n) => Ok(n),
-            Err(_) => bail!("`{name}` takes numbers, got `{x}`"),
-        })
-        .collect()
-}
-
-/// The one number after `--name`, or `default`.
-fn num(args: &[String], name: &str, default: usize) -> Result<usize> {
-    match nums(args, name, &[default])?.as_slice() {
-        [n] => Ok(*n),
-        _ => bail!("`{name}` takes one number"),
-    }
 }
 
 fn main() -> Result<()> {

@@ -8,7 +8,7 @@ use flash_ops::AttnOptions;
 use super::config::Gpt2Config;
 use super::shared_cache::{retain_rows, LayerCache, SharedPrefixCache};
 use crate::activation::Activation;
-use crate::attention::AttentionKind;
+use crate::attention::{AttentionKind, MaskCache};
 use crate::dropout::{DropoutCtx, SeedCounter};
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
@@ -185,6 +185,7 @@ impl SelfAttention {
         layer: usize,
         attn: AttentionKind,
         ctx: &DropoutCtx,
+        (masks, past): (&MaskCache, usize),
         cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
@@ -195,7 +196,8 @@ impl SelfAttention {
         let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
         let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
         // Causal with the diagonal aligned bottom-right, so cached keys are all visible.
-        let mut opts = AttnOptions::new().causal(true);
+        // The block mask (if any) further restricts it: `past` cached keys precede the `t` queries.
+        let mut opts = masks.apply(AttnOptions::new().causal(true), t, past + t)?;
         if ctx.active(self.attn_pdrop) {
             opts = opts.dropout(self.attn_pdrop, ctx.site_seed(site(layer, ATTN_PROBS)));
         }
@@ -276,6 +278,7 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     attn: AttentionKind,
     seeds: SeedCounter,
+    masks: MaskCache,
 }
 
 impl Gpt2 {
@@ -308,6 +311,7 @@ impl Gpt2 {
             ln_f,
             attn,
             seeds: SeedCounter::new(0),
+            masks: MaskCache::new(cfg.sparsity, cfg.n_head, true)?,
         })
     }
 
@@ -431,9 +435,14 @@ impl Gpt2 {
             .map(|c| c.layers(self.blocks.len()).into_iter());
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = slots.as_mut().and_then(|s| s.next());
-            let a = block
-                .attn
-                .forward(&block.ln_1.forward(&h)?, i, self.attn, ctx, slot)?;
+            let a = block.attn.forward(
+                &block.ln_1.forward(&h)?,
+                i,
+                self.attn,
+                ctx,
+                (&self.masks, past),
+                slot,
+            )?;
             h = (h + a)?;
             h = block.mlp.forward(&block.ln_2.forward(&h)?, &h, i, ctx)?;
         }
