@@ -57,14 +57,6 @@ fn densities(args: &[String]) -> Result<Vec<f64>> {
     }
 }
 
-fn ms(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.1}")
-    } else {
-        "–".into()
-    }
-}
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let lengths = nums(&args, "--n", &[1024, 2048, 4096, 8192, 16384])?;
@@ -97,21 +89,7 @@ fn main() -> Result<()> {
         gemm_path(),
         kernel_path()
     );
-    println!("| N | case | mask | density | full/partial blocks | fwd ms | fwd+bwd ms |");
-    println!("|---|---|---|---|---|---|---|");
-    let rows = sweep(&plan, |r| {
-        println!(
-            "| {} | {} | {} | {:.4} | {}/{} | {} | {} |",
-            r.n,
-            r.case.key(),
-            r.label,
-            r.density,
-            r.blocks.0,
-            r.blocks.1,
-            ms(r.fwd_ms),
-            ms(r.fwd_bwd_ms)
-        )
-    })?;
+    let rows = sweep(&plan, |r| println!("- {r}"))?;
     report(&plan, &rows);
     if let Some(path) = arg_list(&args, "--json")?.map(|v| v.join(",")) {
         std::fs::write(&path, json(&plan, &rows))?;

@@ -4,6 +4,8 @@
 //! (Θ(Nd + N²d²M⁻¹·s) for density s). `cargo bench --bench block_sparse` and `repro --only
 //! blocksparse` both measure through [`sweep`].
 
+use std::fmt;
+
 use candle_core::{bail, DType, Device, Result};
 use flash_ops::BlockMask;
 use flash_ops_models::Sparsity;
@@ -98,6 +100,24 @@ pub struct SparseRow {
     pub blocks: (usize, usize),
     pub fwd_ms: f64,
     pub fwd_bwd_ms: f64,
+}
+
+/// The progress line of a row.
+impl fmt::Display for SparseRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "N {} {} {}: density {:.4} ({}/{} full/partial blocks), fwd {:.1} ms, fwd+bwd {:.1} ms",
+            self.n,
+            self.case.key(),
+            self.label,
+            self.density,
+            self.blocks.0,
+            self.blocks.1,
+            self.fwd_ms,
+            self.fwd_bwd_ms
+        )
+    }
 }
 
 /// `time = a + b·density`, least squares.
