@@ -240,14 +240,19 @@ impl<'de> serde::Deserialize<'de> for Sparsity {
 }
 
 /// A model's block masks, built once per (query length, key length) and shared by its layers.
-/// Self-attention over `n` tokens uses the pattern's own mask; a call with fewer queries than
-/// keys (decoding with a KV cache: the queries are the last `q` of the `k` positions) uses the
-/// matching rows of the length-`k` mask, so a model decodes with the pattern it trained with.
+///
+/// Every mask is the top-left corner of the pattern at the model's context length, so what a
+/// position sees never depends on the length of the call: the positional patterns are their own
+/// corners (built directly at `n`); random blocks are drawn once at the context length. A call
+/// with fewer queries than keys (decoding with a KV cache: the queries are the last `q` of the
+/// `k` positions) takes the matching rows of the length-`k` mask, so a model decodes with the
+/// pattern it trained with.
 #[derive(Debug)]
 pub(crate) struct MaskCache {
     sparsity: Sparsity,
     heads: usize,
     causal: bool,
+    context: usize,
     masks: Mutex<HashMap<(usize, usize), BlockMask>>,
 }
 
@@ -257,13 +262,19 @@ const MAX_CACHED_MASKS: usize = 512;
 impl MaskCache {
     /// Checks the pattern on one block's length (block sizes, density) so a bad config fails
     /// when the model is built, not at its first forward.
-    pub(crate) fn new(sparsity: Sparsity, heads: usize, causal: bool) -> Result<Self> {
+    pub(crate) fn new(
+        sparsity: Sparsity,
+        heads: usize,
+        causal: bool,
+        context: usize,
+    ) -> Result<Self> {
         let (bq, bk) = sparsity.block;
         sparsity.mask(bq.max(bk), heads, causal)?;
         Ok(Self {
             sparsity,
             heads,
             causal,
+            context,
             masks: Mutex::new(HashMap::new()),
         })
     }
@@ -288,7 +299,12 @@ impl MaskCache {
         if let Some(m) = self.lock().get(&(q_len, k_len)) {
             return Ok(Some(m.clone()));
         }
-        let mask = if q_len == k_len {
+        let random = matches!(self.sparsity.pattern, SparsePattern::Random { .. });
+        let mask = if q_len == k_len && random && k_len < self.context {
+            self.get(self.context, self.context)?
+                .map(|m| self.corner(&m, k_len))
+                .transpose()?
+        } else if q_len == k_len {
             self.sparsity.mask(k_len, self.heads, self.causal)?
         } else {
             let full = self.get(k_len, k_len)?;
@@ -313,6 +329,20 @@ impl MaskCache {
             masks.insert((q_len, k_len), m.clone());
         }
         Ok(mask)
+    }
+
+    /// The first `n` rows and columns of a mask of whole (full) blocks, as a block layout.
+    fn corner(&self, m: &BlockMask, n: usize) -> Result<BlockMask> {
+        let (bq, bk) = m.block_size();
+        let (qb, kb, heads) = (n.div_ceil(bq), n.div_ceil(bk), m.heads());
+        let mut layout = Vec::with_capacity(heads * qb * kb);
+        for h in 0..heads {
+            for r in 0..qb {
+                layout.extend((0..kb).map(|c| m.visible(0, h, r * bq, c * bk) as u8));
+            }
+        }
+        let layout = Tensor::from_vec(layout, (heads, qb, kb), &candle_core::Device::Cpu)?;
+        BlockMask::from_block_layout(&layout, n, n, (bq, bk))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), BlockMask>> {

@@ -213,7 +213,12 @@ impl BertModel {
             pooler,
             attn,
             seeds: SeedCounter::new(0),
-            masks: MaskCache::new(cfg.sparsity, cfg.num_attention_heads, false)?,
+            masks: MaskCache::new(
+                cfg.sparsity,
+                cfg.num_attention_heads,
+                false,
+                cfg.max_position_embeddings,
+            )?,
         })
     }
 

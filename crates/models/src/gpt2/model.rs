@@ -311,7 +311,7 @@ impl Gpt2 {
             ln_f,
             attn,
             seeds: SeedCounter::new(0),
-            masks: MaskCache::new(cfg.sparsity, cfg.n_head, true)?,
+            masks: MaskCache::new(cfg.sparsity, cfg.n_head, true, cfg.n_positions)?,
         })
     }
 
