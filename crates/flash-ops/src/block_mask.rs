@@ -135,16 +135,24 @@ impl BlockLists<'_> {
         self.slot(b, h) * self.k_blocks + k_block
     }
 
-    /// The listed key blocks of a row: `(key block, bits id or FULL)`, ascending.
+    /// The listed key blocks of row `r`: `(key block, bits id or FULL)`, ascending.
     pub fn row_blocks(&self, r: usize) -> impl Iterator<Item = (usize, u32)> + '_ {
-        let (a, z) = (self.kv_start[r] as usize, self.kv_start[r + 1] as usize);
-        (a..z).map(|e| (self.kv_block[e] as usize, self.kv_bits[e]))
+        self.listed(false, r)
     }
 
-    /// The query blocks visiting a column: `(query block, bits id or FULL)`, ascending.
+    /// The query blocks visiting column `c`: `(query block, bits id or FULL)`, ascending.
     pub fn col_blocks(&self, c: usize) -> impl Iterator<Item = (usize, u32)> + '_ {
-        let (a, z) = (self.q_start[c] as usize, self.q_start[c + 1] as usize);
-        (a..z).map(|e| (self.q_block[e] as usize, self.q_bits[e]))
+        self.listed(true, c)
+    }
+
+    /// [`Self::row_blocks`] of row `i`, or with `transposed` [`Self::col_blocks`] of column `i`.
+    pub fn listed(&self, transposed: bool, i: usize) -> impl Iterator<Item = (usize, u32)> + '_ {
+        let (start, block, bits) = if transposed {
+            (self.q_start, self.q_block, self.q_bits)
+        } else {
+            (self.kv_start, self.kv_block, self.kv_bits)
+        };
+        (start[i] as usize..start[i + 1] as usize).map(move |e| (block[e] as usize, bits[e]))
     }
 
     /// The `words_per_row` words of row `r` (in the block) of partial block `id`.

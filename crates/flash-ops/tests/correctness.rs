@@ -33,35 +33,7 @@ fn random_case(rng: &mut Rng, max_len: usize) -> Case {
     let b = 1 + rng.below(3);
     let hk = 1 + rng.below(2);
     let group = 1 + rng.below(3);
-    let mut opts = AttnOptions::new();
-    opts.causal = rng.below(2) == 0;
-    if rng.below(3) == 0 {
-        opts.window_left = Some(rng.below(sk + 4));
-    }
-    if !opts.causal && rng.below(3) == 0 {
-        opts.window_right = Some(rng.below(sk + 4));
-    }
-    if rng.below(4) == 0 {
-        opts.softcap = Some(2.0 + 20.0 * rng.uniform() as f32);
-    }
-    if rng.below(4) == 0 {
-        let slopes: Vec<f32> = (0..hk * group)
-            .map(|_| 0.02 + 0.5 * rng.uniform() as f32)
-            .collect();
-        opts.alibi_slopes = Some(Tensor::from_vec(slopes, hk * group, &Device::Cpu).unwrap());
-    }
-    if rng.below(3) == 0 {
-        opts.key_lengths = Some((0..b).map(|_| rng.below(sk + 1)).collect());
-    }
-    if rng.below(4) == 0 {
-        opts.dropout = Some(flash_ops::Dropout {
-            p: 0.1 + 0.4 * rng.uniform() as f32,
-            seed: rng.next_u64(),
-        });
-    }
-    if rng.below(3) == 0 {
-        opts.softmax_scale = Some(0.05 + 0.5 * rng.uniform() as f32);
-    }
+    let opts = random_options(rng, b, sk, hk * group);
     Case {
         b,
         sq,

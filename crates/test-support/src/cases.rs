@@ -1,7 +1,9 @@
 //! The case tables the CPU, GPU and emulated-kernel suites share.
 
 use candle_core::{Device, Tensor};
-use flash_ops::{Algorithm, AttnOptions};
+use flash_ops::{Algorithm, AttnOptions, Dropout};
+
+use crate::Rng;
 
 /// The head dimensions the GPU kernels are instantiated for, plus one (80) that runs
 /// zero-padded on the next instantiation up.
@@ -56,4 +58,37 @@ pub fn cu_seqlens(lens: &[usize]) -> Tensor {
         cu.push(cu[cu.len() - 1] + l as u32);
     }
     Tensor::new(cu, &Device::Cpu).expect("a u32 vector")
+}
+
+/// Random options for a dense problem of `b` sequences, `sk` keys and `hq` query heads: causal
+/// or not, windows, softcap, ALiBi, key lengths, dropout and scale, each on or off at random.
+pub fn random_options(rng: &mut Rng, b: usize, sk: usize, hq: usize) -> AttnOptions {
+    let mut opts = AttnOptions::new();
+    opts.causal = rng.below(2) == 0;
+    if rng.below(3) == 0 {
+        opts.window_left = Some(rng.below(sk + 4));
+    }
+    if !opts.causal && rng.below(3) == 0 {
+        opts.window_right = Some(rng.below(sk + 4));
+    }
+    if rng.below(4) == 0 {
+        opts.softcap = Some(2.0 + 20.0 * rng.uniform() as f32);
+    }
+    if rng.below(4) == 0 {
+        let slopes: Vec<f32> = (0..hq).map(|_| 0.02 + 0.5 * rng.uniform() as f32).collect();
+        opts.alibi_slopes = Some(Tensor::from_vec(slopes, hq, &Device::Cpu).unwrap());
+    }
+    if rng.below(3) == 0 {
+        opts.key_lengths = Some((0..b).map(|_| rng.below(sk + 1)).collect());
+    }
+    if rng.below(4) == 0 {
+        opts.dropout = Some(Dropout {
+            p: 0.1 + 0.4 * rng.uniform() as f32,
+            seed: rng.next_u64(),
+        });
+    }
+    if rng.below(3) == 0 {
+        opts.softmax_scale = Some(0.05 + 0.5 * rng.uniform() as f32);
+    }
+    opts
 }

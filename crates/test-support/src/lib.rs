@@ -6,12 +6,14 @@
 
 mod cases;
 mod compare;
+mod determinism;
 mod oracle;
 mod rng;
 mod skip;
 
-pub use cases::{cu_seqlens, option_cases, HEAD_DIMS};
+pub use cases::{cu_seqlens, option_cases, random_options, HEAD_DIMS};
 pub use compare::{f32_bits, lse_err, lse_err_slices, rel_err, rel_err_slices, to_f64_vec};
+pub use determinism::assert_same_bits_across_threads;
 pub use oracle::{oracle, oracle_varlen, run_with_grads, Run};
 pub use rng::Rng;
 pub use skip::{skip_or_fail, REQUIRE_GPU, REQUIRE_MINILM};

@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::sparse::{Sparsity, Visit};
 use super::{
     backward_tile, row_deltas, BackwardOperands, BwdScratch, Elem, GradOutputs, Operands, RowView,
     SharedOut, TILE,
@@ -28,6 +29,7 @@ pub fn backward<T: Elem>(
     let tasks: Vec<(usize, usize)> = (0..p.batch())
         .flat_map(|s| (0..p.heads_k).map(move |hk| (s, hk)))
         .collect();
+    let sparsity = Sparsity::of(p);
     tasks.par_iter().for_each(|&(s, hk)| {
         let span = p.seqs[s];
         let group = p.group();
@@ -35,19 +37,19 @@ pub fn backward<T: Elem>(
         let mut o_tile = vec![0f32; TILE * d];
         // dQ of every q head of the group, the whole sequence: FlashAttention's "HBM" dQ.
         let mut dq = vec![0f32; group * span.q_len * d];
-        let mut j0 = 0;
-        while j0 < span.k_len {
-            let cols = TILE.min(span.k_len - j0);
+        for (j0, cols) in sparsity.tiles(span.k_len, false) {
             ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
             sc.dk[..cols * d].fill(0.0);
             sc.dv[..cols * d].fill(0.0);
             for gi in 0..group {
                 let h = hk * group + gi;
                 let mods = ScoreMods::new(p, s, h);
-                let (q_lo, q_hi) = mods.query_range_keys(j0, j0 + cols);
-                let mut i0 = q_lo;
-                while i0 < q_hi {
-                    let rows = TILE.min(q_hi - i0);
+                for Visit {
+                    start: i0,
+                    len: rows,
+                    bits,
+                } in sparsity.visits(&mods, (s, h), (j0, cols), true)
+                {
                     ops.q.load((s, h, i0), rows, d, &mut sc.q);
                     saved.d_o.load((s, h, i0), rows, d, &mut sc.d_o);
                     saved.o.load((s, h, i0), rows, d, &mut o_tile);
@@ -59,9 +61,8 @@ pub fn backward<T: Elem>(
                     }
                     let dq_rows = &mut dq[(gi * span.q_len + i0) * d..][..rows * d];
                     sc.dq[..rows * d].copy_from_slice(dq_rows);
-                    backward_tile(p, &mods, (s, h), (i0, rows), (j0, cols), &mut sc);
+                    backward_tile(p, &mods, (s, h), (i0, rows), (j0, cols), bits, &mut sc);
                     dq_rows.copy_from_slice(&sc.dq[..rows * d]);
-                    i0 += rows;
                 }
             }
             // SAFETY: head hk of sequence s belongs to this task alone.
@@ -69,7 +70,6 @@ pub fn backward<T: Elem>(
                 dk_ptr.store_rows(&k_view, (s, hk, j0), cols, d, &sc.dk);
                 dv_ptr.store_rows(&k_view, (s, hk, j0), cols, d, &sc.dv);
             }
-            j0 += cols;
         }
         for gi in 0..group {
             let rows = &dq[gi * span.q_len * d..(gi + 1) * span.q_len * d];

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::sparse::{Sparsity, Visit};
 use super::{
     backward_tile, row_deltas, BackwardOperands, BwdScratch, Elem, GradOutputs, Operands, RowView,
     SharedOut, TILE,
@@ -39,29 +40,34 @@ pub fn backward<T: Elem>(
     let dk_ptr = SharedOut::new(g.dk);
     let dv_ptr = SharedOut::new(g.dv);
 
+    let sparsity = Sparsity::of(p);
+    let k_tiles: Vec<Vec<(usize, usize)>> = p
+        .seqs
+        .iter()
+        .map(|span| sparsity.tiles(span.k_len, false))
+        .collect();
     let tasks: Vec<(usize, usize, usize)> = (0..p.batch())
         .flat_map(|s| (0..p.heads_k).flat_map(move |hk| (0..chunks).map(move |c| (s, hk, c))))
         .collect();
     tasks.par_iter().for_each_init(
         || BwdScratch::new(d),
         |sc, &(s, hk, c)| {
-            let span = p.seqs[s];
-            let n_kv = span.k_len.div_ceil(TILE);
+            let n_kv = k_tiles[s].len();
             let (kb_lo, kb_hi) = (c * n_kv / chunks, (c + 1) * n_kv / chunks);
             let dq_base = c * dq_len;
-            for kb in kb_lo..kb_hi {
-                let j0 = kb * TILE;
-                let cols = TILE.min(span.k_len - j0);
+            for &(j0, cols) in &k_tiles[s][kb_lo..kb_hi] {
                 ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
                 sc.dk[..cols * d].fill(0.0);
                 sc.dv[..cols * d].fill(0.0);
                 // GQA: every q head of the group adds into this k/v head's gradients.
                 for h in hk * p.group()..(hk + 1) * p.group() {
                     let mods = ScoreMods::new(p, s, h);
-                    let (q_lo, q_hi) = mods.query_range_keys(j0, j0 + cols);
-                    let mut i0 = q_lo;
-                    while i0 < q_hi {
-                        let rows = TILE.min(q_hi - i0);
+                    for Visit {
+                        start: i0,
+                        len: rows,
+                        bits,
+                    } in sparsity.visits(&mods, (s, h), (j0, cols), true)
+                    {
                         ops.q.load((s, h, i0), rows, d, &mut sc.q);
                         saved.d_o.load((s, h, i0), rows, d, &mut sc.d_o);
                         for r in 0..rows {
@@ -73,10 +79,9 @@ pub fn backward<T: Elem>(
                         let part = partial_ptr.offset(dq_base);
                         // SAFETY: chunk c of (s, hk) is the only task touching these rows.
                         unsafe { part.load_rows(&q_view, (s, h, i0), rows, d, &mut sc.dq) };
-                        backward_tile(p, &mods, (s, h), (i0, rows), (j0, cols), sc);
+                        backward_tile(p, &mods, (s, h), (i0, rows), (j0, cols), bits, sc);
                         // SAFETY: as above.
                         unsafe { part.store_rows(&q_view, (s, h, i0), rows, d, &sc.dq) };
-                        i0 += rows;
                     }
                 }
                 // SAFETY: k/v tile kb of head hk of sequence s belongs to this task alone.

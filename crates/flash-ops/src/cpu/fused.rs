@@ -22,23 +22,73 @@ macro_rules! for_vecs {
     }};
 }
 
-/// What the pass applies to one score row: visible keys `[lo, hi)` in tile columns, and the
-/// modifiers (softcap first, then ALiBi, as [`ScoreMods::modify`]).
-struct RowRule {
+/// A partial block's bitmask under a tile (see `crate::block_mask`): the block's words, `wpr`
+/// per block row, and the block row and column of the tile's row 0 and column 0.
+#[derive(Clone, Copy)]
+pub struct TileBits<'a> {
+    pub words: &'a [u32],
+    pub wpr: usize,
+    pub row0: usize,
+    pub col0: usize,
+}
+
+impl<'a> TileBits<'a> {
+    /// The same bits seen from row `r0`, column `c0` of the tile (a part of it).
+    pub fn from(self, r0: usize, c0: usize) -> Self {
+        Self {
+            row0: self.row0 + r0,
+            col0: self.col0 + c0,
+            ..self
+        }
+    }
+
+    /// Row `r`'s words and the bit of column 0.
+    fn row(&self, r: usize) -> RowBits<'a> {
+        let o = (self.row0 + r) * self.wpr;
+        RowBits(&self.words[o..o + self.wpr], self.col0)
+    }
+}
+
+/// One block row's words and the bit position of tile column 0.
+#[derive(Clone, Copy)]
+struct RowBits<'a>(&'a [u32], usize);
+
+impl RowBits<'_> {
+    /// Bits of columns `c..c + 32` in the low bits (0 past the row).
+    #[inline(always)]
+    fn lanes(&self, c: usize) -> u32 {
+        let pos = self.1 + c;
+        let (w, sh) = (pos / 32, pos % 32);
+        let word = |k: usize| self.0.get(k).copied().unwrap_or(0) as u64;
+        ((word(w) | word(w + 1) << 32) >> sh) as u32
+    }
+}
+
+/// What the pass applies to one score row: visible keys `[lo, hi)` in tile columns, a partial
+/// block's bits, and the modifiers (softcap first, then ALiBi, as [`ScoreMods::modify`]).
+struct RowRule<'a> {
     lo: usize,
     hi: usize,
+    bits: Option<RowBits<'a>>,
     /// `i + diag − j0`: ALiBi's distance of column `c` is `|centre − c|` (exact in f32 below 2²⁴).
     centre: f32,
     cap: Option<f32>,
     slope: Option<f32>,
 }
 
-impl RowRule {
-    fn new(mods: &ScoreMods, i: usize, j0: usize, cols: usize) -> Self {
+impl<'a> RowRule<'a> {
+    fn new(
+        mods: &ScoreMods,
+        (i, r): (usize, usize),
+        at: TileAt,
+        bits: Option<TileBits<'a>>,
+    ) -> Self {
         let (lo, hi) = mods.key_range(i);
+        let (j0, cols) = (at.j0, at.cols);
         Self {
             lo: lo.saturating_sub(j0).min(cols),
             hi: hi.saturating_sub(j0).min(cols),
+            bits: bits.map(|b| b.row(r)),
             centre: (i as i64 + mods.diag - j0 as i64) as f32,
             cap: mods.softcap,
             slope: mods.alibi_slope,
@@ -47,7 +97,11 @@ impl RowRule {
 
     /// Nothing to apply to a row of `cols` columns.
     fn plain(&self, cols: usize) -> bool {
-        self.cap.is_none() && self.slope.is_none() && self.lo == 0 && self.hi >= cols
+        self.cap.is_none()
+            && self.slope.is_none()
+            && self.bits.is_none()
+            && self.lo == 0
+            && self.hi >= cols
     }
 
     /// Lanes `c..c + W` modified (`-inf` where masked, including lanes past `hi`) and the
@@ -70,6 +124,12 @@ impl RowRule {
             let ninf = V::splat(f32::NEG_INFINITY);
             x = j.lt_select(lo, ninf, j.lt_select(hi, x, ninf));
             g = j.lt_select(lo, V::splat(0.0), j.lt_select(hi, g, V::splat(0.0)));
+        }
+        // A partial block: one more select, by the block's bits.
+        if let Some(bits) = self.bits {
+            let keep = bits.lanes(c);
+            x = V::bit_select(keep, x, V::splat(f32::NEG_INFINITY));
+            g = V::bit_select(keep, g, V::splat(0.0));
         }
         (x, g)
     }
@@ -95,6 +155,8 @@ pub struct SoftmaxTile<'a> {
     pub m: &'a mut [f32],
     pub l: &'a mut [f32],
     pub acc: Option<(&'a mut [f32], usize)>,
+    /// A partial block's bits (`None`: a full block, or no block mask).
+    pub bits: Option<TileBits<'a>>,
 }
 
 impl Kernel for SoftmaxTile<'_> {
@@ -108,11 +170,12 @@ impl Kernel for SoftmaxTile<'_> {
             m,
             l,
             mut acc,
+            bits,
         } = self;
-        let TileAt { i0, j0, rows, cols } = at;
+        let TileAt { i0, rows, cols, .. } = at;
         let ninf = f32::NEG_INFINITY;
         for r in 0..rows {
-            let rule = RowRule::new(mods, i0 + r, j0, cols);
+            let rule = RowRule::new(mods, (i0 + r, r), at, bits);
             let row = &mut s[r * cols..(r + 1) * cols];
             let mut vmax = V::splat(ninf);
             if rule.plain(cols) {
@@ -159,16 +222,18 @@ pub struct ProbsTile<'a> {
     pub mods: &'a ScoreMods,
     pub lse: &'a [f32],
     pub cap_grad: Option<&'a mut [f32]>,
+    /// As in [`SoftmaxTile`].
+    pub bits: Option<TileBits<'a>>,
 }
 
 impl Kernel for ProbsTile<'_> {
     type Out = ();
     #[inline(always)]
     unsafe fn run<V: Simd>(mut self) {
-        let TileAt { i0, j0, rows, cols } = self.at;
+        let TileAt { i0, rows, cols, .. } = self.at;
         let ninf = f32::NEG_INFINITY;
         for r in 0..rows {
-            let rule = RowRule::new(self.mods, i0 + r, j0, cols);
+            let rule = RowRule::new(self.mods, (i0 + r, r), self.at, self.bits);
             let row = &mut self.s[r * cols..(r + 1) * cols];
             let mut grad = self
                 .cap_grad

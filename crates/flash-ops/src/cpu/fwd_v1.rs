@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::fused::{self, SoftmaxTile, TileAt};
 use super::simd::exp;
 use super::simd::gemm::{gemm, Op, Threads};
+use super::sparse::{Sparsity, Visit};
 use super::{drop_tile, qk_scores, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
@@ -24,6 +25,7 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
     let tasks: Vec<(usize, usize)> = (0..p.batch())
         .flat_map(|s| (0..p.heads_q).map(move |h| (s, h)))
         .collect();
+    let sparsity = Sparsity::of(p);
     tasks.par_iter().for_each(|&(s, h)| {
         let span = p.seqs[s];
         let mods = ScoreMods::new(p, s, h);
@@ -41,14 +43,14 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
         let mut pv = vec![0f32; TILE * d];
         let mut drop_factors = vec![0f32; TILE];
         let drop_mask = p.dropout_mask(s, h);
-        let mut j0 = 0;
-        while j0 < span.k_len {
-            let cols = TILE.min(span.k_len - j0);
+        for (j0, cols) in sparsity.tiles(span.k_len, false) {
             ops.load_kv((s, hk, j0), cols, d, (&mut kt, &mut vt));
-            let (q_lo, q_hi) = mods.query_range_keys(j0, j0 + cols);
-            let mut i0 = q_lo;
-            while i0 < q_hi {
-                let rows = TILE.min(q_hi - i0);
+            for Visit {
+                start: i0,
+                len: rows,
+                bits,
+            } in sparsity.visits(&mods, (s, h), (j0, cols), true)
+            {
                 ops.q.load((s, h, i0), rows, d, &mut qt);
                 // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10), one
                 // visible part at a time; rows in no part keep m~ = -inf and are skipped below.
@@ -63,6 +65,7 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                         m: &mut mt[r0..r0 + at.rows],
                         l: &mut lt[r0..r0 + at.rows],
                         acc: None,
+                        bits: bits.map(|b| b.from(r0, c0)),
                     });
                     if let Some(dm) = &drop_mask {
                         drop_tile(dm, at, &mut st, &mut drop_factors);
@@ -91,9 +94,7 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                     }
                     (m[i], l[i]) = (m_new, l_new);
                 }
-                i0 += rows;
             }
-            j0 += cols;
         }
         // SAFETY: this task alone owns head h of sequence s.
         unsafe {

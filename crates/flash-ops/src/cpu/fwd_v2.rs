@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::fused::{self, SoftmaxTile, TileAt};
 use super::simd::gemm::{gemm, Op, Threads};
+use super::sparse::{Sparsity, Visit};
 use super::{drop_tile, qk_scores, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
@@ -28,13 +29,14 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
     let out_view = RowView::contiguous(p, p.heads_q, true);
     let out_ptr = SharedOut::new(out);
     let lse_ptr = SharedOut::new(&mut lse);
-    let tasks: Vec<(usize, usize, usize)> = p
+    let sparsity = Sparsity::of(p);
+    let tasks: Vec<(usize, usize, (usize, usize))> = p
         .seqs
         .iter()
         .enumerate()
         .flat_map(|(s, span)| {
-            (0..p.heads_q)
-                .flat_map(move |h| (0..span.q_len.div_ceil(TILE)).map(move |qb| (s, h, qb)))
+            let q_tiles = sparsity.tiles(span.q_len, true);
+            (0..p.heads_q).flat_map(move |h| q_tiles.clone().into_iter().map(move |t| (s, h, t)))
         })
         .collect();
     let new_scratch = || Scratch {
@@ -49,22 +51,22 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
     };
     tasks
         .par_iter()
-        .for_each_init(new_scratch, |sc, &(s, h, qb)| {
-            let span = p.seqs[s];
+        .for_each_init(new_scratch, |sc, &(s, h, (i0, rows))| {
             let mods = ScoreMods::new(p, s, h);
             let hk = h / p.group();
-            let i0 = qb * TILE;
-            let rows = TILE.min(span.q_len - i0);
             ops.q.load((s, h, i0), rows, d, &mut sc.q);
             sc.m[..rows].fill(f32::NEG_INFINITY);
             sc.l[..rows].fill(0.0);
             sc.acc[..rows * d].fill(0.0);
             let drop_mask = p.dropout_mask(s, h);
-            // Block skipping: only k tiles holding a key visible to some row of this q tile.
-            let (k_lo, k_hi) = mods.key_range_rows(i0, i0 + rows);
-            let mut j0 = k_lo;
-            while j0 < k_hi {
-                let cols = TILE.min(k_hi - j0);
+            // Block skipping: only k tiles holding a key visible to some row of this q tile
+            // (and, with a block mask, in a listed block).
+            for Visit {
+                start: j0,
+                len: cols,
+                bits,
+            } in sparsity.visits(&mods, (s, h), (i0, rows), false)
+            {
                 ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
                 let tile = TileAt { i0, j0, rows, cols };
                 for Part { at, r0, c0 } in visible_parts(&mods, tile) {
@@ -77,6 +79,7 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                         m: &mut sc.m[r0..r0 + at.rows],
                         l: &mut sc.l[r0..r0 + at.rows],
                         acc: Some((&mut sc.acc[r0 * d..], d)),
+                        bits: bits.map(|b| b.from(r0, c0)),
                     });
                     // The row sums above are of the undropped weights: dropout acts on the
                     // normalised probabilities.
@@ -87,7 +90,6 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                     let mnk = (at.rows, d, at.cols);
                     gemm(mnk, Op::N(s_at), Op::N(v), acc, (true, 1.0), Threads::One);
                 }
-                j0 += cols;
             }
             for r in 0..rows {
                 let l = sc.l[r];

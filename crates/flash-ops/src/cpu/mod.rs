@@ -24,6 +24,7 @@ mod fused;
 mod fwd_v1;
 mod fwd_v2;
 pub mod simd;
+mod sparse;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
@@ -35,7 +36,7 @@ use crate::op::BackwardInputs;
 use crate::params::AttnParams;
 use crate::plan::InputLayout;
 use crate::{stats, Algorithm};
-use fused::{DsTile, ProbsTile, TileAt};
+use fused::{DsTile, ProbsTile, TileAt, TileBits};
 use simd::gemm::{gemm, Op, Threads};
 use simd::Isa;
 
@@ -298,14 +299,6 @@ pub fn drop_tile(mask: &DropoutMask, at: TileAt, s: &mut [f32], factors: &mut [f
     }
 }
 
-/// Until the tile loops walk the block lists, a mask is refused rather than ignored.
-fn refuse_block_mask(p: &AttnParams) -> Result<()> {
-    if p.block_mask.is_some() {
-        bail!("flash_attn: `block_mask` is not yet supported by the CPU backend")
-    }
-    Ok(())
-}
-
 /// Forward on CPU: the output `(total_q, hq, d)` in the input dtype and the saved statistics
 /// (f32, [`AttnParams::stats_len`]: V2 log-sum-exp; V1 `m` then `l`).
 pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStorage, CpuStorage)> {
@@ -316,7 +309,6 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
         v: Input,
     ) -> Result<(CpuStorage, CpuStorage)> {
         Isa::active()?;
-        refuse_block_mask(p)?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let mut out = vec![T::default(); p.out_len()];
         let stats = match p.algorithm {
@@ -360,7 +352,6 @@ pub fn backward(
         bi: BackwardInputs<CpuStorage>,
     ) -> Result<CpuStorage> {
         Isa::active()?;
-        refuse_block_mask(p)?;
         let ops = Operands::<T>::new(p, q, k, v)?;
         let (stats, offset) = bi.stats;
         let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
@@ -438,17 +429,20 @@ impl BwdScratch {
 /// One (q tile, k/v tile) step of the backward pass, shared by both schedules (FlashAttention
 /// Algorithm 4 lines 11–21, FlashAttention-2 Algorithm 2 lines 10–15). Expects `q`, `d_o`, `k`,
 /// `v`, `lse`, `delta` loaded; adds into `dq`, `dk`, `dv`, one [`visible_parts`] part at a time.
+/// `bits`: the tile's partial block mask, if any.
 pub fn backward_tile(
     p: &AttnParams,
     mods: &ScoreMods,
     (seq, head): (usize, usize),
     (i0, rows): (usize, usize),
     (j0, cols): (usize, usize),
+    bits: Option<TileBits>,
     sc: &mut BwdScratch,
 ) {
     let drop_mask = p.dropout_mask(seq, head);
     for part in visible_parts(mods, TileAt { i0, j0, rows, cols }) {
-        backward_part(p, mods, drop_mask.as_ref(), part, sc);
+        let bits = bits.map(|b| b.from(part.r0, part.c0));
+        backward_part(p, mods, drop_mask.as_ref(), (part, bits), sc);
     }
 }
 
@@ -457,7 +451,7 @@ fn backward_part(
     p: &AttnParams,
     mods: &ScoreMods,
     drop_mask: Option<&DropoutMask>,
-    Part { at, r0, c0 }: Part,
+    (Part { at, r0, c0 }, bits): (Part, Option<TileBits>),
     sc: &mut BwdScratch,
 ) {
     let d = p.head_dim;
@@ -472,6 +466,7 @@ fn backward_part(
         mods,
         lse: &sc.lse[r0..r0 + rows],
         cap_grad: mods.softcap.map(|_| &mut sc.cap_grad[..n]),
+        bits,
     });
     // Dropout: dV and dP see the kept, rescaled probabilities (the mask regenerated from the seed).
     if let Some(m) = drop_mask {

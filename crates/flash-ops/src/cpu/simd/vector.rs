@@ -18,6 +18,8 @@ pub trait Simd: Copy {
     unsafe fn abs(self) -> Self;
     /// Lane-wise `if self < o { x } else { y }`.
     unsafe fn lt_select(self, o: Self, x: Self, y: Self) -> Self;
+    /// Lane-wise `if bit l of bits { x } else { y }` (the low `W` bits: a block mask's row).
+    unsafe fn bit_select(bits: u32, x: Self, y: Self) -> Self;
     /// `2ⁿ` for lanes `t = n + SHIFTER` (`n` integral, `-127 < n < 128`): the integer sits in
     /// the low mantissa bits, so subtracting `SHIFTER`'s bits and adding the bias gives the
     /// exponent field, with no float→int conversion.
@@ -92,6 +94,14 @@ impl Simd for f32 {
     #[inline(always)]
     unsafe fn lt_select(self, o: Self, x: Self, y: Self) -> Self {
         if self < o {
+            x
+        } else {
+            y
+        }
+    }
+    #[inline(always)]
+    unsafe fn bit_select(bits: u32, x: Self, y: Self) -> Self {
+        if bits & 1 == 1 {
             x
         } else {
             y

@@ -65,6 +65,9 @@ impl Simd for __m512 {
         unsafe fn lt_select(self, o: Self, x: Self, y: Self) -> Self {
             _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(self, o), y, x)
         }
+        unsafe fn bit_select(bits: u32, x: Self, y: Self) -> Self {
+            _mm512_mask_blend_ps(bits as u16, y, x)
+        }
         unsafe fn iota() -> Self {
             _mm512_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0)
         }
@@ -81,6 +84,12 @@ impl Simd for __m256 {
         unsafe fn abs(self) -> Self { _mm256_andnot_ps(_mm256_set1_ps(-0.0), self) }
         unsafe fn lt_select(self, o: Self, x: Self, y: Self) -> Self {
             _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_LT_OQ>(self, o))
+        }
+        unsafe fn bit_select(bits: u32, x: Self, y: Self) -> Self {
+            // Lane l keeps bit l: broadcast, AND with 1 << l, compare to 1 << l.
+            let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            let set = _mm256_and_si256(_mm256_set1_epi32(bits as i32), lanes);
+            _mm256_blendv_ps(y, x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lanes)))
         }
         unsafe fn iota() -> Self { _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0) }
         unsafe fn hmax(self) -> f32 { fold(self, |a, b| _mm_max_ps(a, b)) }
