@@ -269,7 +269,9 @@ impl MaskCache {
         context: usize,
     ) -> Result<Self> {
         let (bq, bk) = sparsity.block;
-        sparsity.mask(bq.max(bk), heads, causal)?;
+        if let Err(e) = sparsity.mask(bq.max(bk), heads, causal) {
+            bail!("sparsity `{sparsity}`: {e}")
+        }
         Ok(Self {
             sparsity,
             heads,

@@ -9,7 +9,8 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use common::{gradient_is_zero_by_design, named_vars, randomize, varmap};
 use flash_ops_models::{
-    AttentionKind, BertConfig, BertForMaskedLM, Gpt2, Gpt2Config, KvCache, Sparsity,
+    generate, generate_batch, AttentionKind, BatchCache, BatchConfig, BertConfig, BertForMaskedLM,
+    Gpt2, Gpt2Config, KvCache, Sampling, Sparsity,
 };
 use flash_test_support::{rel_err, Rng};
 
@@ -251,6 +252,23 @@ fn gpt2_block_sparse_decoding_matches_the_full_forward() -> Result<()> {
             assert!(e < 1e-5, "{kind} split_kv={split_kv}: rel err {e}");
         }
     }
+    // Batched sampling (its default cache is shared-prefix, which takes no block mask): sample 0
+    // is what sampling alone gives.
+    let sampling = Sampling::TopK {
+        k: 20,
+        temperature: 1.0,
+    };
+    let prompt: Vec<u32> = ids.narrow(1, 0, 9)?.flatten_all()?.to_vec1()?;
+    let cfg = BatchConfig {
+        num_samples: 3,
+        max_new_tokens: 12,
+        sampling,
+        seed: 4,
+        stop: None,
+        cache: BatchCache::default(),
+    };
+    let batch = generate_batch(&m, &prompt, &cfg)?;
+    assert_eq!(batch.sequences[0], generate(&m, &prompt, 12, sampling, 4)?);
     Ok(())
 }
 
