@@ -185,11 +185,14 @@ pub fn table(s: &BlockSparseSection) -> String {
                 ),
                 _ => "–".into(),
             };
+            let what = match Case::parse(&r.case) {
+                Some(Case::Random | Case::Pattern) => r.label.clone(),
+                Some(Case::Dense | Case::Naive) => r.case.clone(),
+                _ => format!("{} ({})", r.case, r.label),
+            };
             writeln!(
                 o,
-                "| {n} | {} {} | {:.3} | {}/{} | {:.1} | {:.1} | {} | {off} |",
-                r.case,
-                r.label,
+                "| {n} | {what} | {:.3} | {}/{} | {:.1} | {:.1} | {} | {off} |",
                 r.density,
                 r.full_blocks,
                 r.partial_blocks,
