@@ -3,45 +3,74 @@
 //!
 //! FlashAttention (Dao et al. 2022, §3.3) extends the tiled algorithm to a block mask: a tile
 //! whose block is zero is skipped outright, so IO and time scale with the fraction of non-zero
-//! blocks. PyTorch's FlexAttention made the layout practical: per query block a list of key
-//! blocks to visit (`kv_num_blocks` / `kv_indices`), each either *full* (every element visible:
-//! no per-element masking at all) or *partial* (an element mask applies), and the transposed
-//! lists (per key block, the query blocks that visit it) for the dK/dV sweep of backward. A
-//! [`BlockMask`] is that layout, built once and shared (it is an `Arc`) by every call using it.
+//! blocks (the paper trains at 16K and 64K on Path-X / Path-256 with the butterfly pattern).
+//! PyTorch's FlexAttention made the layout practical: per query block the list of key blocks to
+//! visit (`kv_num_blocks` / `kv_indices`), each either *full* (every element visible: no
+//! per-element masking) or *partial* (an element mask applies), and the transposed lists (per
+//! key block, the query blocks that visit it) for the dK/dV sweep of backward. A [`BlockMask`]
+//! is that layout, built once and shared (an `Arc`) by every call that uses it.
 //!
-//! **Semantics.** Element (b, h, i, j) — sequence b, *query* head h (GQA: mask heads are query
-//! heads), query row i, key j, counted from the start of the sequence — is visible iff the
-//! options' rule (causal, window, key lengths) allows it AND block `(i / bq, j / bk)` is listed
-//! for `(b, h, i / bq)` AND (the block is full OR bit `(i % bq, j % bk)` of its bitmask is set).
-//! A mask with batch or heads 1 is broadcast. Everything else is unchanged: softcap, ALiBi,
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use flash_ops::{flash_attn, AttnOptions, BlockMask};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 256, 4, 32), &dev)?)?;
+//! let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 256, 2, 32), &dev)?)?;
+//! let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 256, 2, 32), &dev)?)?;
+//! // 4 × 4 blocks of 64: butterfly lists 12 of them, all full.
+//! let mask = BlockMask::butterfly(256, 256, (64, 64))?;
+//! assert_eq!((mask.counts(), mask.density()), ((12, 0), 0.75));
+//! // Combined with causal: the options' rule still applies inside the listed blocks.
+//! let out = flash_attn(&q, &k, &v, &AttnOptions::new().causal(true).block_mask(mask))?;
+//! let grads = out.sqr()?.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&k).expect("dk").dims(), &[1, 256, 2, 32]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Semantics
+//! Element (b, h, i, j) — sequence b, *query* head h (GQA: mask heads are query heads), query
+//! row i, key j, both counted from the start of the sequence — is visible iff the options' rule
+//! (causal, window, key lengths) allows it AND block `(i / bq, j / bk)` is listed for
+//! `(b, h, i / bq)` AND (the block is full OR bit `(i % bq, j % bk)` of its bitmask is set). A
+//! mask with batch or heads 1 is broadcast. Everything else is unchanged: softcap, ALiBi,
 //! dropout (the Philox counter stays on absolute `(seq, head, i, j)`, so a sparse run drops the
-//! same weights as the dense one), lse, varlen (the mask is sized `max_seqlen_q × max_seqlen_k`,
-//! each sequence uses its top-left part). Rows that see no key give output 0, `lse = -inf` and
-//! zero gradients, as without a mask.
+//! same weights as the dense one), the log-sum-exp and its gradient, varlen (the mask is sized
+//! `max_seqlen_q × max_seqlen_k` and each sequence uses its top-left part). Rows that see no
+//! key give output 0, `lse = -inf` and zero gradients, as without a mask.
 //!
-//! **Constructors.** [`BlockMask::from_predicate`] evaluates an element predicate and finds
-//! empty / partial / full blocks itself; [`BlockMask::from_block_layout`] takes a dense u8
+//! # Constructors
+//! [`BlockMask::from_predicate`] evaluates an element predicate and finds empty / partial /
+//! full blocks itself; [`BlockMask::from_block_layout`] takes a dense u8
 //! `(heads or 1, q_blocks, k_blocks)` tensor (nonzero = full block); the named patterns —
 //! [`causal`](BlockMask::causal), [`sliding_window`](BlockMask::sliding_window),
 //! [`local_global`](BlockMask::local_global) (Longformer / BigBird),
-//! [`strided`](BlockMask::strided) (Sparse Transformer), [`butterfly`](BlockMask::butterfly)
-//! (the pattern of FlashAttention §3.3) and [`random`](BlockMask::random) — are element
-//! predicates (so edge blocks are partial, interior ones full) except butterfly and random,
-//! which are block-level (all listed blocks full).
+//! [`strided`](BlockMask::strided) (Sparse Transformer) — are element predicates, so their edge
+//! blocks are partial and interior ones full; [`butterfly`](BlockMask::butterfly) (the pattern
+//! of FlashAttention §3.3) and [`random`](BlockMask::random) are block-level (all full).
 //!
-//! **Layout** ([`BlockLists`], flat `u32` arrays the GPU backends upload as they are): row
-//! `r = (b'·H + h')·qb + q_block` (`b' = b` if the mask has a batch, else 0; likewise `h'`) owns
-//! `kv_start[r]..kv_start[r+1]` of `kv_block` (ascending key blocks) and `kv_bits` (a partial
-//! block's id, or [`FULL`]); the columns `c = (b'·H + h')·kb + k_block` own the transposed
-//! `q_start` / `q_block` / `q_bits`. Partial block `p` owns words `[p·bq·wpr, (p+1)·bq·wpr)` of
-//! `bits` (`wpr = ceil(bk / 32)` words per block row, bit `c % 32` of word `c / 32`); bits past
-//! the lengths are 0.
+//! # Layout
+//! [`BlockLists`] holds flat `u32` arrays the GPU backends upload as they are. Row
+//! `r = (b'·H + h')·qb + q_block` (`b' = b` if the mask has a batch, else 0; likewise `h'`;
+//! `qb = ceil(q_len / bq)`) owns `kv_start[r]..kv_start[r+1]` of `kv_block` (ascending key
+//! blocks) and `kv_bits` (a partial block's id, or [`FULL`]); columns
+//! `c = (b'·H + h')·kb + k_block` own the transposed `q_start` / `q_block` / `q_bits`. Partial
+//! block `p` owns words `[p·bq·wpr, (p+1)·bq·wpr)` of `bits` (`wpr = ceil(bk / 32)` words per
+//! block row; bit `c % 32` of word `c / 32`); bits past the lengths are 0. The CPU backend cuts
+//! mask blocks into its tiles (no tile straddles two blocks), visits only listed blocks (row
+//! lists in the V2 forward, transposed lists in the V1 forward and both backwards, so dQ stays
+//! reduced in a fixed order), runs full blocks on its unmasked path and applies a partial
+//! block's bits as one more vector select in the fused softmax pass.
 //!
-//! **Checks and refusals.** Block sizes must be positive multiples of 16 up to 1024 (the GPU
-//! backends further need multiples of their tiles; 64 works everywhere). A call checks the mask
-//! against its lengths (`sq`/`sk`, varlen `max_seqlen_q/k`), batch and query heads, with an
-//! error naming `block_mask`. Only [`crate::shared_prefix_attention`] refuses a mask: it splits
-//! the keys into levels, and a mask's key-block coordinates do not survive the split.
+//! # Checks and refusals
+//! Block sizes must be positive multiples of 16 up to 1024 (checked by every constructor; the
+//! GPU backends further need multiples of their tiles, and 64 works everywhere). A call checks
+//! the mask against its lengths (`sq` / `sk`, varlen `max_seqlen_q` / `max_seqlen_k`), batch
+//! and query heads, with an error naming `block_mask`. Only [`crate::shared_prefix_attention`]
+//! refuses a mask: it splits the keys into levels, and a mask's key blocks are positions in the
+//! one key sequence the split breaks up.
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -57,7 +86,8 @@ pub const FULL: u32 = u32::MAX;
 /// Largest block side (a partial block's bits then fill 32 KiB words per block: 1024·32·4 B).
 const MAX_BLOCK: usize = 1024;
 
-/// A block-sparse attention mask; cheap to clone. See the [module docs](self).
+/// A block-sparse attention mask; cheap to clone. See the [module docs](self) for the rule,
+/// the layout and the refusals.
 #[derive(Clone, Debug)]
 pub struct BlockMask(Arc<Lists>);
 

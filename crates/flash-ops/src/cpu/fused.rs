@@ -346,3 +346,69 @@ impl Kernel for Dot<'_> {
 pub(crate) fn run<K: Kernel>(k: K) -> K::Out {
     Isa::current().run(k)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partial block's bits, at an unaligned column offset across a word boundary and with
+    /// a ragged tail, mask exactly (P = 0, softcap derivative 0) on every path this CPU runs.
+    #[test]
+    fn partial_block_bits_mask_exactly_on_every_path() {
+        let (rows, cols, cap, lse) = (5, 37, 4.0f32, 1.5f32);
+        let mods = ScoreMods {
+            scale: 1.0,
+            softcap: Some(cap),
+            alibi_slope: None,
+            window_left: None,
+            window_right: None,
+            diag: 0,
+            q_len: 64,
+            k_len: 64,
+        };
+        // A 16 × 64 block (two words per row); the tile sits at block row 3, column 13.
+        let words: Vec<u32> = (0..32u32)
+            .map(|x| x.wrapping_mul(0x9E37_79B9) ^ 0x5A5A_0F0F)
+            .collect();
+        let bits = TileBits {
+            words: &words,
+            wpr: 2,
+            row0: 3,
+            col0: 13,
+        };
+        let s0: Vec<f32> = (0..rows * cols)
+            .map(|x| ((x * 7919) % 97) as f32 / 25.0 - 2.0)
+            .collect();
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            let (mut s, mut g) = (s0.clone(), vec![9f32; rows * cols]);
+            isa.run(ProbsTile {
+                s: &mut s,
+                at: TileAt {
+                    i0: 0,
+                    j0: 0,
+                    rows,
+                    cols,
+                },
+                mods: &mods,
+                lse: &[lse; 5],
+                cap_grad: Some(&mut g),
+                bits: Some(bits),
+            });
+            for (e, (&p, &g)) in s.iter().zip(&g).enumerate() {
+                let (r, c) = (e / cols, 13 + e % cols);
+                let set = words[(3 + r) * 2 + c / 32] >> (c % 32) & 1 == 1;
+                let x = s0[e] as f64 / cap as f64;
+                let want = if set {
+                    (cap as f64 * x.tanh() - lse as f64).exp()
+                } else {
+                    0.0
+                };
+                assert!(
+                    (p as f64 - want).abs() <= 1e-6 * want,
+                    "{isa:?} ({r}, {c}): {p} vs {want}"
+                );
+                assert_eq!(g == 0.0, !set, "{isa:?} softcap derivative at ({r}, {c})");
+            }
+        }
+    }
+}
