@@ -147,6 +147,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     crate::metrics::ensure_writable_parent(&a.out)?;
     if let Some(python) = &a.torch {
+        if !a.sparsity.is_empty() {
+            bail!("--sparsity is not measured against PyTorch (--torch); drop one of them")
+        }
         return torch::run(&a, python);
     }
     let attn = if a.attn.is_empty() {
