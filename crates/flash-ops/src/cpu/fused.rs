@@ -42,6 +42,27 @@ impl<'a> TileBits<'a> {
         }
     }
 
+    /// The columns `[first, last + 1)` of `0..cols` that some row of `rows` has a bit set in
+    /// (an empty span, `first >= last + 1`, when none has).
+    pub fn col_span(&self, rows: std::ops::Range<usize>, cols: usize) -> (usize, usize) {
+        let (mut first, mut end) = (cols, 0);
+        for r in rows {
+            let row = self.row(r);
+            let mut c = 0;
+            while c < cols {
+                // Columns c..c + 32 of the tile, those past `cols` cleared.
+                let n = (cols - c).min(32);
+                let word = row.lanes(c) & (u32::MAX >> (32 - n));
+                if word != 0 {
+                    first = first.min(c + word.trailing_zeros() as usize);
+                    end = end.max(c + 32 - word.leading_zeros() as usize);
+                }
+                c += 32;
+            }
+        }
+        (first, end)
+    }
+
     /// Row `r`'s words and the bit of column 0.
     fn row(&self, r: usize) -> RowBits<'a> {
         let o = (self.row0 + r) * self.wpr;
@@ -379,6 +400,19 @@ mod tests {
         let s0: Vec<f32> = (0..rows * cols)
             .map(|x| ((x * 7919) % 97) as f32 / 25.0 - 2.0)
             .collect();
+        let set = |r: usize, c: usize| words[(3 + r) * 2 + c / 32] >> (c % 32) & 1 == 1;
+        // The column span of rows 1..3 of the tile, columns 0..cols, by brute force.
+        let seen: Vec<usize> = (0..cols)
+            .filter(|&c| (1..3).any(|r| set(r, 13 + c)))
+            .collect();
+        let want = (seen[0], seen[seen.len() - 1] + 1);
+        assert_eq!(bits.col_span(1..3, cols), want);
+        let empty = [0u32; 32];
+        let none = TileBits {
+            words: &empty,
+            ..bits
+        };
+        assert!(matches!(none.col_span(0..5, cols), (a, z) if a >= z));
         for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
             let (mut s, mut g) = (s0.clone(), vec![9f32; rows * cols]);
             isa.run(ProbsTile {
@@ -396,7 +430,7 @@ mod tests {
             });
             for (e, (&p, &g)) in s.iter().zip(&g).enumerate() {
                 let (r, c) = (e / cols, 13 + e % cols);
-                let set = words[(3 + r) * 2 + c / 32] >> (c % 32) & 1 == 1;
+                let set = set(r, c);
                 let x = s0[e] as f64 / cap as f64;
                 let want = if set {
                     (cap as f64 * x.tanh() - lse as f64).exp()

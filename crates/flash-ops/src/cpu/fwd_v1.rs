@@ -55,7 +55,8 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                 // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10), one
                 // visible part at a time; rows in no part keep m~ = -inf and are skipped below.
                 let (mut mt, mut lt) = ([f32::NEG_INFINITY; TILE], [0f32; TILE]);
-                for Part { at, r0, c0 } in visible_parts(&mods, TileAt { i0, j0, rows, cols }) {
+                for Part { at, r0, c0 } in visible_parts(&mods, TileAt { i0, j0, rows, cols }, bits)
+                {
                     let (q, k, v) = (&qt[r0 * d..], &kt[c0 * d..], &vt[c0 * d..]);
                     qk_scores(q, k, at, d, mods.scale, &mut st);
                     fused::run(SoftmaxTile {

@@ -440,7 +440,7 @@ pub fn backward_tile(
     sc: &mut BwdScratch,
 ) {
     let drop_mask = p.dropout_mask(seq, head);
-    for part in visible_parts(mods, TileAt { i0, j0, rows, cols }) {
+    for part in visible_parts(mods, TileAt { i0, j0, rows, cols }, bits) {
         let bits = bits.map(|b| b.from(part.r0, part.c0));
         backward_part(p, mods, drop_mask.as_ref(), (part, bits), sc);
     }
@@ -549,15 +549,26 @@ pub struct Part {
 /// The parts of tile `at` that hold visible scores: the whole tile when nothing in it is masked,
 /// else strips of [`STRIP`] rows narrowed to the keys their rows see (a strip that sees none is
 /// left out). Each row is in exactly one part, which holds every key of the tile the row sees.
-pub fn visible_parts(mods: &ScoreMods, at: TileAt) -> impl Iterator<Item = Part> + '_ {
-    let full = mods.tile_fully_visible(at.i0, at.i0 + at.rows, at.j0, at.j0 + at.cols);
+/// A partial block's `bits` narrow the strips further, to the columns their bits hold (the
+/// diagonal blocks of a causal or windowed mask then cost what the options' diagonal costs).
+pub fn visible_parts<'a>(
+    mods: &'a ScoreMods,
+    at: TileAt,
+    bits: Option<TileBits<'a>>,
+) -> impl Iterator<Item = Part> + 'a {
+    let full =
+        bits.is_none() && mods.tile_fully_visible(at.i0, at.i0 + at.rows, at.j0, at.j0 + at.cols);
     let step = if full { at.rows } else { STRIP };
     (0..at.rows).step_by(step.max(1)).filter_map(move |r0| {
         let r1 = (r0 + step).min(at.rows);
         let (lo, hi) = mods.key_range_rows(at.i0 + r0, at.i0 + r1);
         let clip = |x: usize| x.clamp(at.j0, at.j0 + at.cols) - at.j0;
-        let (c0, c1) = (clip(lo), clip(hi));
-        (c0 < c1).then_some(Part {
+        let (mut c0, mut c1) = (clip(lo), clip(hi));
+        if let Some(b) = bits {
+            let (a, z) = b.col_span(r0..r1, at.cols);
+            (c0, c1) = (c0.max(a), c1.min(z));
+        }
+        (c0 < c1).then(|| Part {
             at: TileAt {
                 i0: at.i0 + r0,
                 j0: at.j0 + c0,
