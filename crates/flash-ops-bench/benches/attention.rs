@@ -21,6 +21,7 @@
 use std::time::Instant;
 
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use flash_ops_bench::args::{arg_list, num, nums};
 use flash_ops_bench::{
     clock_ghz, cpu_model, fma_peak_gflops, gemm_ceiling, gemm_ceiling_n, gemm_path, kernel_path,
     measure, measure_decode, read_bandwidth, DecodeWorkload, PeakAlloc, Row, Variant, Workload,
@@ -32,38 +33,6 @@ static GLOBAL: PeakAlloc = PeakAlloc;
 
 fn mb(b: usize) -> String {
     format!("{:.0} MB", b as f64 / 1e6)
-}
-
-/// The comma-separated values after `--name`, if given.
-fn arg_list(args: &[String], name: &str) -> Result<Option<Vec<String>>> {
-    let Some(i) = args.iter().position(|a| a == name) else {
-        return Ok(None);
-    };
-    match args.get(i + 1) {
-        Some(v) => Ok(Some(v.split(',').map(str::to_string).collect())),
-        None => bail!("`{name}` needs a value"),
-    }
-}
-
-/// The numbers after `--name`, or `default`.
-fn nums(args: &[String], name: &str, default: &[usize]) -> Result<Vec<usize>> {
-    let Some(v) = arg_list(args, name)? else {
-        return Ok(default.to_vec());
-    };
-    v.iter()
-        .map(|x| match x.parse() {
-            Ok(n) => Ok(n),
-            Err(_) => bail!("`{name}` takes numbers, got `{x}`"),
-        })
-        .collect()
-}
-
-/// The one number after `--name`, or `default`.
-fn num(args: &[String], name: &str, default: usize) -> Result<usize> {
-    match nums(args, name, &[default])?.as_slice() {
-        [n] => Ok(*n),
-        _ => bail!("`{name}` takes one number"),
-    }
 }
 
 fn main() -> Result<()> {

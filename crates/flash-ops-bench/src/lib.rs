@@ -11,9 +11,13 @@
 //! - [`measure_decode`] and [`read_bandwidth`]: one decoding step, and its roof, the memory
 //!   read bandwidth;
 //! - [`cpu_model`], [`gemm_path`] and [`kernel_path`]: the machine line of every report;
-//!   [`clock_ghz`] and [`fma_peak_gflops`]: the core's clock and FMA peak, measured.
+//!   [`clock_ghz`] and [`fma_peak_gflops`]: the core's clock and FMA peak, measured;
+//! - [`args`]: the benchmark harnesses' flags;
+//! - [`block_sparse`]: block-sparse attention's time against its density, and the linear fit.
 
 mod alloc;
+pub mod args;
+pub mod block_sparse;
 #[cfg(feature = "cuda")]
 mod cuda_pool;
 mod decode;
@@ -27,6 +31,6 @@ pub use decode::{measure_decode, DecodeWorkload};
 pub use machine::{
     clock_ghz, cpu_model, fma_peak_gflops, gemm_path, kernel_path, read_bandwidth, BANDWIDTH_BYTES,
 };
-pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, median, Row};
+pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, measure_with, median, Row};
 pub use variant::Variant;
 pub use workload::{flops_fwd, Workload, BWD_PER_FWD_FLOPS};

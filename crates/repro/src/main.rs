@@ -5,6 +5,7 @@
 //! then renders `tables.md` and the PNG figures from that JSON; `repro render DIR` re-renders a
 //! results folder without measuring.
 
+mod blocksparse;
 mod measure;
 mod paper;
 mod plan;
@@ -71,7 +72,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "attention,fa2,e2e,prefix"
+        default_value = "attention,fa2,e2e,prefix,blocksparse"
     )]
     only: Vec<String>,
     /// The `train` binary for the end-to-end table (default: next to this binary).
@@ -199,8 +200,11 @@ fn run(a: RunArgs) -> Result<()> {
         plan.reps = r.max(1);
     }
     for s in &a.only {
-        if !matches!(s.as_str(), "attention" | "fa2" | "e2e" | "prefix") {
-            bail!("--only takes attention, fa2, e2e, prefix; got {s}")
+        if !matches!(
+            s.as_str(),
+            "attention" | "fa2" | "e2e" | "prefix" | "blocksparse"
+        ) {
+            bail!("--only takes attention, fa2, e2e, prefix, blocksparse; got {s}")
         }
     }
     let wants = |s: &str| a.only.iter().any(|x| x == s);
@@ -272,6 +276,7 @@ fn run(a: RunArgs) -> Result<()> {
         fa2: None,
         e2e: None,
         prefix: None,
+        blocksparse: None,
     };
     let variants = [Variant::V1, Variant::V2, Variant::Naive];
     if wants("attention") {
@@ -316,6 +321,10 @@ fn run(a: RunArgs) -> Result<()> {
             || prefix::measure(&p),
             |r| &mut r.prefix,
         )?;
+    }
+    if wants("blocksparse") {
+        let measure = || blocksparse::measure(mode, a.reps);
+        section(&mut r, &dir, "blocksparse", measure, |r| &mut r.blocksparse)?;
     }
     r.meta
         .seconds

@@ -557,5 +557,9 @@ pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
         Some(s) => crate::prefix::plot(s, p),
         None => Ok(()),
     })?;
+    go("blocksparse.png", &|p| match &r.blocksparse {
+        Some(s) => crate::blocksparse::plot(s, p),
+        None => Ok(()),
+    })?;
     Ok(written)
 }

@@ -47,6 +47,12 @@ fn plots(r: &Results) -> Vec<(&'static str, &'static str)> {
             "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
         ));
     }
+    if r.blocksparse.is_some() {
+        v.push((
+            "blocksparse.png",
+            "Block-sparse attention: fwd+bwd speedup over dense vs 1/density, butterfly vs length",
+        ));
+    }
     v
 }
 
@@ -536,6 +542,9 @@ pub fn document(r: &Results) -> String {
     }
     if let Some(s) = &r.prefix {
         writeln!(o, "{}", crate::prefix::table(s)).ok();
+    }
+    if let Some(s) = &r.blocksparse {
+        writeln!(o, "{}", crate::blocksparse::table(s)).ok();
     }
     o
 }

@@ -22,6 +22,9 @@ pub struct Results {
     /// Shared-prefix decoding (Hydragen protocol; absent in runs from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<crate::prefix::PrefixSection>,
+    /// Block-sparse attention (FlashAttention §3.3; absent in runs from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocksparse: Option<crate::blocksparse::BlockSparseSection>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

@@ -35,7 +35,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         }
         None => {
             eprintln!("no train binary next to repro: skipping the end-to-end table");
-            cmd.args(["--only", "attention,fa2,prefix"]);
+            cmd.args(["--only", "attention,fa2,prefix,blocksparse"]);
         }
     }
     let out = cmd.output().expect("run repro");
@@ -74,12 +74,33 @@ fn quick_mode_writes_json_markdown_and_plots() {
             && r["tokens_per_s"].is_f64()));
     }
 
+    // Block-sparse: every case measured, the masked rows at the sweep's densities.
+    let bs = json["blocksparse"]["rows"].as_array().unwrap();
+    for case in [
+        "dense-v2",
+        "naive",
+        "random",
+        "pattern",
+        "all-full",
+        "all-partial",
+    ] {
+        assert!(
+            bs.iter()
+                .any(|r| r["case"] == case && r["fwd_bwd_ms"].is_f64()),
+            "blocksparse lacks {case}"
+        );
+    }
+    assert!(bs
+        .iter()
+        .any(|r| r["case"] == "random" && r["density"].as_f64() < Some(0.2)));
+
     let md = std::fs::read_to_string(dir.join("tables.md")).unwrap();
     for needle in [
         "## Table 1",
         "## Memory footprint",
         "## Table 2",
         "## Shared-prefix decoding",
+        "## Block-sparse attention",
         "Quick mode",
         "paper",
     ] {
@@ -94,6 +115,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         "fa2_fwd.png",
         "fa2_bwd.png",
         "prefix.png",
+        "blocksparse.png",
     ];
     if train.is_some() {
         assert!(md.contains("## Table 3"));

@@ -26,7 +26,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flash_ops_models::AttentionKind;
+use flash_ops_models::{AttentionKind, Sparsity};
 
 use model::Preset;
 
@@ -93,6 +93,10 @@ pub fn parse_attn(s: &str) -> std::result::Result<AttentionKind, String> {
     s.parse()
 }
 
+pub fn parse_sparsity(s: &str) -> std::result::Result<Sparsity, String> {
+    s.parse()
+}
+
 /// The model size flags shared by `train` and `bench`: a preset and its overrides.
 #[derive(Args, Debug, Clone)]
 pub struct SizeArgs {
@@ -117,6 +121,10 @@ pub struct TrainArgs {
     pub attn: AttentionKind,
     #[command(flatten)]
     pub size: SizeArgs,
+    /// Block-sparse attention in every layer: dense, butterfly, local:W, strided:S,
+    /// local-global:W,G or random:DENSITY[:SEED], optionally @BQxBK (block size, default 128x128).
+    #[arg(long, value_parser = parse_sparsity)]
+    pub sparsity: Option<Sparsity>,
     /// Override the number of learned positions (maximum sequence length).
     #[arg(long)]
     pub n_positions: Option<usize>,

@@ -8,7 +8,7 @@ use flash_ops::AttnOptions;
 use super::config::Gpt2Config;
 use super::shared_cache::{retain_rows, LayerCache, SharedPrefixCache};
 use crate::activation::Activation;
-use crate::attention::AttentionKind;
+use crate::attention::{AttentionKind, MaskCache};
 use crate::dropout::{DropoutCtx, SeedCounter};
 use crate::embedding::{embed, TiedGrad};
 use crate::layer_norm::LayerNorm;
@@ -181,13 +181,14 @@ impl SelfAttention {
     }
 
     /// `residual + attn(x)`: without dropout, the residual joins c_proj's bias pass.
+    /// `x` is the normalised input, `residual` the stream the output is added to (in one pass).
     fn forward(
         &self,
-        x: &Tensor,
-        residual: &Tensor,
+        (x, residual): (&Tensor, &Tensor),
         layer: usize,
         attn: AttentionKind,
         ctx: &DropoutCtx,
+        (masks, past): (&MaskCache, usize),
         cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
@@ -198,7 +199,8 @@ impl SelfAttention {
         let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
         let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
         // Causal with the diagonal aligned bottom-right, so cached keys are all visible.
-        let mut opts = AttnOptions::new().causal(true);
+        // The block mask (if any) further restricts it: `past` cached keys precede the `t` queries.
+        let mut opts = masks.apply(AttnOptions::new().causal(true), t, past + t)?;
         if ctx.active(self.attn_pdrop) {
             opts = opts.dropout(self.attn_pdrop, ctx.site_seed(site(layer, ATTN_PROBS)));
         }
@@ -282,6 +284,7 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     attn: AttentionKind,
     seeds: SeedCounter,
+    masks: MaskCache,
 }
 
 impl Gpt2 {
@@ -314,6 +317,7 @@ impl Gpt2 {
             ln_f,
             attn,
             seeds: SeedCounter::new(0),
+            masks: MaskCache::new(cfg.sparsity, cfg.n_head, true, cfg.n_positions)?,
         })
     }
 
@@ -448,7 +452,9 @@ impl Gpt2 {
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = slots.as_mut().and_then(|s| s.next());
             let x = block.ln_1.forward(&h)?;
-            h = block.attn.forward(&x, &h, i, self.attn, ctx, slot)?;
+            h = block
+                .attn
+                .forward((&x, &h), i, self.attn, ctx, (&self.masks, past), slot)?;
             h = block.mlp.forward(&block.ln_2.forward(&h)?, &h, i, ctx)?;
         }
         self.ln_f.forward(&h)
