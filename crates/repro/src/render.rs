@@ -47,6 +47,18 @@ fn plots(r: &Results) -> Vec<(&'static str, &'static str)> {
             "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
         ));
     }
+    if r.context.is_some() {
+        v.push((
+            "context.png",
+            "GPT-2 validation perplexity and time per token vs context length",
+        ));
+    }
+    if r.listops.is_some() {
+        v.push((
+            "listops.png",
+            "ListOps validation accuracy vs wall-clock time",
+        ));
+    }
     v
 }
 
@@ -536,6 +548,12 @@ pub fn document(r: &Results) -> String {
     }
     if let Some(s) = &r.prefix {
         writeln!(o, "{}", crate::prefix::table(s)).ok();
+    }
+    if let Some(s) = &r.context {
+        writeln!(o, "{}", crate::context::table(s)).ok();
+    }
+    if let Some(s) = &r.listops {
+        writeln!(o, "{}", crate::listops::table(s)).ok();
     }
     o
 }

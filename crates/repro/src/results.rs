@@ -22,6 +22,12 @@ pub struct Results {
     /// Shared-prefix decoding (Hydragen protocol; absent in runs from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<crate::prefix::PrefixSection>,
+    /// Perplexity vs context length (issue 14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<crate::context::ContextSection>,
+    /// Long Range Arena ListOps (issue 14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listops: Option<crate::listops::ListopsSection>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
