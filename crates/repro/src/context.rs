@@ -69,14 +69,16 @@ impl ContextPlan {
             memory_budget: 12 * GB,
             data: Vec::new(),
             device: Vec::new(),
-            // Measured with `train bench --preset tiny --tokens-per-step 4096` on the 2-core
-            // machine while loaded (load 7): flash V2 1317, 581 and 347 tokens/s at 128, 1K and
-            // 2K; naive 276 and 134 tokens/s at 1K and 2K.
+            // Measured on the 2-core machine while loaded (load 7–11): `train bench --preset
+            // tiny --tokens-per-step 4096` flash V2 1317, 437, 604, 581 and 347 tokens/s at 128,
+            // 256, 512, 1K and 2K, naive 276 and 134 at 1K and 2K; one `train gpt2` run's setup
+            // and its two 16K-token validations ~40 s at 2K.
             sizing: "GPT-2 tiny (4 layers, width 128, 4 heads, GPT-2 BPE: 7.5M parameters, 6.4M of them the \
-                     embedding) for 196,608 tokens (48 steps of 4096) per run. Seven runs (two seeds at 128 and \
-                     2048): 196,608 × (2/1317 + 1/1100 + 1/800 + 1/581 + 2/347) s ≈ 37 min at the flash V2 \
-                     speeds measured with the machine loaded, plus ≈ 8 min of naive/flash bench steps and \
-                     evaluation: < 60 min."
+                     embedding), 196,608 tokens (48 steps of 4096) per run. Seven runs (two seeds at 128 and \
+                     2048) train for 196,608 × (2/1317 + 1/437 + 1/604 + 1/581 + 2/347) s ≈ 42 min at the flash \
+                     V2 speeds of `train bench` measured with the machine loaded (load 7–11); setup and two \
+                     validations add ≤ 40 s a run (≈ 5 min), and the bench steps (1 warm-up + 2 timed per \
+                     kind and context) ≈ 8 min: ≈ 55 min in all, < 60, less on a quiet machine."
                 .into(),
         };
         match mode {
@@ -205,13 +207,18 @@ pub fn run_logged(bin: &Path, args: &[String], log: &Path) -> Result<(Result<()>
     let status = if ok {
         Ok(())
     } else {
-        let tail = std::fs::read_to_string(log).unwrap_or_default();
-        let last = tail
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
+        // `train`'s one-line `error: …` (clap's comes before its usage lines), else the last line.
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines = || text.lines().rev().filter(|l| !l.trim().is_empty());
+        let line = lines()
+            .find(|l| l.starts_with("error"))
+            .or_else(|| lines().next())
             .unwrap_or("");
-        Err(anyhow::anyhow!("{} failed: {last}", bin.display()))
+        Err(anyhow::anyhow!(
+            "{} failed ({}): {line}",
+            bin.display(),
+            log.display()
+        ))
     };
     Ok((status, rss))
 }

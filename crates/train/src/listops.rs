@@ -28,9 +28,9 @@ pub const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"
 const OP_P: f64 = 0.25;
 /// Salts the split streams apart from the other uses of `--seed`.
 const SPLIT_SALT: u64 = 0x1157_0B5E;
-/// Gives up on a split that keeps this many draws per example without filling (bounds that
-/// almost no tree meets).
-const MAX_DRAWS_PER_EXAMPLE: usize = 100_000;
+/// Gives up after this many trees in a row outside the bounds: bounds that almost no tree
+/// meets are an error, not a hang.
+const MAX_MISSES: usize = 100_000;
 
 /// The shape of the expressions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,24 +140,25 @@ pub fn draw(spec: &Spec, n: usize, seed: u64) -> Result<Vec<Example>> {
     let mut r = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(n);
     let mut toks = Vec::new();
-    let mut draws = 0usize;
+    let mut misses = 0usize;
     while out.len() < n {
-        draws += 1;
-        if draws > MAX_DRAWS_PER_EXAMPLE * n {
+        if misses == MAX_MISSES {
             bail!(
-                "ListOps: after {draws} trees only {} of {n} had {}..={} tokens at depth ≤ {} with ≤ {} arguments; widen the bounds",
-                out.len(),
+                "ListOps: {misses} trees in a row fell outside {}..={} tokens at depth ≤ {} with ≤ {} arguments ({} of {n} found); widen the bounds",
                 spec.min_tokens,
                 spec.max_tokens,
                 spec.max_depth,
-                spec.max_args
+                spec.max_args,
+                out.len()
             )
         }
+        misses += 1;
         toks.clear();
         let Some(label) = node(&mut r, spec, 1, &mut toks) else {
             continue;
         };
         if toks.len() >= spec.min_tokens {
+            misses = 0;
             out.push(Example {
                 text: toks.join(" "),
                 label,
