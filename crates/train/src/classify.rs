@@ -285,7 +285,10 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         config: config.clone(),
         tokenizer: tok_desc,
         labels: labels.clone(),
-        data: t.data.iter().map(|p| p.display().to_string()).collect(),
+        data: match a.task {
+            Task::Text => t.data.iter().map(|p| p.display().to_string()).collect(),
+            Task::Listops => vec![format!("ListOps generator (seed {})", t.seed)],
+        },
         validation: a.validation.as_ref().map(|p| p.display().to_string()),
         train_examples: train.len(),
         val_examples: val.len(),
