@@ -53,6 +53,18 @@ fn plots(r: &Results) -> Vec<(&'static str, &'static str)> {
             "Block-sparse attention: fwd+bwd speedup over dense vs 1/density, butterfly vs length",
         ));
     }
+    if r.context.is_some() {
+        v.push((
+            "context.png",
+            "GPT-2 validation perplexity and time per token vs context length",
+        ));
+    }
+    if r.listops.is_some() {
+        v.push((
+            "listops.png",
+            "ListOps validation accuracy vs wall-clock time",
+        ));
+    }
     v
 }
 
@@ -545,6 +557,12 @@ pub fn document(r: &Results) -> String {
     }
     if let Some(s) = &r.blocksparse {
         writeln!(o, "{}", crate::blocksparse::table(s)).ok();
+    }
+    if let Some(s) = &r.context {
+        writeln!(o, "{}", crate::context::table(s)).ok();
+    }
+    if let Some(s) = &r.listops {
+        writeln!(o, "{}", crate::listops::table(s)).ok();
     }
     o
 }

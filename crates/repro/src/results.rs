@@ -25,6 +25,12 @@ pub struct Results {
     /// Block-sparse attention (FlashAttention §3.3; absent in runs from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocksparse: Option<crate::blocksparse::BlockSparseSection>,
+    /// Perplexity vs context length (issue 14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<crate::context::ContextSection>,
+    /// Long Range Arena ListOps (issue 14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listops: Option<crate::listops::ListopsSection>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

@@ -125,6 +125,8 @@ fn quick_mode_writes_json_markdown_and_plots() {
             "{runs:?}"
         );
         pngs.push("e2e.png");
+        quality_sections(&json, &md, &dir);
+        pngs.extend(["context.png", "listops.png"]);
     }
     for p in &pngs {
         assert!(is_png(&dir.join(p)), "{p} missing or not a PNG");
@@ -142,6 +144,77 @@ fn quick_mode_writes_json_markdown_and_plots() {
         assert!(is_png(&dir.join(p)), "{p} not re-rendered");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Issue 14's sections: every context trained and scored on the same held-out tokens, naive
+/// timed inside the budget and skipped past it, every ListOps run trained, throughput and
+/// test accuracy recorded; the run folders keep their logs and metrics, not their weights.
+fn quality_sections(json: &serde_json::Value, md: &str, dir: &Path) {
+    for needle in [
+        "## Perplexity vs context length",
+        "## Long Range Arena ListOps",
+    ] {
+        assert!(md.contains(needle), "tables.md lacks {needle:?}");
+    }
+    let ctx = &json["context"];
+    let runs = ctx["runs"].as_array().unwrap();
+    let contexts: std::collections::BTreeSet<u64> = runs
+        .iter()
+        .map(|r| r["context"].as_u64().unwrap())
+        .collect();
+    assert!(contexts.len() >= 2, "{contexts:?}");
+    for r in runs {
+        assert!(r["error"].is_null(), "{r}");
+        let (loss, untrained) = (
+            r["val_loss"].as_f64().unwrap(),
+            r["untrained_loss"].as_f64().unwrap(),
+        );
+        assert!(loss.is_finite() && loss < untrained, "{r}");
+        assert_eq!(
+            r["tokens"], ctx["tokens"],
+            "every context trains on the same tokens"
+        );
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+        let run = dir
+            .join("context")
+            .join(format!("ctx{}-seed{}", r["context"], r["seed"]));
+        assert!(run.join("metrics.jsonl").exists() && !run.join("checkpoints").exists());
+    }
+    // Two seeds at the shortest and the longest context.
+    for c in [contexts.first(), contexts.last()] {
+        let n = runs
+            .iter()
+            .filter(|r| r["context"].as_u64() == c.copied())
+            .count();
+        assert_eq!(n, 2, "context {c:?}");
+    }
+    let bench = ctx["bench"].as_array().unwrap();
+    assert!(bench
+        .iter()
+        .any(|b| b["attn"] == "naive" && b["us_per_token"].is_f64()));
+    assert!(bench
+        .iter()
+        .any(|b| b["attn"] == "naive" && b["skipped"].is_string()));
+    assert!(bench
+        .iter()
+        .filter(|b| b["attn"] == "flash2")
+        .all(|b| b["us_per_token"].is_f64()));
+
+    let lo = json["listops"]["runs"].as_array().unwrap();
+    for kind in ["naive", "flash2"] {
+        assert!(
+            lo.iter().any(|r| r["kind"] == kind),
+            "no {kind} ListOps run"
+        );
+    }
+    for r in lo {
+        assert!(r["error"].is_null(), "{r}");
+        assert!(r["steps"].as_u64().unwrap() >= 1, "{r}");
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+        assert!(!r["val_curve"].as_array().unwrap().is_empty(), "{r}");
+    }
 }
 
 #[test]

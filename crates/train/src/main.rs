@@ -10,6 +10,7 @@ mod data;
 mod evaluation;
 mod hf;
 mod labelled;
+mod listops;
 mod masking;
 mod metrics;
 mod model;
@@ -48,7 +49,7 @@ enum Cmd {
     /// Pretrain a BERT (masked language modelling).
     Bert(BertArgs),
     /// Fine-tune BERT for sequence classification on labelled text (JSONL, CSV/TSV, or a folder
-    /// per label), from --init-from DIR or from scratch.
+    /// per label), from --init-from DIR or from scratch; `--task listops`: Long Range Arena ListOps.
     BertClassify(classify::ClassifyArgs),
     /// Generate text from a GPT-2 checkpoint or Hugging Face model directory.
     Sample(SampleArgs),
