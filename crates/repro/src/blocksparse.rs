@@ -39,10 +39,10 @@ fn plan(mode: Mode, reps: Option<usize>) -> SparsePlan {
             pair_lengths: vec![256],
             seed: 0,
         },
-        // The shape (B1 H12 d64, 128×128 blocks) to 4K so the section fits ~3 minutes
-        // on 2 cores; `cargo bench --bench block_sparse` runs to 16K.
+        // The grid (B1 H12 d64, 128×128 blocks, N 1K–16K): at 16K dense V2 fwd+bwd
+        // is ~33 s on 2 cores and each length runs ~5× that per repeat, so ~12 min at 2 reps.
         Mode::Full | Mode::Gpu => SparsePlan {
-            lengths: vec![1024, 2048, 4096],
+            lengths: vec![1024, 2048, 4096, 8192, 16384],
             heads: 12,
             d: 64,
             block: (128, 128),
