@@ -24,7 +24,7 @@ pub fn backward<T: Elem>(step: &KvTileStep<T>, dq_out: &mut [T]) {
             let q_tile = |h: usize,
                           (i0, rows): (usize, usize),
                           sc: &mut BwdScratch,
-                          step: &dyn Fn(&mut BwdScratch)| {
+                          tile: &dyn Fn(&mut BwdScratch)| {
                 // `delta` recomputed per (q tile, k/v tile), as Algorithm 4 line 19 does.
                 saved.o.load((s, h, i0), rows, d, &mut o_tile);
                 row_deltas(&sc.d_o, &o_tile, rows, d, &mut sc.delta);
@@ -34,7 +34,7 @@ pub fn backward<T: Elem>(step: &KvTileStep<T>, dq_out: &mut [T]) {
                 let gi = h - hk * group;
                 let dq_rows = &mut dq[(gi * span.q_len + i0) * d..][..rows * d];
                 sc.dq[..rows * d].copy_from_slice(dq_rows);
-                step(sc);
+                tile(sc);
                 dq_rows.copy_from_slice(&sc.dq[..rows * d]);
             };
             // SAFETY: head hk of sequence s belongs to this task alone.

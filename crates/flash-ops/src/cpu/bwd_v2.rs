@@ -49,13 +49,13 @@ pub fn backward<T: Elem>(step: &KvTileStep<T>, dq: &mut [T]) {
                 let q_tile = |h: usize,
                               (i0, rows): (usize, usize),
                               sc: &mut BwdScratch,
-                              step: &dyn Fn(&mut BwdScratch)| {
+                              tile: &dyn Fn(&mut BwdScratch)| {
                     for r in 0..rows {
                         sc.delta[r] = delta[p.lse_index(s, h, i0 + r)];
                     }
                     // SAFETY: chunk c of (s, hk) is the only task touching these rows.
                     unsafe { part.load_rows(&q_view, (s, h, i0), rows, d, &mut sc.dq) };
-                    step(sc);
+                    tile(sc);
                     // SAFETY: as above.
                     unsafe { part.store_rows(&q_view, (s, h, i0), rows, d, &sc.dq) };
                 };

@@ -467,8 +467,8 @@ impl<'a, T: Elem> KvTileStep<'a, T> {
 
     /// Loads k/v tile `(s, hk, j0..j0 + cols)`, zeroes its dK and dV, and for every q tile each
     /// head of group `hk` visits loads the q and dO rows and the lse, then calls
-    /// `q_tile(h, (i0, rows), sc, step)`, which fills `delta`, brings in dQ, runs `step`
-    /// ([`backward_tile`]) and puts dQ back; last it stores dK and dV.
+    /// `q_tile(h, (i0, rows), sc, tile)`, which fills `delta`, brings in dQ, runs `tile`
+    /// ([`backward_tile`] on this tile pair) and puts dQ back; last it stores dK and dV.
     ///
     /// # Safety
     /// No other task writes this tile of dK and dV meanwhile.
@@ -499,9 +499,9 @@ impl<'a, T: Elem> KvTileStep<'a, T> {
                     sc.lse[r] = self.saved.lse[p.lse_index(s, h, i0 + r)];
                 }
                 let at = ((i0, rows), (j0, cols));
-                let step =
+                let tile =
                     |sc: &mut BwdScratch| backward_tile(p, &mods, (s, h), at.0, at.1, bits, sc);
-                q_tile(h, (i0, rows), sc, &step);
+                q_tile(h, (i0, rows), sc, &tile);
             }
         }
         // SAFETY: the caller's.
