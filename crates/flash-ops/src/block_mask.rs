@@ -210,11 +210,18 @@ fn check_block((bq, bk): (usize, usize)) -> Result<()> {
     Ok(())
 }
 
-fn check_lens(q_len: usize, k_len: usize) -> Result<()> {
+/// `(ceil(q_len / bq), ceil(k_len / bk))`: the block rows and columns.
+fn block_counts((q_len, k_len): (usize, usize), (bq, bk): (usize, usize)) -> (usize, usize) {
+    (q_len.div_ceil(bq), k_len.div_ceil(bk))
+}
+
+/// A constructor's lengths and block size, checked; returns their [`block_counts`].
+fn check_grid(q_len: usize, k_len: usize, block: (usize, usize)) -> Result<(usize, usize)> {
+    check_block(block)?;
     if q_len == 0 || k_len == 0 {
         bail!("BlockMask: `q_len` and `k_len` must be positive, got ({q_len}, {k_len})")
     }
-    Ok(())
+    Ok(block_counts((q_len, k_len), block))
 }
 
 /// What one listed block is while the lists are built: full, or partial with its bits.
@@ -231,7 +238,7 @@ impl Lists {
         (batch, heads): (usize, usize),
         rows: Vec<Vec<(usize, Listed)>>,
     ) -> Self {
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
+        let (qb, kb) = block_counts((q_len, k_len), block);
         let n: usize = rows.iter().map(Vec::len).sum();
         let (mut kv_start, mut kv_block, mut kv_bits) = (vec![0u32], vec![], vec![]);
         kv_block.reserve(n);
@@ -330,8 +337,7 @@ impl BlockMask {
         heads: usize,
         pred: impl Fn(usize, usize, usize, usize) -> bool,
     ) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
+        check_grid(q_len, k_len, block)?;
         if batch == 0 || heads == 0 {
             bail!("BlockMask: `batch` and `heads` must be positive (1 = broadcast), got ({batch}, {heads})")
         }
@@ -355,9 +361,7 @@ impl BlockMask {
         k_len: usize,
         block: (usize, usize),
     ) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
+        let (qb, kb) = check_grid(q_len, k_len, block)?;
         if layout.dtype() != DType::U8 {
             bail!(
                 "BlockMask::from_block_layout: `layout` must be u8 (nonzero = listed), got {:?}",
@@ -448,9 +452,7 @@ impl BlockMask {
     /// Butterfly, at block level (FlashAttention §3.3, after Pixelated Butterfly, Dao et al.
     /// 2021): block `(r, c)` is listed, full, iff `r == c` or `r ^ c` is a power of two.
     pub fn butterfly(q_len: usize, k_len: usize, block: (usize, usize)) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
+        let (qb, kb) = check_grid(q_len, k_len, block)?;
         let rows = (0..qb)
             .map(|r| {
                 let listed = (0..kb).filter(|&c| r == c || (r ^ c).is_power_of_two());
@@ -471,15 +473,13 @@ impl BlockMask {
         density: f64,
         seed: u64,
     ) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
+        let (qb, kb) = check_grid(q_len, k_len, block)?;
         if !(density > 0.0 && density <= 1.0) {
             bail!("BlockMask::random: `density` must be in (0, 1], got {density}")
         }
         if heads == 0 {
             bail!("BlockMask::random: `heads` must be positive (1 = broadcast), got 0")
         }
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
         let keep = ((density * kb as f64).round() as usize).clamp(1, kb);
         let key = [seed as u32, (seed >> 32) as u32];
         let rows = (0..heads * qb)
@@ -561,10 +561,11 @@ impl BlockMask {
     #[doc(hidden)]
     pub fn lists(&self) -> BlockLists<'_> {
         let l = &*self.0;
+        let (q_blocks, k_blocks) = block_counts((l.q_len, l.k_len), l.block);
         BlockLists {
             block: l.block,
-            q_blocks: l.q_len.div_ceil(l.block.0),
-            k_blocks: l.k_len.div_ceil(l.block.1),
+            q_blocks,
+            k_blocks,
             batch: l.batch,
             heads: l.heads,
             words_per_row: words_per_row(l.block.1),
@@ -586,7 +587,7 @@ fn classify(
     (batch, heads): (usize, usize),
     pred: &impl Fn(usize, usize, usize, usize) -> bool,
 ) -> Vec<Vec<(usize, Listed)>> {
-    let (qb, kb, wpr) = (q_len.div_ceil(bq), k_len.div_ceil(bk), words_per_row(bk));
+    let ((qb, kb), wpr) = (block_counts((q_len, k_len), (bq, bk)), words_per_row(bk));
     let mut rows = Vec::with_capacity(batch * heads * qb);
     let mut words = vec![0u32; bq * wpr];
     for b in 0..batch {
