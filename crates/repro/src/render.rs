@@ -35,36 +35,27 @@ fn plots(r: &Results) -> Vec<(&'static str, &'static str)> {
             "Backward GFLOP/s (FlashAttention-2 Fig. 6 layout)",
         ));
     }
-    if r.e2e.is_some() {
-        v.push((
-            "e2e.png",
-            "End-to-end training throughput per attention kind",
-        ));
-    }
-    if r.prefix.is_some() {
-        v.push((
+    // One figure per section, present when the section is.
+    let single = [
+        (r.e2e.is_some(), "e2e.png", "End-to-end training throughput per attention kind"),
+        (
+            r.prefix.is_some(),
             "prefix.png",
             "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
-        ));
-    }
-    if r.blocksparse.is_some() {
-        v.push((
+        ),
+        (
+            r.blocksparse.is_some(),
             "blocksparse.png",
             "Block-sparse attention: fwd+bwd speedup over dense vs 1/density, butterfly vs length",
-        ));
-    }
-    if r.context.is_some() {
-        v.push((
+        ),
+        (
+            r.context.is_some(),
             "context.png",
             "GPT-2 validation perplexity and time per token vs context length",
-        ));
-    }
-    if r.listops.is_some() {
-        v.push((
-            "listops.png",
-            "ListOps validation accuracy vs wall-clock time",
-        ));
-    }
+        ),
+        (r.listops.is_some(), "listops.png", "ListOps validation accuracy vs wall-clock time"),
+    ];
+    v.extend(single.into_iter().filter(|s| s.0).map(|(_, f, c)| (f, c)));
     v
 }
 
