@@ -8,18 +8,29 @@
 //! - [`measure`]: forward and forward+backward time ([`median`] of repeats) and peak memory
 //!   ([`PeakAlloc`], a counting allocator, on the CPU; the memory pool's high-water mark on CUDA);
 //! - [`gemm_ceiling`]: what a large plain matmul reaches, the roof for GFLOP/s;
-//! - [`cpu_model`], [`gemm_path`] and [`kernel_path`]: the machine line of every report.
+//! - [`measure_decode`] and [`read_bandwidth`]: one decoding step, and its roof, the memory
+//!   read bandwidth;
+//! - [`cpu_model`], [`gemm_path`] and [`kernel_path`]: the machine line of every report;
+//!   [`clock_ghz`] and [`fma_peak_gflops`]: the core's clock and FMA peak, measured;
+//! - [`args`]: the benchmark harnesses' flags;
+//! - [`block_sparse`]: block-sparse attention's time against its density, and the linear fit.
 
 mod alloc;
+pub mod args;
+pub mod block_sparse;
 #[cfg(feature = "cuda")]
 mod cuda_pool;
+mod decode;
 mod machine;
 mod measure;
 mod variant;
 mod workload;
 
 pub use alloc::{peak_extra, peak_extra_on, PeakAlloc};
-pub use machine::{cpu_model, gemm_path, kernel_path};
-pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, median, Row};
+pub use decode::{measure_decode, DecodeWorkload};
+pub use machine::{
+    clock_ghz, cpu_model, fma_peak_gflops, gemm_path, kernel_path, read_bandwidth, BANDWIDTH_BYTES,
+};
+pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, measure_with, median, Row};
 pub use variant::Variant;
 pub use workload::{flops_fwd, Workload, BWD_PER_FWD_FLOPS};

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use flash_ops::AttnOptions;
 
 use crate::{peak_extra_on, Variant, Workload};
 
@@ -29,7 +30,11 @@ fn time_ms(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 /// The median wall time of `reps` runs of `f`, ms.
-fn median_ms(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn median_ms(
+    dev: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     let times = (0..reps)
         .map(|_| time_ms(dev, &mut f))
         .collect::<Result<Vec<_>>>()?;
@@ -61,6 +66,18 @@ impl Row {
 
 /// Times one variant on `dev` with inputs of `dtype` (the papers' GPU runs: bf16/f16; CPU: f32).
 pub fn measure(v: Variant, w: &Workload, reps: usize, dev: &Device, dtype: DType) -> Result<Row> {
+    measure_with(v, w, &w.options(), reps, dev, dtype)
+}
+
+/// As [`measure`] with `opts` instead of `w.options()` (e.g. a block mask).
+pub fn measure_with(
+    v: Variant,
+    w: &Workload,
+    opts: &AttnOptions,
+    reps: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Row> {
     if reps == 0 {
         bail!("measure: `reps` must be at least 1, got 0")
     }
@@ -75,12 +92,12 @@ pub fn measure(v: Variant, w: &Workload, reps: usize, dev: &Device, dtype: DType
     let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), val.as_tensor());
     // Forward only: detached inputs, so no graph is kept.
     let (qd, kd, vd) = (qt.detach(), kt.detach(), vt.detach());
-    let fwd_once = || v.forward(&qd, &kd, &vd, w).map(drop);
+    let fwd_once = || v.forward_with(&qd, &kd, &vd, w, opts).map(drop);
     let ((), fwd_mem) = peak_extra_on(dev, fwd_once)?;
     let fwd_ms = median_ms(dev, reps, fwd_once)?;
     let (fwd_bwd_ms, fwd_bwd_mem) = if v.has_backward() {
         let step = || -> Result<()> {
-            let o = v.forward(qt, kt, vt, w)?;
+            let o = v.forward_with(qt, kt, vt, w, opts)?;
             let g = (o * &d_out)?.sum_all()?.backward()?;
             if g.get(qt).is_none() || g.get(kt).is_none() || g.get(vt).is_none() {
                 bail!("{}: a gradient is missing", v.name())

@@ -2,6 +2,7 @@
 //! `repro`'s result files, tables and plots, and `train bench`'s attention kinds go through.
 
 use candle_core::{bail, Result, Tensor};
+use flash_ops::AttnOptions;
 use flash_ops_models::AttentionKind;
 
 use crate::Workload;
@@ -82,12 +83,24 @@ impl Variant {
 
     /// Runs the variant's forward pass on q, k, v of `w.shape()`.
     pub fn forward(self, q: &Tensor, k: &Tensor, v: &Tensor, w: &Workload) -> Result<Tensor> {
+        self.forward_with(q, k, v, w, &w.options())
+    }
+
+    /// As [`forward`](Self::forward) with `opts` instead of `w.options()` (e.g. a block mask).
+    pub fn forward_with(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        w: &Workload,
+        opts: &AttnOptions,
+    ) -> Result<Tensor> {
         match (self, self.kind()) {
-            (_, Some(kind)) => kind.attend(q, k, v, w.options()),
+            (_, Some(kind)) => kind.attend(q, k, v, opts.clone()),
             (Variant::CandleNn, None) => {
                 use candle_nn::attention::{flash_attn, AttnMask};
-                if w.dropout_and_padding.is_some() {
-                    bail!("candle-nn flash_attn has no dropout or key padding")
+                if w.dropout_and_padding.is_some() || opts.block_mask.is_some() {
+                    bail!("candle-nn flash_attn has no dropout, key padding or block mask")
                 }
                 let mask = if w.causal {
                     AttnMask::causal()

@@ -3,45 +3,76 @@
 //!
 //! FlashAttention (Dao et al. 2022, §3.3) extends the tiled algorithm to a block mask: a tile
 //! whose block is zero is skipped outright, so IO and time scale with the fraction of non-zero
-//! blocks. PyTorch's FlexAttention made the layout practical: per query block a list of key
-//! blocks to visit (`kv_num_blocks` / `kv_indices`), each either *full* (every element visible:
-//! no per-element masking at all) or *partial* (an element mask applies), and the transposed
-//! lists (per key block, the query blocks that visit it) for the dK/dV sweep of backward. A
-//! [`BlockMask`] is that layout, built once and shared (it is an `Arc`) by every call using it.
+//! blocks (the paper trains at 16K and 64K on Path-X / Path-256 with the butterfly pattern).
+//! PyTorch's FlexAttention made the layout practical: per query block the list of key blocks to
+//! visit (`kv_num_blocks` / `kv_indices`), each either *full* (every element visible: no
+//! per-element masking) or *partial* (an element mask applies), and the transposed lists (per
+//! key block, the query blocks that visit it) for the dK/dV sweep of backward. A [`BlockMask`]
+//! is that layout, built once and shared (an `Arc`) by every call that uses it.
 //!
-//! **Semantics.** Element (b, h, i, j) — sequence b, *query* head h (GQA: mask heads are query
-//! heads), query row i, key j, counted from the start of the sequence — is visible iff the
-//! options' rule (causal, window, key lengths) allows it AND block `(i / bq, j / bk)` is listed
-//! for `(b, h, i / bq)` AND (the block is full OR bit `(i % bq, j % bk)` of its bitmask is set).
-//! A mask with batch or heads 1 is broadcast. Everything else is unchanged: softcap, ALiBi,
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use flash_ops::{flash_attn, AttnOptions, BlockMask};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 256, 4, 32), &dev)?)?;
+//! let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 256, 2, 32), &dev)?)?;
+//! let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 256, 2, 32), &dev)?)?;
+//! // 4 × 4 blocks of 64: butterfly lists 12 of them, all full.
+//! let mask = BlockMask::butterfly(256, 256, (64, 64))?;
+//! assert_eq!((mask.counts(), mask.density()), ((12, 0), 0.75));
+//! // Combined with causal: the options' rule still applies inside the listed blocks.
+//! let out = flash_attn(&q, &k, &v, &AttnOptions::new().causal(true).block_mask(mask))?;
+//! let grads = out.sqr()?.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&k).expect("dk").dims(), &[1, 256, 2, 32]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Semantics
+//! Element (b, h, i, j) — sequence b, *query* head h (GQA: mask heads are query heads), query
+//! row i, key j, both counted from the start of the sequence — is visible iff the options' rule
+//! (causal, window, key lengths) allows it AND block `(i / bq, j / bk)` is listed for
+//! `(b, h, i / bq)` AND (the block is full OR bit `(i % bq, j % bk)` of its bitmask is set). A
+//! mask with batch or heads 1 is broadcast. Everything else is unchanged: softcap, ALiBi,
 //! dropout (the Philox counter stays on absolute `(seq, head, i, j)`, so a sparse run drops the
-//! same weights as the dense one), lse, varlen (the mask is sized `max_seqlen_q × max_seqlen_k`,
-//! each sequence uses its top-left part). Rows that see no key give output 0, `lse = -inf` and
-//! zero gradients, as without a mask.
+//! same weights as the dense one), the log-sum-exp and its gradient, varlen (the mask is sized
+//! `max_seqlen_q × max_seqlen_k` and each sequence uses its top-left part). Rows that see no
+//! key give output 0, `lse = -inf` and zero gradients, as without a mask.
 //!
-//! **Constructors.** [`BlockMask::from_predicate`] evaluates an element predicate and finds
-//! empty / partial / full blocks itself; [`BlockMask::from_block_layout`] takes a dense u8
+//! # Constructors
+//! [`BlockMask::from_predicate`] evaluates an element predicate and finds empty / partial /
+//! full blocks itself; [`BlockMask::from_block_layout`] takes a dense u8
 //! `(heads or 1, q_blocks, k_blocks)` tensor (nonzero = full block); the named patterns —
 //! [`causal`](BlockMask::causal), [`sliding_window`](BlockMask::sliding_window),
 //! [`local_global`](BlockMask::local_global) (Longformer / BigBird),
-//! [`strided`](BlockMask::strided) (Sparse Transformer), [`butterfly`](BlockMask::butterfly)
-//! (the pattern of FlashAttention §3.3) and [`random`](BlockMask::random) — are element
-//! predicates (so edge blocks are partial, interior ones full) except butterfly and random,
-//! which are block-level (all listed blocks full).
+//! [`strided`](BlockMask::strided) (Sparse Transformer) — are element predicates, so their edge
+//! blocks are partial and interior ones full; [`butterfly`](BlockMask::butterfly) (the pattern
+//! of FlashAttention §3.3) and [`random`](BlockMask::random) are block-level (all full).
 //!
-//! **Layout** ([`BlockLists`], flat `u32` arrays the GPU backends upload as they are): row
-//! `r = (b'·H + h')·qb + q_block` (`b' = b` if the mask has a batch, else 0; likewise `h'`) owns
-//! `kv_start[r]..kv_start[r+1]` of `kv_block` (ascending key blocks) and `kv_bits` (a partial
-//! block's id, or [`FULL`]); the columns `c = (b'·H + h')·kb + k_block` own the transposed
-//! `q_start` / `q_block` / `q_bits`. Partial block `p` owns words `[p·bq·wpr, (p+1)·bq·wpr)` of
-//! `bits` (`wpr = ceil(bk / 32)` words per block row, bit `c % 32` of word `c / 32`); bits past
-//! the lengths are 0.
+//! # Layout
+//! [`BlockLists`] holds flat `u32` arrays the GPU backends upload as they are. Row
+//! `r = (b'·H + h')·qb + q_block` (`b' = b` if the mask has a batch, else 0; likewise `h'`;
+//! `qb = ceil(q_len / bq)`) owns `kv_start[r]..kv_start[r+1]` of `kv_block` (ascending key
+//! blocks) and `kv_bits` (a partial block's id, or [`FULL`]); columns
+//! `c = (b'·H + h')·kb + k_block` own the transposed `q_start` / `q_block` / `q_bits`. Partial
+//! block `p` owns words `[p·bq·wpr, (p+1)·bq·wpr)` of `bits` (`wpr = ceil(bk / 32)` words per
+//! block row; bit `c % 32` of word `c / 32`); bits past the lengths are 0. The CPU backend cuts
+//! mask blocks into its tiles (no tile straddles two blocks), visits only listed blocks (row
+//! lists in the V2 forward, transposed lists in the V1 forward and both backwards, so dQ stays
+//! reduced in a fixed order), runs full blocks on its unmasked path, and runs a partial block
+//! in 32-row strips narrowed to the columns its bits hold, its bits applied as one more vector
+//! select in the fused softmax pass.
 //!
-//! **Checks and refusals.** Block sizes must be positive multiples of 16 up to 1024 (the GPU
-//! backends further need multiples of their tiles; 64 works everywhere). A call checks the mask
-//! against its lengths (`sq`/`sk`, varlen `max_seqlen_q/k`), batch and query heads, with an
-//! error naming `block_mask`. Only [`crate::shared_prefix_attention`] refuses a mask: it splits
-//! the keys into levels, and a mask's key-block coordinates do not survive the split.
+//! # Checks and refusals
+//! Block sizes must be positive multiples of 16 up to 1024 (checked by every constructor). The
+//! CUDA and Metal backends refuse a mask for now (their list-walking kernels exist on a branch,
+//! emulated, but the backward's register budget does not yet pass the nvcc spill gate). A call checks
+//! the mask against its lengths (`sq` / `sk`, varlen `max_seqlen_q` / `max_seqlen_k`), batch
+//! and query heads, with an error naming `block_mask`. Only [`crate::shared_prefix_attention`]
+//! refuses a mask: it splits the keys into levels, and a mask's key blocks are positions in the
+//! one key sequence the split breaks up.
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -57,7 +88,8 @@ pub const FULL: u32 = u32::MAX;
 /// Largest block side (a partial block's bits then fill 32 KiB words per block: 1024·32·4 B).
 const MAX_BLOCK: usize = 1024;
 
-/// A block-sparse attention mask; cheap to clone. See the [module docs](self).
+/// A block-sparse attention mask; cheap to clone. See the [module docs](self) for the rule,
+/// the layout and the refusals.
 #[derive(Clone, Debug)]
 pub struct BlockMask(Arc<Lists>);
 
@@ -178,11 +210,18 @@ fn check_block((bq, bk): (usize, usize)) -> Result<()> {
     Ok(())
 }
 
-fn check_lens(q_len: usize, k_len: usize) -> Result<()> {
+/// `(ceil(q_len / bq), ceil(k_len / bk))`: the block rows and columns.
+fn block_counts((q_len, k_len): (usize, usize), (bq, bk): (usize, usize)) -> (usize, usize) {
+    (q_len.div_ceil(bq), k_len.div_ceil(bk))
+}
+
+/// A constructor's lengths and block size, checked; returns their [`block_counts`].
+fn check_grid(q_len: usize, k_len: usize, block: (usize, usize)) -> Result<(usize, usize)> {
+    check_block(block)?;
     if q_len == 0 || k_len == 0 {
         bail!("BlockMask: `q_len` and `k_len` must be positive, got ({q_len}, {k_len})")
     }
-    Ok(())
+    Ok(block_counts((q_len, k_len), block))
 }
 
 /// What one listed block is while the lists are built: full, or partial with its bits.
@@ -199,7 +238,7 @@ impl Lists {
         (batch, heads): (usize, usize),
         rows: Vec<Vec<(usize, Listed)>>,
     ) -> Self {
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
+        let (qb, kb) = block_counts((q_len, k_len), block);
         let n: usize = rows.iter().map(Vec::len).sum();
         let (mut kv_start, mut kv_block, mut kv_bits) = (vec![0u32], vec![], vec![]);
         kv_block.reserve(n);
@@ -298,8 +337,7 @@ impl BlockMask {
         heads: usize,
         pred: impl Fn(usize, usize, usize, usize) -> bool,
     ) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
+        check_grid(q_len, k_len, block)?;
         if batch == 0 || heads == 0 {
             bail!("BlockMask: `batch` and `heads` must be positive (1 = broadcast), got ({batch}, {heads})")
         }
@@ -323,9 +361,7 @@ impl BlockMask {
         k_len: usize,
         block: (usize, usize),
     ) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
+        let (qb, kb) = check_grid(q_len, k_len, block)?;
         if layout.dtype() != DType::U8 {
             bail!(
                 "BlockMask::from_block_layout: `layout` must be u8 (nonzero = listed), got {:?}",
@@ -416,9 +452,7 @@ impl BlockMask {
     /// Butterfly, at block level (FlashAttention §3.3, after Pixelated Butterfly, Dao et al.
     /// 2021): block `(r, c)` is listed, full, iff `r == c` or `r ^ c` is a power of two.
     pub fn butterfly(q_len: usize, k_len: usize, block: (usize, usize)) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
+        let (qb, kb) = check_grid(q_len, k_len, block)?;
         let rows = (0..qb)
             .map(|r| {
                 let listed = (0..kb).filter(|&c| r == c || (r ^ c).is_power_of_two());
@@ -439,15 +473,13 @@ impl BlockMask {
         density: f64,
         seed: u64,
     ) -> Result<Self> {
-        check_block(block)?;
-        check_lens(q_len, k_len)?;
+        let (qb, kb) = check_grid(q_len, k_len, block)?;
         if !(density > 0.0 && density <= 1.0) {
             bail!("BlockMask::random: `density` must be in (0, 1], got {density}")
         }
         if heads == 0 {
             bail!("BlockMask::random: `heads` must be positive (1 = broadcast), got 0")
         }
-        let (qb, kb) = (q_len.div_ceil(block.0), k_len.div_ceil(block.1));
         let keep = ((density * kb as f64).round() as usize).clamp(1, kb);
         let key = [seed as u32, (seed >> 32) as u32];
         let rows = (0..heads * qb)
@@ -529,10 +561,11 @@ impl BlockMask {
     #[doc(hidden)]
     pub fn lists(&self) -> BlockLists<'_> {
         let l = &*self.0;
+        let (q_blocks, k_blocks) = block_counts((l.q_len, l.k_len), l.block);
         BlockLists {
             block: l.block,
-            q_blocks: l.q_len.div_ceil(l.block.0),
-            k_blocks: l.k_len.div_ceil(l.block.1),
+            q_blocks,
+            k_blocks,
             batch: l.batch,
             heads: l.heads,
             words_per_row: words_per_row(l.block.1),
@@ -554,7 +587,7 @@ fn classify(
     (batch, heads): (usize, usize),
     pred: &impl Fn(usize, usize, usize, usize) -> bool,
 ) -> Vec<Vec<(usize, Listed)>> {
-    let (qb, kb, wpr) = (q_len.div_ceil(bq), k_len.div_ceil(bk), words_per_row(bk));
+    let ((qb, kb), wpr) = (block_counts((q_len, k_len), (bq, bk)), words_per_row(bk));
     let mut rows = Vec::with_capacity(batch * heads * qb);
     let mut words = vec![0u32; bq * wpr];
     for b in 0..batch {

@@ -109,49 +109,43 @@ pub struct AttnOptions {
     pub block_mask: Option<BlockMask>,
 }
 
+/// Builder setters that store their argument in the field of the same name (in `Some` for the
+/// optional ones).
+macro_rules! setters {
+    (plain: $($p:ident: $pt:ty),+; optional: $($o:ident: $ot:ty),+ $(,)?) => {
+        $(
+            #[doc = concat!("Sets [`AttnOptions::", stringify!($p), "`].")]
+            pub fn $p(mut self, $p: $pt) -> Self {
+                self.$p = $p;
+                self
+            }
+        )+
+        $(
+            #[doc = concat!("Sets [`AttnOptions::", stringify!($o), "`].")]
+            pub fn $o(mut self, $o: $ot) -> Self {
+                self.$o = Some($o);
+                self
+            }
+        )+
+    };
+}
+
 impl AttnOptions {
     pub fn new() -> Self {
         Self::default()
     }
-    pub fn causal(mut self, causal: bool) -> Self {
-        self.causal = causal;
-        self
-    }
-    pub fn softmax_scale(mut self, scale: f32) -> Self {
-        self.softmax_scale = Some(scale);
-        self
+    setters! {
+        plain: causal: bool, algorithm: Algorithm, deterministic: bool;
+        optional: softmax_scale: f32, alibi_slopes: Tensor, softcap: f32, key_lengths: Vec<usize>,
+            block_mask: BlockMask,
     }
     pub fn window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
         self.window_left = left;
         self.window_right = right;
         self
     }
-    pub fn alibi_slopes(mut self, slopes: Tensor) -> Self {
-        self.alibi_slopes = Some(slopes);
-        self
-    }
-    pub fn softcap(mut self, softcap: f32) -> Self {
-        self.softcap = Some(softcap);
-        self
-    }
-    pub fn key_lengths(mut self, lengths: Vec<usize>) -> Self {
-        self.key_lengths = Some(lengths);
-        self
-    }
     pub fn dropout(mut self, p: f32, seed: u64) -> Self {
         self.dropout = Some(Dropout { p, seed });
-        self
-    }
-    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
-        self.algorithm = algorithm;
-        self
-    }
-    pub fn deterministic(mut self, deterministic: bool) -> Self {
-        self.deterministic = deterministic;
-        self
-    }
-    pub fn block_mask(mut self, mask: BlockMask) -> Self {
-        self.block_mask = Some(mask);
         self
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use flash_ops::AttnOptions;
+use flash_ops::{flash_attn_with_lse, AttnOptions, BlockMask};
 use flash_test_support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flash-ops-check");
@@ -208,5 +208,89 @@ fn check_binary_shared_prefix() {
         !o.status.success() && err.contains("`prefix_k` and `prefix_v`"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A `block_mask` layout with `--block-size` gives what the library gives with
+/// `BlockMask::from_block_layout` of it (and the f64 reference with the same mask), both
+/// schedules, per-head layouts with an empty query block; half of the pair is an error.
+#[test]
+fn check_binary_block_mask() {
+    let dir = std::env::temp_dir().join(format!("flash-ops-check-mask-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (q, k, v, d_out) = write_inputs(&dir, false);
+    let (inp, out) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+    let mut map = candle_core::safetensors::load(&inp, &Device::Cpu).unwrap();
+    // q 37 rows, k 53 keys, 4 query heads; blocks 16 x 32: (3, 2) blocks per head.
+    let (block, (qb, kb)) = ((16, 32), (3, 2));
+    let mut rng = Rng::new(44);
+    let mut bits: Vec<u8> = (0..4 * qb * kb).map(|_| (rng.below(2)) as u8).collect();
+    bits[0..kb].fill(0); // head 0, query block 0 sees nothing
+    bits[kb..2 * kb].fill(1);
+    let layout = Tensor::from_vec(bits, (4, qb, kb), &Device::Cpu).unwrap();
+    map.insert("block_mask".into(), layout.clone());
+    candle_core::safetensors::save(&map, &inp).unwrap();
+    let mask = BlockMask::from_block_layout(&layout, 37, 53, block).unwrap();
+    for alg in ["v1", "v2"] {
+        let o = check(
+            &inp,
+            &out,
+            &["--causal", "--block-size", "16,32", "--algorithm", alg],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        let algorithm = if alg == "v1" {
+            flash_ops::Algorithm::V1
+        } else {
+            flash_ops::Algorithm::V2
+        };
+        let opts = AttnOptions::new()
+            .causal(true)
+            .algorithm(algorithm)
+            .block_mask(mask.clone());
+        let lib = run_with_grads(&q, &k, &v, &d_out, DType::F32, |q, k, v| {
+            flash_attn_with_lse(q, k, v, &opts)
+        })
+        .unwrap();
+        let want = oracle(&q, &k, &v, &d_out, &opts);
+        let pairs = [
+            ("o", &lib.out, &want.out),
+            ("dq", &lib.dq, &want.dq),
+            ("dk", &lib.dk, &want.dk),
+            ("dv", &lib.dv, &want.dv),
+        ];
+        for (name, l, w) in pairs {
+            let e = rel_err(&got[name], l);
+            assert!(
+                e < 1e-6,
+                "{alg} {name}: relative error {e} to the library call"
+            );
+            let e = rel_err(&got[name], w);
+            assert!(
+                e < 1e-5,
+                "{alg} {name}: relative error {e} to the reference"
+            );
+        }
+        assert!(lse_err(&got["lse"], &lib.lse) < 1e-6);
+        assert!(lse_err(&got["lse"], &want.lse) < 1e-5);
+        // The empty query block: zero output rows.
+        let rows = got["o"].narrow(1, 0, 16).unwrap().narrow(2, 0, 1).unwrap();
+        let max = rows.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(max.to_scalar::<f32>().unwrap(), 0.0);
+    }
+    let err = |o: std::process::Output| {
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = err(check(&inp, &out, &[]));
+    assert!(e.contains("--block-size"), "{e}");
+    let e = err(check(&inp, &out, &["--block-size", "16"]));
+    assert!(e.contains("BQ,BK"), "{e}");
+    let e = err(check(&inp, &out, &["--block-size", "16,16"]));
+    assert!(e.contains("block_mask"), "{e}"); // layout shape (3, 2) is not (3, 4)
+    map.remove("block_mask");
+    candle_core::safetensors::save(&map, &inp).unwrap();
+    let e = err(check(&inp, &out, &["--block-size", "16,32"]));
+    assert!(e.contains("block_mask"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

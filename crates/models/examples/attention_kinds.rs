@@ -10,6 +10,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use flash_ops_models::{AttentionKind, BertConfig, BertForMaskedLM, Gpt2, Gpt2Config};
+use flash_test_support::rel_err;
 
 struct Args {
     model: String,
@@ -58,11 +59,6 @@ fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
     }
     Ok(t.elapsed().as_secs_f64() / iters as f64)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let d = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    Ok((d / b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt())
 }
 
 fn main() -> Result<()> {
@@ -129,7 +125,7 @@ fn main() -> Result<()> {
         "kind", "forward s", "fwd+bwd s", "rel err"
     );
     for kind in AttentionKind::ALL {
-        let e = rel_err(&forward(kind, false)?, &reference)?;
+        let e = rel_err(&forward(kind, false)?, &reference);
         let fwd = time(a.iters, || forward(kind, false).map(|_| ()))?;
         let step = time(a.iters, || {
             forward(kind, true)?.sqr()?.mean_all()?.backward()?;

@@ -33,6 +33,7 @@ pub mod bert;
 mod checkpoint;
 mod dropout;
 mod elementwise;
+mod embedding;
 pub mod gpt2;
 mod layer_norm;
 mod linear;
@@ -40,7 +41,7 @@ pub mod loss;
 pub mod rng;
 
 pub use activation::Activation;
-pub use attention::AttentionKind;
+pub use attention::{AttentionKind, SparsePattern, Sparsity};
 pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel};
 pub use checkpoint::{
     load_hf_safetensors, load_tensors, save_hf_dir, save_hf_safetensors, save_tensors, LoadReport,

@@ -41,6 +41,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use crate::embedding::TiedGrad;
+
 /// The default budget of one chunk's logits. Each chunk's `dW += dlogitsᵀ·hidden` reads and
 /// writes all of `dW` (`v × d`) with an inner dimension of only `chunk_rows`: at 8 MB (41 rows)
 /// a GPT-2-small-width step made 25 passes over its 154 MB `dW`; at 32 MB, 7 passes of a
@@ -56,7 +58,7 @@ pub struct CeOptions {
     pub label_smoothing: f64,
     /// Weight `λ ≥ 0` of the z-loss `λ·lse²`.
     pub z_loss: f64,
-    /// Rows per chunk; `None` picks `CHUNK_BYTES / (4·v)`.
+    /// Rows per chunk; `None` splits the rows evenly into chunks of at most `CHUNK_BYTES / (4·v)`.
     pub chunk_rows: Option<usize>,
 }
 
@@ -80,6 +82,21 @@ pub fn linear_cross_entropy(
     targets: &Tensor,
     opts: &CeOptions,
 ) -> Result<Tensor> {
+    linear_cross_entropy_tied(hidden, weight, bias, targets, opts, None)
+}
+
+/// [`linear_cross_entropy`] whose `weight` is also the table of the embedding given `tied`
+/// ([`crate::embedding`]): on the CPU fast path the weight's gradient is handed to that
+/// embedding's node, which starts the table's gradient from it, instead of being returned to
+/// autograd (which would zero-fill and add a table-sized buffer for it).
+pub(crate) fn linear_cross_entropy_tied(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &Tensor,
+    opts: &CeOptions,
+    tied: Option<&TiedGrad>,
+) -> Result<Tensor> {
     let p = Problem::new(hidden, weight, bias, targets, opts)?;
     let need = Need {
         hidden: hidden.track_op(),
@@ -89,7 +106,7 @@ pub fn linear_cross_entropy(
     let (h, w, b) = (hidden.detach(), weight.detach(), bias.map(Tensor::detach));
     let fast = h.device().is_cpu() && h.dtype() != DType::F64;
     let op = if fast {
-        cpu_fused(&p, &h, &w, b.as_ref(), need)?
+        cpu_fused(&p, &h, &w, b.as_ref(), need, tied)?
     } else {
         chunked_ops(&p, &h, &w, b.as_ref(), need)?
     };
@@ -204,7 +221,11 @@ impl Problem {
         let chunk = match opts.chunk_rows {
             Some(0) => bail!("{F}: `chunk_rows` must be at least 1"),
             Some(c) => c,
-            None => (CHUNK_BYTES / (4 * v)).max(1),
+            // As many chunks as the budget needs, of equal size: a thin last chunk would cost a
+            // whole pass over `dW` for a few rows.
+            None => n
+                .max(1)
+                .div_ceil(n.max(1).div_ceil((CHUNK_BYTES / (4 * v)).max(1))),
         }
         .min(n.max(1));
         let targets = targets.to_vec1::<u32>()?;
@@ -264,6 +285,7 @@ fn cpu_fused(
     weight: &Tensor,
     bias: Option<&Tensor>,
     need: Need,
+    tied: Option<&TiedGrad>,
 ) -> Result<SavedGrads> {
     let (n, d, v) = (p.n, p.d, p.v);
     // Borrowed in place for f32 inputs; bf16/f16 are converted to f32 once.
@@ -317,14 +339,23 @@ fn cpu_fused(
     let back = |g: Vec<f32>, shape: &[usize], like: &Tensor| {
         Tensor::from_vec(g, shape, dev)?.to_dtype(like.dtype())
     };
+    let tied = tied.filter(|_| need.weight && weight.dtype() == DType::F32);
+    let weight = match tied {
+        Some(t) => {
+            t.hand(dw);
+            None
+        }
+        None => need.weight.then(|| back(dw, &[v, d], weight)).transpose()?,
+    };
     Ok(SavedGrads {
         loss: Tensor::new(loss as f32, dev)?,
         hidden: need.hidden.then(|| back(dh, &[n, d], hidden)).transpose()?,
-        weight: need.weight.then(|| back(dw, &[v, d], weight)).transpose()?,
+        weight,
         bias: match (need.bias, bias) {
             (true, Some(bt)) => Some(back(db, &[v], bt)?),
             _ => None,
         },
+        tied: tied.cloned(),
     })
 }
 
@@ -369,22 +400,47 @@ fn row_pass_inner(z: &mut [f32], bias: Option<&[f32]>, row: RowCe) -> f64 {
     }
     let v = z.len();
     let max = lanes(z, f32::NEG_INFINITY, |x| x, f32::max);
-    let sum_exp = lanes(z, 0.0, |x| exp(x - max), |a, b| a + b);
-    let lse = max + sum_exp.ln();
-    let mut loss = lse as f64 - (1.0 - row.smoothing as f64) * z[row.target] as f64;
+    let mut loss = -(1.0 - row.smoothing as f64) * z[row.target] as f64;
     if row.smoothing > 0.0 {
         let sum_z = lanes(z, 0.0, |x| x, |a, b| a + b);
         loss -= row.smoothing as f64 / v as f64 * sum_z as f64;
     }
-    loss += row.z_loss as f64 * (lse as f64) * (lse as f64);
+    // With a gradient wanted, `exp(z − max)` is kept in `z`: the gradient pass then multiplies
+    // instead of evaluating exp a second time (exp was most of this pass's time).
+    let sum_exp = if row.grad {
+        exp_in_place(z, max)
+    } else {
+        lanes(z, 0.0, |x| exp(x - max), |a, b| a + b)
+    };
+    let lse = max + sum_exp.ln();
+    loss += lse as f64 + row.z_loss as f64 * (lse as f64) * (lse as f64);
     if row.grad {
-        // d/dz of lse − (1−ε) z_y − ε/v Σ z + λ lse² = p (1 + 2λ lse) − (1−ε) 1[y] − ε/v.
-        let a = row.weight * (1.0 + 2.0 * row.z_loss * lse);
+        // d/dz of lse − (1−ε) z_y − ε/v Σ z + λ lse² = p (1 + 2λ lse) − (1−ε) 1[y] − ε/v,
+        // with p = exp(z − max) / Σ exp(z − max).
+        let a = row.weight * (1.0 + 2.0 * row.z_loss * lse) / sum_exp;
         let c = row.weight * row.smoothing / v as f32;
-        z.iter_mut().for_each(|x| *x = a * exp(*x - lse) - c);
+        z.iter_mut().for_each(|x| *x = a * *x - c);
         z[row.target] -= row.weight * (1.0 - row.smoothing);
     }
     loss * row.weight as f64
+}
+
+/// Overwrites `z` with `exp(z − max)` and returns its sum, in the eight lanes of [`lanes`].
+#[inline(always)]
+fn exp_in_place(z: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = z.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            c[k] = exp(c[k] - max);
+            acc[k] += c[k];
+        }
+    }
+    let tail = chunks.into_remainder().iter_mut().fold(0.0, |a, x| {
+        *x = exp(*x - max);
+        a + *x
+    });
+    acc.into_iter().fold(tail, |a, b| a + b)
 }
 
 /// `reduce` of `map(x)` over `z`, in eight independent lanes: LLVM vectorises those, not an
@@ -535,6 +591,7 @@ fn chunked_ops(
             (true, None, Some(bt)) => Some(zeros(&[p.v])?.to_dtype(bt.dtype())?),
             _ => None,
         },
+        tied: None,
     })
 }
 
@@ -546,6 +603,8 @@ struct SavedGrads {
     hidden: Option<Tensor>,
     weight: Option<Tensor>,
     bias: Option<Tensor>,
+    /// Where the weight's gradient went instead of `weight` (f32, CPU).
+    tied: Option<TiedGrad>,
 }
 
 impl SavedGrads {
@@ -615,6 +674,9 @@ impl candle_core::CustomOp3 for SavedGrads {
         _: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if let Some(t) = &self.tied {
+            t.scale(grad_out.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        }
         Ok((
             Self::scaled(&self.hidden, grad_out)?,
             Self::scaled(&self.weight, grad_out)?,

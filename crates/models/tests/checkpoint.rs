@@ -15,12 +15,10 @@ use flash_ops_models::{
     load_hf_safetensors, save_hf_dir, save_hf_safetensors, save_tensors, AttentionKind, BertConfig,
     BertForMaskedLM, BertModel, Gpt2, Gpt2Config, LoadReport,
 };
-use flash_test_support::Rng;
+use flash_test_support::{scratch_dir, Rng};
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flash-ops-models-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    scratch_dir("flash-ops-models").join(name)
 }
 
 /// `GPT2LMHeadModel` keys and shapes as in the `gpt2` repository's model.safetensors: a bare

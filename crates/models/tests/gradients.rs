@@ -9,7 +9,7 @@ mod common;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use common::{gradient_is_zero_by_design, named_vars, random_model};
 use flash_ops_models::{
     AttentionKind, BertConfig, BertForMaskedLM, BertForSequenceClassification, Gpt2, Gpt2Config,
@@ -118,13 +118,20 @@ fn small_bert() -> BertConfig {
     }
 }
 
+/// The model `build` makes, in f64 on the naive attention (the only kind that runs f64),
+/// with parameters randomized from `seed`, and the inputs' random source, seeded `seed + 1`.
+fn f64_model<M>(
+    seed: u64,
+    build: impl FnOnce(VarBuilder<'static>, AttentionKind) -> candle_core::Result<M>,
+) -> Result<(VarMap, M, Rng)> {
+    let (vm, m) = random_model(DType::F64, seed, |vb| build(vb, AttentionKind::Naive))?;
+    Ok((vm, m, Rng::new(seed + 1)))
+}
+
 #[test]
 fn gpt2_every_parameter_gradient_matches_finite_differences() -> Result<()> {
     let cfg = small_gpt2();
-    let (vm, m) = random_model(DType::F64, 11, |vb| {
-        Gpt2::new(&cfg, vb, AttentionKind::Naive)
-    })?;
-    let mut rng = Rng::new(12);
+    let (vm, m, mut rng) = f64_model(11, |vb, attn| Gpt2::new(&cfg, vb, attn))?;
     // Every position index is used, so every row of `wpe` gets a gradient.
     let ids = rng.ids(2, cfg.n_positions, cfg.vocab_size)?;
     let w = rng.normal_tensor(&[2, cfg.n_positions, cfg.vocab_size], 1.0, DType::F64)?;
@@ -137,10 +144,7 @@ fn gpt2_every_parameter_gradient_matches_finite_differences() -> Result<()> {
 #[test]
 fn bert_mlm_every_parameter_gradient_matches_finite_differences() -> Result<()> {
     let cfg = small_bert();
-    let (vm, m) = random_model(DType::F64, 13, |vb| {
-        BertForMaskedLM::new(&cfg, vb, AttentionKind::Naive)
-    })?;
-    let mut rng = Rng::new(14);
+    let (vm, m, mut rng) = f64_model(13, |vb, attn| BertForMaskedLM::new(&cfg, vb, attn))?;
     let t = cfg.max_position_embeddings;
     let ids = rng.ids(2, t, cfg.vocab_size)?;
     let tt = rng.ids(2, t, 2)?;
@@ -156,10 +160,9 @@ fn bert_mlm_every_parameter_gradient_matches_finite_differences() -> Result<()> 
 #[test]
 fn bert_classifier_every_parameter_gradient_matches_finite_differences() -> Result<()> {
     let cfg = small_bert().with_num_labels(3);
-    let (vm, m) = random_model(DType::F64, 15, |vb| {
-        BertForSequenceClassification::new(&cfg, vb, AttentionKind::Naive)
+    let (vm, m, mut rng) = f64_model(15, |vb, attn| {
+        BertForSequenceClassification::new(&cfg, vb, attn)
     })?;
-    let mut rng = Rng::new(16);
     let t = cfg.max_position_embeddings;
     let ids = rng.ids(3, t, cfg.vocab_size)?;
     let tt = rng.ids(3, t, 2)?;

@@ -1,10 +1,14 @@
 //! `repro`: reproduces the FlashAttention papers' tables (issue 7) and Hydragen's shared-prefix
-//! decoding benchmark (issue 13, `--only prefix`).
+//! decoding benchmark (issue 13, `--only prefix`); perplexity against context length and Long
+//! Range Arena ListOps (issue 14, `--only context,listops`).
 //!
 //! `repro run [--quick | --gpu] [--out DIR]` measures, writes `results.json` after every section,
 //! then renders `tables.md` and the PNG figures from that JSON; `repro render DIR` re-renders a
 //! results folder without measuring.
 
+mod blocksparse;
+mod context;
+mod listops;
 mod measure;
 mod paper;
 mod plan;
@@ -71,7 +75,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "attention,fa2,e2e,prefix"
+        default_value = "attention,fa2,e2e,prefix,blocksparse,context,listops"
     )]
     only: Vec<String>,
     /// The `train` binary for the end-to-end table (default: next to this binary).
@@ -99,6 +103,12 @@ struct RunArgs {
     /// Shared-prefix section: override the prompt lengths of the end-to-end table.
     #[arg(long, value_delimiter = ',')]
     prefix_prompts: Vec<usize>,
+    /// Context section: `--data` for `train gpt2` (default: its embedded corpus).
+    #[arg(long, num_args = 1..)]
+    context_data: Vec<PathBuf>,
+    /// ListOps section: add a block-sparse flash V2 run per length with `train --sparsity P`.
+    #[arg(long, value_delimiter = ',')]
+    listops_sparsity: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -199,8 +209,13 @@ fn run(a: RunArgs) -> Result<()> {
         plan.reps = r.max(1);
     }
     for s in &a.only {
-        if !matches!(s.as_str(), "attention" | "fa2" | "e2e" | "prefix") {
-            bail!("--only takes attention, fa2, e2e, prefix; got {s}")
+        if !matches!(
+            s.as_str(),
+            "attention" | "fa2" | "e2e" | "prefix" | "blocksparse" | "context" | "listops"
+        ) {
+            bail!(
+                "--only takes attention, fa2, e2e, prefix, blocksparse, context, listops; got {s}"
+            )
         }
     }
     let wants = |s: &str| a.only.iter().any(|x| x == s);
@@ -272,6 +287,9 @@ fn run(a: RunArgs) -> Result<()> {
         fa2: None,
         e2e: None,
         prefix: None,
+        blocksparse: None,
+        context: None,
+        listops: None,
     };
     let variants = [Variant::V1, Variant::V2, Variant::Naive];
     if wants("attention") {
@@ -317,6 +335,24 @@ fn run(a: RunArgs) -> Result<()> {
             |r| &mut r.prefix,
         )?;
     }
+    if wants("blocksparse") {
+        let measure = || blocksparse::measure(mode, a.reps);
+        section(&mut r, &dir, "blocksparse", measure, |r| &mut r.blocksparse)?;
+    }
+    if wants("context") {
+        let bin = train_binary(a.train_bin.clone())?;
+        let mut p = context::ContextPlan::new(mode);
+        p.data = a.context_data.clone();
+        let measure = || context::measure(&p, &bin, &dir);
+        section(&mut r, &dir, "context", measure, |r| &mut r.context)?;
+    }
+    if wants("listops") {
+        let bin = train_binary(a.train_bin.clone())?;
+        let mut p = listops::ListopsPlan::new(mode);
+        p.sparsity = a.listops_sparsity.clone();
+        let measure = || listops::measure(&p, &bin, &dir);
+        section(&mut r, &dir, "listops", measure, |r| &mut r.listops)?;
+    }
     r.meta
         .seconds
         .insert("total".into(), t0.elapsed().as_secs_f64());
@@ -324,10 +360,22 @@ fn run(a: RunArgs) -> Result<()> {
     render_dir(&r, &dir)?;
     let failed = r
         .e2e
-        .as_ref()
-        .map_or(0, |s| s.runs.iter().filter(|x| x.error.is_some()).count());
+        .iter()
+        .flat_map(|s| &s.runs)
+        .filter(|x| x.error.is_some())
+        .count()
+        + r.context
+            .iter()
+            .flat_map(|s| &s.runs)
+            .filter(|x| x.outcome.error.is_some())
+            .count()
+        + r.listops
+            .iter()
+            .flat_map(|s| &s.runs)
+            .filter(|x| x.outcome.error.is_some())
+            .count();
     if failed > 0 {
-        bail!("{failed} end-to-end run(s) failed; the other tables were written (see tables.md)")
+        bail!("{failed} training run(s) failed; the other tables were written (see tables.md)")
     }
     Ok(())
 }

@@ -557,5 +557,17 @@ pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
         Some(s) => crate::prefix::plot(s, p),
         None => Ok(()),
     })?;
+    go("blocksparse.png", &|p| match &r.blocksparse {
+        Some(s) => crate::blocksparse::plot(s, p),
+        None => Ok(()),
+    })?;
+    go("context.png", &|p| match &r.context {
+        Some(s) => crate::context::plot(s, p),
+        None => Ok(()),
+    })?;
+    go("listops.png", &|p| match &r.listops {
+        Some(s) => crate::listops::plot(s, p),
+        None => Ok(()),
+    })?;
     Ok(written)
 }

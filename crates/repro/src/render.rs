@@ -35,18 +35,27 @@ fn plots(r: &Results) -> Vec<(&'static str, &'static str)> {
             "Backward GFLOP/s (FlashAttention-2 Fig. 6 layout)",
         ));
     }
-    if r.e2e.is_some() {
-        v.push((
-            "e2e.png",
-            "End-to-end training throughput per attention kind",
-        ));
-    }
-    if r.prefix.is_some() {
-        v.push((
+    // One figure per section, present when the section is.
+    let single = [
+        (r.e2e.is_some(), "e2e.png", "End-to-end training throughput per attention kind"),
+        (
+            r.prefix.is_some(),
             "prefix.png",
             "Shared-prefix decoding: attention speedup vs prefix length, sampling tokens/s vs batch",
-        ));
-    }
+        ),
+        (
+            r.blocksparse.is_some(),
+            "blocksparse.png",
+            "Block-sparse attention: fwd+bwd speedup over dense vs 1/density, butterfly vs length",
+        ),
+        (
+            r.context.is_some(),
+            "context.png",
+            "GPT-2 validation perplexity and time per token vs context length",
+        ),
+        (r.listops.is_some(), "listops.png", "ListOps validation accuracy vs wall-clock time"),
+    ];
+    v.extend(single.into_iter().filter(|s| s.0).map(|(_, f, c)| (f, c)));
     v
 }
 
@@ -536,6 +545,15 @@ pub fn document(r: &Results) -> String {
     }
     if let Some(s) = &r.prefix {
         writeln!(o, "{}", crate::prefix::table(s)).ok();
+    }
+    if let Some(s) = &r.blocksparse {
+        writeln!(o, "{}", crate::blocksparse::table(s)).ok();
+    }
+    if let Some(s) = &r.context {
+        writeln!(o, "{}", crate::context::table(s)).ok();
+    }
+    if let Some(s) = &r.listops {
+        writeln!(o, "{}", crate::listops::table(s)).ok();
     }
     o
 }

@@ -22,6 +22,15 @@ pub struct Results {
     /// Shared-prefix decoding (Hydragen protocol; absent in runs from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<crate::prefix::PrefixSection>,
+    /// Block-sparse attention (FlashAttention §3.3; absent in runs from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocksparse: Option<crate::blocksparse::BlockSparseSection>,
+    /// Perplexity vs context length (issue 14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<crate::context::ContextSection>,
+    /// Long Range Arena ListOps (issue 14).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listops: Option<crate::listops::ListopsSection>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

@@ -35,7 +35,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         }
         None => {
             eprintln!("no train binary next to repro: skipping the end-to-end table");
-            cmd.args(["--only", "attention,fa2,prefix"]);
+            cmd.args(["--only", "attention,fa2,prefix,blocksparse"]);
         }
     }
     let out = cmd.output().expect("run repro");
@@ -74,12 +74,33 @@ fn quick_mode_writes_json_markdown_and_plots() {
             && r["tokens_per_s"].is_f64()));
     }
 
+    // Block-sparse: every case measured, the masked rows at the sweep's densities.
+    let bs = json["blocksparse"]["rows"].as_array().unwrap();
+    for case in [
+        "dense-v2",
+        "naive",
+        "random",
+        "pattern",
+        "all-full",
+        "all-partial",
+    ] {
+        assert!(
+            bs.iter()
+                .any(|r| r["case"] == case && r["fwd_bwd_ms"].is_f64()),
+            "blocksparse lacks {case}"
+        );
+    }
+    assert!(bs
+        .iter()
+        .any(|r| r["case"] == "random" && r["density"].as_f64() < Some(0.2)));
+
     let md = std::fs::read_to_string(dir.join("tables.md")).unwrap();
     for needle in [
         "## Table 1",
         "## Memory footprint",
         "## Table 2",
         "## Shared-prefix decoding",
+        "## Block-sparse attention",
         "Quick mode",
         "paper",
     ] {
@@ -94,6 +115,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
         "fa2_fwd.png",
         "fa2_bwd.png",
         "prefix.png",
+        "blocksparse.png",
     ];
     if train.is_some() {
         assert!(md.contains("## Table 3"));
@@ -103,6 +125,8 @@ fn quick_mode_writes_json_markdown_and_plots() {
             "{runs:?}"
         );
         pngs.push("e2e.png");
+        quality_sections(&json, &md, &dir);
+        pngs.extend(["context.png", "listops.png"]);
     }
     for p in &pngs {
         assert!(is_png(&dir.join(p)), "{p} missing or not a PNG");
@@ -120,6 +144,77 @@ fn quick_mode_writes_json_markdown_and_plots() {
         assert!(is_png(&dir.join(p)), "{p} not re-rendered");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Issue 14's sections: every context trained and scored on the same held-out tokens, naive
+/// timed inside the budget and skipped past it, every ListOps run trained, throughput and
+/// test accuracy recorded; the run folders keep their logs and metrics, not their weights.
+fn quality_sections(json: &serde_json::Value, md: &str, dir: &Path) {
+    for needle in [
+        "## Perplexity vs context length",
+        "## Long Range Arena ListOps",
+    ] {
+        assert!(md.contains(needle), "tables.md lacks {needle:?}");
+    }
+    let ctx = &json["context"];
+    let runs = ctx["runs"].as_array().unwrap();
+    let contexts: std::collections::BTreeSet<u64> = runs
+        .iter()
+        .map(|r| r["context"].as_u64().unwrap())
+        .collect();
+    assert!(contexts.len() >= 2, "{contexts:?}");
+    for r in runs {
+        assert!(r["error"].is_null(), "{r}");
+        let (loss, untrained) = (
+            r["val_loss"].as_f64().unwrap(),
+            r["untrained_loss"].as_f64().unwrap(),
+        );
+        assert!(loss.is_finite() && loss < untrained, "{r}");
+        assert_eq!(
+            r["tokens"], ctx["tokens"],
+            "every context trains on the same tokens"
+        );
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+        let run = dir
+            .join("context")
+            .join(format!("ctx{}-seed{}", r["context"], r["seed"]));
+        assert!(run.join("metrics.jsonl").exists() && !run.join("checkpoints").exists());
+    }
+    // Two seeds at the shortest and the longest context.
+    for c in [contexts.first(), contexts.last()] {
+        let n = runs
+            .iter()
+            .filter(|r| r["context"].as_u64() == c.copied())
+            .count();
+        assert_eq!(n, 2, "context {c:?}");
+    }
+    let bench = ctx["bench"].as_array().unwrap();
+    assert!(bench
+        .iter()
+        .any(|b| b["attn"] == "naive" && b["us_per_token"].is_f64()));
+    assert!(bench
+        .iter()
+        .any(|b| b["attn"] == "naive" && b["skipped"].is_string()));
+    assert!(bench
+        .iter()
+        .filter(|b| b["attn"] == "flash2")
+        .all(|b| b["us_per_token"].is_f64()));
+
+    let lo = json["listops"]["runs"].as_array().unwrap();
+    for kind in ["naive", "flash2"] {
+        assert!(
+            lo.iter().any(|r| r["kind"] == kind),
+            "no {kind} ListOps run"
+        );
+    }
+    for r in lo {
+        assert!(r["error"].is_null(), "{r}");
+        assert!(r["steps"].as_u64().unwrap() >= 1, "{r}");
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+        assert!(!r["val_curve"].as_array().unwrap().is_empty(), "{r}");
+    }
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! what longer context costs). The kinds share one set of weights and the same batches and are
 //! timed in interleaved rounds, so machine noise hits them alike; ratios are within one run.
 //! With `--torch PYTHON`, [`torch`] compares our step with PyTorch's in the same way.
+//! `--sparsity PATTERN` (repeatable) adds each block-sparse pattern's rows beside the dense ones:
+//! one model per pattern on the same weights, in the same interleaved rounds.
 
 mod torch;
 
@@ -14,7 +16,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use clap::Args;
 use flash_ops_bench::{cpu_model, gemm_ceiling, gemm_path, median};
-use flash_ops_models::AttentionKind;
+use flash_ops_models::{AttentionKind, Sparsity};
 use serde_json::json;
 
 use crate::batching::causal_batch;
@@ -41,6 +43,10 @@ pub struct BenchArgs {
     /// Attention kinds to compare (default naive,flash1,flash2; with --torch, flash2).
     #[arg(long, value_delimiter = ',', value_parser = crate::parse_attn)]
     pub attn: Vec<AttentionKind>,
+    /// Block-sparse patterns measured beside dense attention (repeat the flag for several), as
+    /// `train --sparsity` takes them.
+    #[arg(long, value_parser = crate::parse_sparsity)]
+    pub sparsity: Vec<Sparsity>,
     /// Tokens per training step (batch = tokens / seq_len, at least 1).
     #[arg(long, default_value_t = 2048)]
     pub tokens_per_step: usize,
@@ -141,6 +147,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     crate::metrics::ensure_writable_parent(&a.out)?;
     if let Some(python) = &a.torch {
+        if !a.sparsity.is_empty() {
+            bail!("--sparsity is not measured against PyTorch (--torch); drop one of them")
+        }
         return torch::run(&a, python);
     }
     let attn = if a.attn.is_empty() {
@@ -179,6 +188,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             n_positions: None,
             vocab_size: None,
             dropout: Some(0.0),
+            sparsity: None,
         },
     )?;
     let mut config = config;
@@ -191,9 +201,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
         };
         config[key] = max_seq.into();
     }
+    // Dense first (the baseline of `vs dense`), then each pattern: one net each, all on the
+    // same variables (a VarMap hands a second builder the first one's tensors).
+    let mut patterns = vec![Sparsity::default()];
+    patterns.extend(a.sparsity.iter().copied().filter(|s| !s.is_dense()));
     let varmap = VarMap::new();
-    let mut net = Net::build(&config, &varmap, dtype, &dev, attn[0])?;
+    let mut nets = patterns
+        .iter()
+        .map(|s| {
+            let mut c = config.clone();
+            if !s.is_dense() {
+                c["sparsity"] = s.to_string().into();
+            }
+            Net::build(&c, &varmap, dtype, &dev, attn[0])
+        })
+        .collect::<Result<Vec<_>>>()?;
     optim::init_params(&varmap, 0, dims.layers, kind == ModelKind::Gpt2)?;
+    // Every (pattern, kind) cell, timed in turn within each round.
+    let cells: Vec<(usize, AttentionKind)> = (0..patterns.len())
+        .flat_map(|p| attn.iter().map(move |&k| (p, k)))
+        .collect();
     let mut opt = AdamW::new(&varmap, ADAMW)?;
     let params = opt.num_params();
     let mlm_ids = match kind {
@@ -251,27 +278,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 }
             }
         };
-        // Same weights, same batch: every kind must give the same loss.
+        // Same weights, same batch: every kind must give the same loss (per pattern).
         let probe = next_batch(0)?;
         let mut probe_losses = Vec::new();
-        for &k in &attn {
-            net.set_attention(k);
-            probe_losses.push(net.loss(&probe, false)?.to_scalar::<f32>()? as f64);
+        for &(p, k) in &cells {
+            nets[p].set_attention(k);
+            probe_losses.push(nets[p].loss(&probe, false)?.to_scalar::<f32>()? as f64);
         }
-        let spread = probe_losses
+        let spread = cells
             .iter()
-            .fold(0f64, |m, l| m.max((l - probe_losses[0]).abs()));
-        let mut times: Vec<Vec<f64>> = vec![Vec::new(); attn.len()];
-        let mut peaks: Vec<Option<u64>> = vec![None; attn.len()];
+            .zip(&probe_losses)
+            .map(|(&(p, _), l)| (l - probe_losses[p * attn.len()]).abs())
+            .fold(0f64, f64::max);
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); cells.len()];
+        let mut peaks: Vec<Option<u64>> = vec![None; cells.len()];
         let mut step_no = 1u64;
         for round in 0..a.warmup + a.steps {
-            for (ki, &k) in attn.iter().enumerate() {
+            for (ki, &(p, k)) in cells.iter().enumerate() {
+                let net = &mut nets[p];
                 net.set_attention(k);
                 let b = next_batch(step_no)?;
                 let measure_mem = reset_peak_rss();
                 dev.synchronize()?;
                 let t0 = Instant::now();
-                train_step(&net, &mut opt, &b, step_no - 1)?;
+                train_step(net, &mut opt, &b, step_no - 1)?;
                 step_no += 1;
                 dev.synchronize()?;
                 let dt = t0.elapsed().as_secs_f64();
@@ -292,48 +322,61 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .iter()
             .map(|t| t.iter().copied().fold(f64::INFINITY, f64::min))
             .collect();
-        let naive_tps = attn
-            .iter()
-            .position(|k| *k == AttentionKind::Naive)
-            .map(|i| ((batch * seq) as f64 / medians[i], mins[i]));
-        for (ki, &k) in attn.iter().enumerate() {
+        // Naive of the same pattern; dense of the same kind.
+        let tps_of = |ki: usize| ((batch * seq) as f64 / medians[ki], mins[ki]);
+        let naive_ki = |p: usize| cells.iter().position(|&c| c == (p, AttentionKind::Naive));
+        for (ki, &(p, k)) in cells.iter().enumerate() {
             let (step_s, step_min) = (medians[ki], mins[ki]);
             let tps = (batch * seq) as f64 / step_s;
+            let naive_tps = naive_ki(p).map(tps_of);
+            let dense_tps = (p > 0).then(|| tps_of(ki % attn.len()));
             rows.push(json!({
                 "seq_len": seq, "batch": batch, "attn": k.to_string(),
+                "sparsity": patterns[p].to_string(),
                 "step_s_median": step_s, "step_s_all": times[ki],
                 "tokens_per_s": tps,
                 "step_s_min": step_min,
                 "speedup_vs_naive": naive_tps.map(|n| tps / n.0),
                 "speedup_vs_naive_min": naive_tps.map(|n| n.1 / step_min),
+                "speedup_vs_dense": dense_tps.map(|n| tps / n.0),
                 "peak_rss_bytes": peaks[ki],
                 "flops_per_token": flops_per_token,
                 "mfu": tps * flops_per_token / peak,
                 "probe_loss": probe_losses[ki],
             }));
         }
-        println!("seq {seq}: batch {batch}; probe loss spread across kinds {spread:.2e}");
+        println!(
+            "seq {seq}: batch {batch}; probe loss spread across kinds (per pattern) {spread:.2e}"
+        );
     }
     println!();
+    let width = patterns
+        .iter()
+        .map(|s| s.to_string().len())
+        .max()
+        .unwrap_or(5);
     println!(
-        "{:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>9} {:>12} {:>11} {:>7}",
+        "{:>6} {:>6} {:>8} {:<width$} {:>10} {:>10} {:>10} {:>9} {:>12} {:>8} {:>11} {:>7}",
         "seq",
         "batch",
         "attn",
+        "sparsity",
         "step med",
         "step min",
         "tok/s",
         "vs naive",
         "(by min)",
+        "vs dense",
         "peak RSS",
         "MFU"
     );
     for r in &rows {
         println!(
-            "{:>6} {:>6} {:>8} {:>10.3} {:>10.3} {:>10.0} {:>9} {:>12} {:>11} {:>6.1}%",
+            "{:>6} {:>6} {:>8} {:<width$} {:>10.3} {:>10.3} {:>10.0} {:>9} {:>12} {:>8} {:>11} {:>6.1}%",
             r["seq_len"].to_string(),
             r["batch"].to_string(),
             r["attn"].as_str().unwrap_or(""),
+            r["sparsity"].as_str().unwrap_or(""),
             r["step_s_median"].as_f64().unwrap_or(0.0),
             r["step_s_min"].as_f64().unwrap_or(0.0),
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -341,6 +384,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .as_f64()
                 .map_or("-".into(), |x| format!("{x:.2}x")),
             r["speedup_vs_naive_min"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.2}x")),
+            r["speedup_vs_dense"]
                 .as_f64()
                 .map_or("-".into(), |x| format!("{x:.2}x")),
             r["peak_rss_bytes"]

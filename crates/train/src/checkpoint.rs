@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn save_load_prune() {
-        let root = std::env::temp_dir().join(format!("train-ckpt-{}", std::process::id()));
+        let root = flash_test_support::scratch_dir("train-ckpt");
         std::fs::remove_dir_all(&root).ok();
         let tok = crate::tokenizer::bert_uncased().unwrap();
         let p = BTreeMap::from([(

@@ -2,7 +2,9 @@
 //! scratch) on labelled text. Examples are `[CLS] text [SEP]` cut to `--max-len`, batched
 //! right-padded with their lengths as the attention's key lengths (no `N×N` mask), and the run
 //! has the checkpoints, `--resume`, metrics and loss plot of pretraining; each validation reports
-//! accuracy and macro-F1, and the best model so far is kept in `OUT/best/`.
+//! accuracy and macro-F1, and the best model so far is kept in `OUT/best/`. `--task listops`
+//! trains on our Long Range Arena ListOps generator ([`crate::listops`]) instead of `--data`,
+//! and scores the final model on its test split (`OUT/test.json`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,6 +20,7 @@ use tokenizers::Tokenizer;
 use crate::checkpoint::{self, TrainState};
 use crate::data::Order;
 use crate::labelled::{self, Columns, Example};
+use crate::listops;
 use crate::metrics::{self, Metrics};
 use crate::model::{self, ModelKind};
 use crate::optim::{self, AdamW, Grads};
@@ -48,6 +51,95 @@ pub struct ClassifyArgs {
     pub max_len: Option<usize>,
     #[command(flatten)]
     pub columns: Columns,
+    /// Attention for validation and test scoring (default --attn): the same function, so a slow
+    /// training kind need not score slowly (the ListOps comparison scores every run with flash2).
+    #[arg(long, value_parser = crate::parse_attn)]
+    pub eval_attn: Option<flash_ops_models::AttentionKind>,
+    /// `listops`: Long Range Arena ListOps from our generator instead of --data.
+    #[arg(long, value_enum, default_value = "text")]
+    pub task: Task,
+    #[command(flatten)]
+    pub listops: ListopsArgs,
+}
+
+/// The ListOps splits' sizes and shape (`--task listops`).
+#[derive(Args, Debug, Clone)]
+pub struct ListopsArgs {
+    /// ListOps: train, validation and test examples.
+    #[arg(long, value_delimiter = ',', default_value = "2000,200,500")]
+    pub listops_examples: Vec<usize>,
+    /// ListOps: the fewest tokens per expression (default a quarter of the most, as LRA's 500
+    /// of 2000).
+    #[arg(long)]
+    pub listops_min_tokens: Option<usize>,
+    /// ListOps: the most tokens per expression (default --max-len − 2, for [CLS] and [SEP]).
+    #[arg(long)]
+    pub listops_max_tokens: Option<usize>,
+    /// ListOps: the deepest nesting (LRA: 10).
+    #[arg(long, default_value_t = 10)]
+    pub listops_max_depth: usize,
+    /// ListOps: the most arguments per operator (LRA: 10).
+    #[arg(long, default_value_t = 10)]
+    pub listops_max_args: usize,
+}
+
+impl ListopsArgs {
+    /// The splits for a run of `--max-len max_len`, as labelled examples.
+    fn examples(
+        &self,
+        t: &TrainArgs,
+        max_len: Option<usize>,
+        validation: bool,
+    ) -> Result<(Vec<Example>, Vec<Example>, Vec<Example>)> {
+        if !t.data.is_empty() || validation || t.tokenizer.is_some() || t.init_from.is_some() {
+            bail!("--task listops draws its own data and vocabulary; drop --data, --validation, --tokenizer and --init-from")
+        }
+        let Some(max_len) = max_len else {
+            bail!("--task listops needs --max-len (tokens per example, e.g. 1024 or 2048)")
+        };
+        let mut spec = listops::Spec::for_positions(max_len);
+        spec.max_tokens = self.listops_max_tokens.unwrap_or(spec.max_tokens);
+        spec.min_tokens = self.listops_min_tokens.unwrap_or(spec.max_tokens / 4);
+        (spec.max_depth, spec.max_args) = (self.listops_max_depth, self.listops_max_args);
+        if spec.max_tokens + 2 > max_len {
+            bail!(
+                "--listops-max-tokens {} does not fit --max-len {max_len} with [CLS] and [SEP]; lower it to {}",
+                spec.max_tokens,
+                max_len.saturating_sub(2)
+            )
+        }
+        let sizes: [usize; 3] = match self.listops_examples[..] {
+            [a, b, c] if a > 0 && b > 0 && c > 0 => [a, b, c],
+            _ => bail!(
+                "--listops-examples {:?}: give three positive counts, TRAIN,VALIDATION,TEST (e.g. 2000,200,500)",
+                self.listops_examples
+            ),
+        };
+        let s = listops::splits(&spec, sizes, t.seed)?;
+        let named = |xs: Vec<listops::Example>, split: &str| -> Vec<Example> {
+            xs.into_iter()
+                .enumerate()
+                .map(|(i, e)| Example {
+                    label: e.label.to_string(),
+                    text: e.text,
+                    origin: format!("listops {split} example {i}"),
+                })
+                .collect()
+        };
+        Ok((
+            named(s.train, "train"),
+            named(s.validation, "validation"),
+            named(s.test, "test"),
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Task {
+    /// Labelled text from --data (and --validation).
+    Text,
+    /// ListOps (LRA): train/validation/test splits drawn by --seed.
+    Listops,
 }
 
 /// Everything that defines a classification run; `OUT/run.json` and in every checkpoint.
@@ -112,24 +204,36 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("runs/bert-classify-{}", t.attn)));
     let st = trainer::start(ModelKind::Bert, &out, t)?;
-    let (resume_dir, init, tok) = (st.resume_dir, st.init, st.tok);
+    let (resume_dir, init) = (st.resume_dir, st.init);
+    let (tok, tok_desc) = match a.task {
+        Task::Text => (st.tok, st.tok_desc),
+        Task::Listops => (listops::tokenizer()?, "listops (word level, 19)".into()),
+    };
     let tok_vocab = crate::tokenizer::vocab_size(&tok);
 
     // Data and labels.
-    let cols = &a.columns;
-    let all = labelled::read(&t.data, cols, "--data")?;
-    let (train_ex, val_ex) = match &a.validation {
-        Some(v) => (
-            all,
-            labelled::read(std::slice::from_ref(v), cols, "--validation")?,
-        ),
-        None => labelled::split(all, a.val_fraction, t.seed)?,
+    let (train_ex, val_ex, test_ex) = match a.task {
+        Task::Text => {
+            let (train, val) = text_examples(&a)?;
+            (train, val, Vec::new())
+        }
+        Task::Listops => a.listops.examples(t, a.max_len, a.validation.is_some())?,
     };
-    let own_labels = init.as_ref().and_then(|h| classifier_labels(&h.config));
-    let labels = labelled::label_set(own_labels, &train_ex, &val_ex)?;
+    let labels = match a.task {
+        Task::Text => {
+            let own = init.as_ref().and_then(|h| classifier_labels(&h.config));
+            labelled::label_set(own, &train_ex, &val_ex)?
+        }
+        // All ten answers, whether or not a small training split has each.
+        Task::Listops => listops::DIGITS.map(String::from).to_vec(),
+    };
 
     // Model config: the directory's or the preset's, with the label set.
-    let overrides = trainer::size_overrides(t);
+    let mut overrides = trainer::size_overrides(t);
+    if a.task == Task::Listops {
+        // Each model sized to its sequence length, as LRA's.
+        overrides.n_positions = overrides.n_positions.or(a.max_len);
+    }
     let base = match &init {
         Some(h) => h.run_config(ModelKind::Bert, ARCH, tok_vocab, &overrides)?,
         None => model::model_config(ModelKind::Bert, t.size.preset, tok_vocab, &overrides)?,
@@ -154,6 +258,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
 
     let train = encode(&train_ex, &labels, &tok, max_len, cfg.vocab_size)?;
     let val = encode(&val_ex, &labels, &tok, max_len, cfg.vocab_size)?;
+    let test = encode(&test_ex, &labels, &tok, max_len, cfg.vocab_size)?;
     let data_hash = rng::fnv1a(train.iter().chain(&val).flat_map(|e| {
         e.ids
             .iter()
@@ -164,7 +269,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     // Model and optimizer.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, t.dtype.dtype(), &dev);
-    let net = BertForSequenceClassification::new(&cfg, vb, t.attn)?;
+    let mut net = BertForSequenceClassification::new(&cfg, vb, t.attn)?;
     optim::init_params(&varmap, t.seed, cfg.num_hidden_layers, false)?;
     let init_line = match (&init, &resume_dir) {
         // A pretrained encoder gets a new head (the pooler too when the source had none).
@@ -178,9 +283,12 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         task: "sequence-classification".into(),
         attn: t.attn.to_string(),
         config: config.clone(),
-        tokenizer: st.tok_desc,
+        tokenizer: tok_desc,
         labels: labels.clone(),
-        data: t.data.iter().map(|p| p.display().to_string()).collect(),
+        data: match a.task {
+            Task::Text => t.data.iter().map(|p| p.display().to_string()).collect(),
+            Task::Listops => vec![format!("ListOps generator (seed {})", t.seed)],
+        },
         validation: a.validation.as_ref().map(|p| p.display().to_string()),
         train_examples: train.len(),
         val_examples: val.len(),
@@ -226,8 +334,13 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     let pad = cfg.pad_token_id;
     let best_dir = out.join("best");
     let mut best = read_best(&best_dir).filter(|_| resume_dir.is_some());
-    let validate = |net: &BertForSequenceClassification| {
-        scores(net, &val, hp.batch_size, pad, labels.len(), &dev)
+    // Scored with --eval-attn (the same function as --attn, so the same scores up to rounding).
+    let eval_attn = a.eval_attn.unwrap_or(t.attn);
+    let score = |net: &mut BertForSequenceClassification, xs: &[Encoded]| {
+        net.set_attention(eval_attn);
+        let s = scores(net, xs, hp.batch_size, pad, labels.len(), &dev);
+        net.set_attention(t.attn);
+        s
     };
     let report =
         |s: &Scores, state: &TrainState, best: &mut Option<Scores>, opt: &AdamW| -> Result<()> {
@@ -257,7 +370,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
     let stop = trainer::ctrl_c_flag();
     let clock = Clock::start(&state);
     if resume_dir.is_none() {
-        let s = validate(&net)?;
+        let s = score(&mut net, &val)?;
         progress.untrained(s.loss)?;
         report(&s, &state, &mut best, &opt)?;
     }
@@ -297,7 +410,7 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         }
         let end = StepEnd::at(&hp, &state, t.time_limit, &stop);
         if end.validate {
-            let s = validate(&net)?;
+            let s = score(&mut net, &val)?;
             progress.val(s.loss, done.loss, &state)?;
             report(&s, &state, &mut best, &opt)?;
         }
@@ -307,6 +420,10 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         }
     }
     progress.finish(&state, &out);
+    if !test.is_empty() {
+        let s = score(&mut net, &test)?;
+        write_test(&out, &s, test.len(), &state)?;
+    }
     if let Some(b) = best {
         println!(
             "best: accuracy {:.4}, macro-F1 {:.4} -> {} (a Hugging Face {ARCH} directory; also --init-from)",
@@ -316,6 +433,41 @@ pub fn run(a: ClassifyArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--data` and `--validation` (or a held-out fraction of `--data`): `(train, validation)`.
+fn text_examples(a: &ClassifyArgs) -> Result<(Vec<Example>, Vec<Example>)> {
+    let (t, cols) = (&a.train, &a.columns);
+    let all = labelled::read(&t.data, cols, "--data")?;
+    match &a.validation {
+        Some(v) => Ok((
+            all,
+            labelled::read(std::slice::from_ref(v), cols, "--validation")?,
+        )),
+        None => labelled::split(all, a.val_fraction, t.seed),
+    }
+}
+
+/// `OUT/test.json`: the final model's scores on the test split, with the steps, tokens and
+/// wall-clock seconds of the run (validation included: the time `--time-limit` counts).
+fn write_test(out: &Path, s: &Scores, examples: usize, state: &TrainState) -> Result<()> {
+    println!(
+        "test: accuracy {:.4}, macro-F1 {:.4} on {examples} examples | {} steps, {} tokens in {:.1}s ({:.0} tok/s wall clock)",
+        s.accuracy,
+        s.macro_f1,
+        state.step,
+        state.tokens_seen,
+        state.elapsed_s,
+        state.tokens_seen as f64 / state.elapsed_s.max(1e-9)
+    );
+    let v = json!({
+        "scores": s, "examples": examples, "step": state.step, "tokens": state.tokens_seen,
+        "elapsed_s": state.elapsed_s,
+        "tokens_per_s": state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
+    });
+    let path = out.join("test.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&v)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The labels of a classifier's config (`id2label` in index order); none for other heads,

@@ -350,8 +350,7 @@ mod tests {
 
     #[test]
     fn token_file_roundtrip_and_errors() {
-        let dir = std::env::temp_dir().join(format!("train-data-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = flash_test_support::scratch_dir("train-data");
         let small: Vec<u32> = (0..1000).map(|i| (i * 37) % 50257).collect();
         let p = dir.join("a.bin");
         write_token_file(&p, &small).unwrap();

@@ -181,6 +181,7 @@ impl HfDir {
                 if let Some(p) = o.dropout {
                     (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p);
                 }
+                c.sparsity = o.sparsity.unwrap_or(c.sparsity);
                 let shape = [
                     ("--n-layer", "n_layer", c.n_layer, o.n_layer),
                     ("--n-head", "n_head", c.n_head, o.n_head),
@@ -195,6 +196,7 @@ impl HfDir {
                 if let Some(p) = o.dropout {
                     (c.hidden_dropout_prob, c.attention_probs_dropout_prob) = (p, p);
                 }
+                c.sparsity = o.sparsity.unwrap_or(c.sparsity);
                 let shape = [
                     (
                         "--n-layer",

@@ -10,6 +10,7 @@ mod data;
 mod evaluation;
 mod hf;
 mod labelled;
+mod listops;
 mod masking;
 mod metrics;
 mod model;
@@ -26,7 +27,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flash_ops_models::AttentionKind;
+use flash_ops_models::{AttentionKind, Sparsity};
 
 use model::Preset;
 
@@ -48,7 +49,7 @@ enum Cmd {
     /// Pretrain a BERT (masked language modelling).
     Bert(BertArgs),
     /// Fine-tune BERT for sequence classification on labelled text (JSONL, CSV/TSV, or a folder
-    /// per label), from --init-from DIR or from scratch.
+    /// per label), from --init-from DIR or from scratch; `--task listops`: Long Range Arena ListOps.
     BertClassify(classify::ClassifyArgs),
     /// Generate text from a GPT-2 checkpoint or Hugging Face model directory.
     Sample(SampleArgs),
@@ -93,6 +94,10 @@ pub fn parse_attn(s: &str) -> std::result::Result<AttentionKind, String> {
     s.parse()
 }
 
+pub fn parse_sparsity(s: &str) -> std::result::Result<Sparsity, String> {
+    s.parse()
+}
+
 /// The model size flags shared by `train` and `bench`: a preset and its overrides.
 #[derive(Args, Debug, Clone)]
 pub struct SizeArgs {
@@ -117,6 +122,10 @@ pub struct TrainArgs {
     pub attn: AttentionKind,
     #[command(flatten)]
     pub size: SizeArgs,
+    /// Block-sparse attention in every layer: dense, butterfly, local:W, strided:S,
+    /// local-global:W,G or random:DENSITY[:SEED], optionally @BQxBK (block size, default 128x128).
+    #[arg(long, value_parser = parse_sparsity)]
+    pub sparsity: Option<Sparsity>,
     /// Override the number of learned positions (maximum sequence length).
     #[arg(long)]
     pub n_positions: Option<usize>,
@@ -486,6 +495,7 @@ fn real_main() -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    stepping::candle_elementwise_on_caller();
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use flash_ops_models::{AttentionKind, BertConfig, BertForMaskedLM, Gpt2, Gpt2Config};
+use flash_ops_models::{AttentionKind, BertConfig, BertForMaskedLM, Gpt2, Gpt2Config, Sparsity};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -41,6 +41,8 @@ pub struct SizeOverrides {
     pub n_positions: Option<usize>,
     pub vocab_size: Option<usize>,
     pub dropout: Option<f32>,
+    /// Block-sparse attention pattern (`--sparsity`), saved in the config.
+    pub sparsity: Option<Sparsity>,
 }
 
 /// The model config (Hugging Face `config.json`) for a preset, the tokenizer's vocabulary and the
@@ -88,6 +90,7 @@ pub fn model_config(
             (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) = (p, p, p);
             c.bos_token_id = (vocab.min(50257) - 1) as u32;
             c.eos_token_id = c.bos_token_id;
+            c.sparsity = o.sparsity.unwrap_or(c.sparsity);
             check_heads(c.n_embd, c.n_head)?;
             Ok(c.to_hf_json())
         }
@@ -116,6 +119,7 @@ pub fn model_config(
             c.max_position_embeddings = o.n_positions.unwrap_or(c.max_position_embeddings);
             let p = o.dropout.unwrap_or(0.1);
             (c.hidden_dropout_prob, c.attention_probs_dropout_prob) = (p, p);
+            c.sparsity = o.sparsity.unwrap_or(c.sparsity);
             check_heads(c.hidden_size, c.num_attention_heads)?;
             Ok(c.to_hf_json("BertForMaskedLM"))
         }
@@ -267,5 +271,36 @@ impl Net {
             ) => Ok(m.masked_lm_loss(inputs, None, lengths, (positions, labels), None, train)?),
             _ => bail!("internal: batch kind does not match the model"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--sparsity` lands in the saved config (and so in the checkpoint), a dense run's config
+    /// has no such key, and resuming with another pattern shows up as a config difference.
+    #[test]
+    fn sparsity_is_part_of_the_model_config() -> Result<()> {
+        for kind in [ModelKind::Gpt2, ModelKind::Bert] {
+            let with = |s: Option<&str>| {
+                let o = SizeOverrides {
+                    sparsity: s.map(|s| s.parse().unwrap()),
+                    ..SizeOverrides::default()
+                };
+                model_config(kind, Preset::Tiny, 1000, &o)
+            };
+            let dense = with(None)?;
+            assert!(dense.get("sparsity").is_none());
+            let sparse = with(Some("local:256@64x64"))?;
+            assert_eq!(sparse["sparsity"], "local:256@64x64");
+            let other = with(Some("butterfly"))?;
+            let diff = config_diff(&sparse, &other);
+            assert_eq!(diff, ["sparsity: \"local:256@64x64\" vs \"butterfly\""]);
+            assert_eq!(config_diff(&dense, &sparse).len(), 1);
+            let back: Sparsity = serde_json::from_value(sparse["sparsity"].clone())?;
+            assert_eq!(back.to_string(), "local:256@64x64");
+        }
+        Ok(())
     }
 }

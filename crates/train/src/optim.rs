@@ -446,6 +446,12 @@ struct Rounded<'a, T> {
     round: fn(f32) -> T,
 }
 
+impl<'a, T> Rounded<'a, T> {
+    fn to(out: &'a mut [T], round: fn(f32) -> T) -> Self {
+        Self { out, round }
+    }
+}
+
 impl OnePass<'_> {
     /// `theta` in f32; with `out`, each updated chunk is also rounded into `out` by `round`.
     fn run<T: Send>(&self, theta: &mut [f32], out: Option<Rounded<'_, T>>) {
@@ -490,23 +496,11 @@ impl InplaceOp1 for OnePass<'_> {
             (CpuStorage::F32(w), None) => self.run::<f32>(&mut w[start..end][..n], None),
             (CpuStorage::BF16(w), Some(theta)) => {
                 let out = &mut w[start..end][..n];
-                self.run(
-                    theta,
-                    Some(Rounded {
-                        out,
-                        round: bf16::from_f32,
-                    }),
-                )
+                self.run(theta, Some(Rounded::to(out, bf16::from_f32)))
             }
             (CpuStorage::F16(w), Some(theta)) => {
                 let out = &mut w[start..end][..n];
-                self.run(
-                    theta,
-                    Some(Rounded {
-                        out,
-                        round: f16::from_f32,
-                    }),
-                )
+                self.run(theta, Some(Rounded::to(out, f16::from_f32)))
             }
             (s, _) => candle_core::bail!(
                 "adamw: a {:?} parameter needs an f32 master copy exactly when it is not f32",

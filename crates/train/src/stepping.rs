@@ -37,6 +37,19 @@ impl Clock {
     }
 }
 
+/// Runs Candle's own parallel elementwise ops on the calling thread, unless `CANDLE_NUM_THREADS`
+/// is set. Candle 0.11 gives them a pool of its own (threads − 1 workers besides rayon's), whose
+/// caller spin-waits for its workers: on 2 cores, next to rayon's 2 threads (GEMMs, the fused
+/// ops, attention), the workers were often descheduled and that spin took ~11% of a tiny step's
+/// CPU time (`perf`, `BarrierGuard::drop`) for ~1% of work. The step's large elementwise passes
+/// are the fused ones, parallel on rayon. Call first in `main`, before any thread starts.
+pub fn candle_elementwise_on_caller() {
+    const VAR: &str = "CANDLE_NUM_THREADS";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
+    }
+}
+
 /// Adds one micro-batch's backward to `grads` (the loss times `loss_scale / grad_accum`,
 /// divided back by `loss_scale`); returns the loss.
 pub fn backward_into(

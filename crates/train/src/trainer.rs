@@ -433,6 +433,7 @@ pub fn size_overrides(a: &TrainArgs) -> SizeOverrides {
         n_positions: a.n_positions,
         vocab_size: a.vocab_size,
         dropout: a.dropout,
+        sparsity: a.sparsity,
     }
 }
 

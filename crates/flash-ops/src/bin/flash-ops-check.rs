@@ -5,6 +5,7 @@
 //! ```text
 //! flash-ops-check --input IN.safetensors --output OUT.safetensors [--causal] [--scale S]
 //!   [--window-left L] [--window-right R] [--softcap C] [--algorithm v1|v2] [--dtype f32|f16|bf16]
+//!   [--block-size BQ,BK]
 //! ```
 //! IN holds `q` (b, sq, hq, d), `k` and `v` (b, sk, hk, d), `do` (b, sq, hq, d), all f32, and
 //! optionally `alibi_slopes` (hq). OUT gets `o`, `lse` (b, hq, sq), `dq`, `dk`, `dv`, all f32.
@@ -14,23 +15,31 @@
 //! batch, it runs shared-prefix attention ([`flash_ops::shared_prefix_attention_with_lse`]):
 //! each sequence attends to `[prefix; its k, v]`, causal (bottom-right over the concatenation)
 //! applying to the suffix; OUT then also gets `dprefix_k` and `dprefix_v`.
+//!
+//! Block-sparse attention: IN's optional `block_mask`, u8 `(hq or 1, ceil(sq/BQ), ceil(sk/BK))`
+//! (nonzero = the block is visited, whole), with `--block-size BQ,BK` (each needs the other),
+//! becomes the options' [`flash_ops::BlockMask`] through `BlockMask::from_block_layout`.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
 use flash_ops::{
-    flash_attn_with_lse, shared_prefix_attention_with_lse, Algorithm, AttnOptions, PrefixLevel,
+    flash_attn_with_lse, shared_prefix_attention_with_lse, Algorithm, AttnOptions, BlockMask,
+    PrefixLevel,
 };
 
 const USAGE: &str = "usage: flash-ops-check --input IN.safetensors --output OUT.safetensors [--causal] \
-[--scale S] [--window-left L] [--window-right R] [--softcap C] [--algorithm v1|v2] [--dtype f32|f16|bf16]";
+[--scale S] [--window-left L] [--window-right R] [--softcap C] [--algorithm v1|v2] [--dtype f32|f16|bf16] \
+[--block-size BQ,BK]";
 
 struct Args {
     input: String,
     output: String,
     opts: AttnOptions,
     dtype: DType,
+    /// `--block-size`: the block mask's (bq, bk).
+    block: Option<(usize, usize)>,
 }
 
 fn value<'a>(flag: &str, it: &mut impl Iterator<Item = &'a String>) -> Result<&'a String> {
@@ -56,8 +65,17 @@ fn window(flag: &str, v: &str) -> Result<Option<usize>> {
     }
 }
 
+/// `BQ,BK`.
+fn block_size(flag: &str, v: &str) -> Result<(usize, usize)> {
+    match v.split_once(',') {
+        Some((bq, bk)) => Ok((number(flag, bq)?, number(flag, bk)?)),
+        None => bail!("{flag} expects BQ,BK (two block sizes), got `{v}`"),
+    }
+}
+
 fn parse(argv: &[String]) -> Result<Args> {
     let (mut input, mut output) = (None, None);
+    let mut block = None;
     let mut opts = AttnOptions::new();
     let mut dtype = DType::F32;
     let mut it = argv.iter();
@@ -70,6 +88,7 @@ fn parse(argv: &[String]) -> Result<Args> {
             "--window-left" => opts.window_left = window(flag, value(flag, &mut it)?)?,
             "--window-right" => opts.window_right = window(flag, value(flag, &mut it)?)?,
             "--softcap" => opts.softcap = Some(number(flag, value(flag, &mut it)?)?),
+            "--block-size" => block = Some(block_size(flag, value(flag, &mut it)?)?),
             "--algorithm" => {
                 opts.algorithm = match value(flag, &mut it)?.as_str() {
                     "v1" => Algorithm::V1,
@@ -96,6 +115,7 @@ fn parse(argv: &[String]) -> Result<Args> {
         output,
         opts,
         dtype,
+        block,
     })
 }
 
@@ -121,6 +141,31 @@ fn run(args: Args) -> Result<()> {
     let mut opts = args.opts;
     if map.contains_key("alibi_slopes") {
         opts.alibi_slopes = Some(tensor(&map, "alibi_slopes", &args.input)?);
+    }
+    match (map.get("block_mask"), args.block) {
+        (None, None) => {}
+        (Some(layout), Some(block)) => {
+            if layout.dtype() != DType::U8 {
+                bail!(
+                    "tensor `block_mask` in {} must be u8, got {:?}",
+                    args.input,
+                    layout.dtype()
+                )
+            }
+            let mask = match BlockMask::from_block_layout(layout, q.dim(1)?, k.dim(1)?, block) {
+                Ok(m) => m,
+                Err(e) => bail!("tensor `block_mask` with --block-size {block:?}: {e}"),
+            };
+            opts = opts.block_mask(mask);
+        }
+        (Some(_), None) => bail!(
+            "{} holds `block_mask`: give its block size with --block-size BQ,BK",
+            args.input
+        ),
+        (None, Some(_)) => bail!(
+            "--block-size needs a `block_mask` tensor (u8, (hq or 1, q blocks, k blocks)) in {}",
+            args.input
+        ),
     }
     if d_out.dims() != q.dims() {
         bail!(

@@ -8,12 +8,9 @@
 
 use rayon::prelude::*;
 
-use super::sparse::{Sparsity, Visit};
 use super::{
-    backward_tile, row_deltas, BackwardOperands, BwdScratch, Elem, GradOutputs, Operands, RowView,
-    SharedOut, TILE,
+    row_deltas, seq_heads, BackwardOperands, BwdScratch, Elem, KvTileStep, RowView, SharedOut, TILE,
 };
-use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 
 /// Enough independent tasks to keep a many-core machine busy, few enough partials to keep the
@@ -21,26 +18,18 @@ use crate::params::AttnParams;
 const TARGET_TASKS: usize = 32;
 const MAX_CHUNKS: usize = 8;
 
-pub fn backward<T: Elem>(
-    p: &AttnParams,
-    ops: &Operands<T>,
-    saved: &BackwardOperands<T>,
-    g: GradOutputs<T>,
-) {
+pub fn backward<T: Elem>(step: &KvTileStep<T>, dq: &mut [T]) {
+    let (p, sparsity) = (step.p, step.sparsity);
     let d = p.head_dim;
     let q_view = RowView::contiguous(p, p.heads_q, true);
-    let k_view = RowView::contiguous(p, p.heads_k, false);
-    let delta = deltas(p, saved);
+    let delta = deltas(p, step.saved);
 
     let units = p.batch() * p.heads_k;
     let chunks = TARGET_TASKS.div_ceil(units.max(1)).clamp(1, MAX_CHUNKS);
     let dq_len = p.q_elems();
     let mut dq_partials = vec![0f32; chunks * dq_len];
     let partial_ptr = SharedOut::new(&mut dq_partials);
-    let dk_ptr = SharedOut::new(g.dk);
-    let dv_ptr = SharedOut::new(g.dv);
 
-    let sparsity = Sparsity::of(p);
     let k_tiles: Vec<Vec<(usize, usize)>> = p
         .seqs
         .iter()
@@ -54,57 +43,38 @@ pub fn backward<T: Elem>(
         |sc, &(s, hk, c)| {
             let n_kv = k_tiles[s].len();
             let (kb_lo, kb_hi) = (c * n_kv / chunks, (c + 1) * n_kv / chunks);
-            let dq_base = c * dq_len;
-            for &(j0, cols) in &k_tiles[s][kb_lo..kb_hi] {
-                ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
-                sc.dk[..cols * d].fill(0.0);
-                sc.dv[..cols * d].fill(0.0);
-                // GQA: every q head of the group adds into this k/v head's gradients.
-                for h in hk * p.group()..(hk + 1) * p.group() {
-                    let mods = ScoreMods::new(p, s, h);
-                    for Visit {
-                        start: i0,
-                        len: rows,
-                        bits,
-                    } in sparsity.visits(&mods, (s, h), (j0, cols), true)
-                    {
-                        ops.q.load((s, h, i0), rows, d, &mut sc.q);
-                        saved.d_o.load((s, h, i0), rows, d, &mut sc.d_o);
-                        for r in 0..rows {
-                            let idx = p.lse_index(s, h, i0 + r);
-                            sc.lse[r] = saved.lse[idx];
-                            sc.delta[r] = delta[idx];
-                        }
-                        // This chunk's dQ partial rows: read, add, write back.
-                        let part = partial_ptr.offset(dq_base);
-                        // SAFETY: chunk c of (s, hk) is the only task touching these rows.
-                        unsafe { part.load_rows(&q_view, (s, h, i0), rows, d, &mut sc.dq) };
-                        backward_tile(p, &mods, (s, h), (i0, rows), (j0, cols), bits, sc);
-                        // SAFETY: as above.
-                        unsafe { part.store_rows(&q_view, (s, h, i0), rows, d, &sc.dq) };
+            // This chunk's dQ partial: its rows are read, added to and written back per q tile.
+            let part = partial_ptr.offset(c * dq_len);
+            for &kv_tile in &k_tiles[s][kb_lo..kb_hi] {
+                let q_tile = |h: usize,
+                              (i0, rows): (usize, usize),
+                              sc: &mut BwdScratch,
+                              tile: &dyn Fn(&mut BwdScratch)| {
+                    for r in 0..rows {
+                        sc.delta[r] = delta[p.lse_index(s, h, i0 + r)];
                     }
-                }
+                    // SAFETY: chunk c of (s, hk) is the only task touching these rows.
+                    unsafe { part.load_rows(&q_view, (s, h, i0), rows, d, &mut sc.dq) };
+                    tile(sc);
+                    // SAFETY: as above.
+                    unsafe { part.store_rows(&q_view, (s, h, i0), rows, d, &sc.dq) };
+                };
                 // SAFETY: k/v tile kb of head hk of sequence s belongs to this task alone.
-                unsafe {
-                    dk_ptr.store_rows(&k_view, (s, hk, j0), cols, d, &sc.dk);
-                    dv_ptr.store_rows(&k_view, (s, hk, j0), cols, d, &sc.dv);
-                }
+                unsafe { step.run((s, hk), kv_tile, sc, q_tile) };
             }
         },
     );
     // Deterministic reduction of the dQ partials, in chunk order.
-    g.dq.par_chunks_mut(4096)
-        .enumerate()
-        .for_each(|(blk, out)| {
-            let base = blk * 4096;
-            let mut acc = [0f32; 4096];
-            let acc = &mut acc[..out.len()];
-            for c in 0..chunks {
-                let part = &dq_partials[c * dq_len + base..][..out.len()];
-                acc.iter_mut().zip(part).for_each(|(a, x)| *a += x);
-            }
-            T::narrow(acc, out);
-        });
+    dq.par_chunks_mut(4096).enumerate().for_each(|(blk, out)| {
+        let base = blk * 4096;
+        let mut acc = [0f32; 4096];
+        let acc = &mut acc[..out.len()];
+        for c in 0..chunks {
+            let part = &dq_partials[c * dq_len + base..][..out.len()];
+            acc.iter_mut().zip(part).for_each(|(a, x)| *a += x);
+        }
+        T::narrow(acc, out);
+    });
 }
 
 /// Backward's row term `D − dlse`, `D = rowsum(dO ∘ O)` (Algorithm 2 line 4), for every
@@ -114,10 +84,7 @@ fn deltas<T: Elem>(p: &AttnParams, saved: &BackwardOperands<T>) -> Vec<f32> {
     let d = p.head_dim;
     let mut delta = vec![0f32; p.lse_len()];
     let delta_ptr = SharedOut::new(&mut delta);
-    let tasks: Vec<(usize, usize)> = (0..p.batch())
-        .flat_map(|s| (0..p.heads_q).map(move |h| (s, h)))
-        .collect();
-    tasks.par_iter().for_each(|&(s, h)| {
+    seq_heads(p, p.heads_q).par_iter().for_each(|&(s, h)| {
         let (mut ot, mut dot, mut out) = (vec![0f32; TILE * d], vec![0f32; TILE * d], [0f32; TILE]);
         let q_len = p.seqs[s].q_len;
         let mut i0 = 0;

@@ -42,6 +42,27 @@ impl<'a> TileBits<'a> {
         }
     }
 
+    /// The columns `[first, last + 1)` of `0..cols` that some row of `rows` has a bit set in
+    /// (an empty span, `first >= last + 1`, when none has).
+    pub fn col_span(&self, rows: std::ops::Range<usize>, cols: usize) -> (usize, usize) {
+        let (mut first, mut end) = (cols, 0);
+        for r in rows {
+            let row = self.row(r);
+            let mut c = 0;
+            while c < cols {
+                // Columns c..c + 32 of the tile, those past `cols` cleared.
+                let n = (cols - c).min(32);
+                let word = row.lanes(c) & (u32::MAX >> (32 - n));
+                if word != 0 {
+                    first = first.min(c + word.trailing_zeros() as usize);
+                    end = end.max(c + 32 - word.leading_zeros() as usize);
+                }
+                c += 32;
+            }
+        }
+        (first, end)
+    }
+
     /// Row `r`'s words and the bit of column 0.
     fn row(&self, r: usize) -> RowBits<'a> {
         let o = (self.row0 + r) * self.wpr;
@@ -345,4 +366,83 @@ impl Kernel for Dot<'_> {
 #[inline]
 pub(crate) fn run<K: Kernel>(k: K) -> K::Out {
     Isa::current().run(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partial block's bits, at an unaligned column offset across a word boundary and with
+    /// a ragged tail, mask exactly (P = 0, softcap derivative 0) on every path this CPU runs.
+    #[test]
+    fn partial_block_bits_mask_exactly_on_every_path() {
+        let (rows, cols, cap, lse) = (5, 37, 4.0f32, 1.5f32);
+        let mods = ScoreMods {
+            scale: 1.0,
+            softcap: Some(cap),
+            alibi_slope: None,
+            window_left: None,
+            window_right: None,
+            diag: 0,
+            q_len: 64,
+            k_len: 64,
+        };
+        // A 16 × 64 block (two words per row); the tile sits at block row 3, column 13.
+        let words: Vec<u32> = (0..32u32)
+            .map(|x| x.wrapping_mul(0x9E37_79B9) ^ 0x5A5A_0F0F)
+            .collect();
+        let bits = TileBits {
+            words: &words,
+            wpr: 2,
+            row0: 3,
+            col0: 13,
+        };
+        let s0: Vec<f32> = (0..rows * cols)
+            .map(|x| ((x * 7919) % 97) as f32 / 25.0 - 2.0)
+            .collect();
+        let set = |r: usize, c: usize| words[(3 + r) * 2 + c / 32] >> (c % 32) & 1 == 1;
+        // The column span of rows 1..3 of the tile, columns 0..cols, by brute force.
+        let seen: Vec<usize> = (0..cols)
+            .filter(|&c| (1..3).any(|r| set(r, 13 + c)))
+            .collect();
+        let want = (seen[0], seen[seen.len() - 1] + 1);
+        assert_eq!(bits.col_span(1..3, cols), want);
+        let empty = [0u32; 32];
+        let none = TileBits {
+            words: &empty,
+            ..bits
+        };
+        assert!(matches!(none.col_span(0..5, cols), (a, z) if a >= z));
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            let (mut s, mut g) = (s0.clone(), vec![9f32; rows * cols]);
+            isa.run(ProbsTile {
+                s: &mut s,
+                at: TileAt {
+                    i0: 0,
+                    j0: 0,
+                    rows,
+                    cols,
+                },
+                mods: &mods,
+                lse: &[lse; 5],
+                cap_grad: Some(&mut g),
+                bits: Some(bits),
+            });
+            for (e, (&p, &g)) in s.iter().zip(&g).enumerate() {
+                let (r, c) = (e / cols, 13 + e % cols);
+                let set = set(r, c);
+                let x = s0[e] as f64 / cap as f64;
+                let want = if set {
+                    (cap as f64 * x.tanh() - lse as f64).exp()
+                } else {
+                    0.0
+                };
+                assert!(
+                    (p as f64 - want).abs() <= 1e-6 * want,
+                    "{isa:?} ({r}, {c}): {p} vs {want}"
+                );
+                assert_eq!(g == 0.0, !set, "{isa:?} softcap derivative at ({r}, {c})");
+            }
+        }
+    }
 }

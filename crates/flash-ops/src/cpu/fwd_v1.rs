@@ -9,7 +9,9 @@ use super::fused::{self, SoftmaxTile, TileAt};
 use super::simd::exp;
 use super::simd::gemm::{gemm, Op, Threads};
 use super::sparse::{Sparsity, Visit};
-use super::{drop_tile, qk_scores, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE};
+use super::{
+    drop_tile, qk_scores, seq_heads, visible_parts, Elem, Operands, Part, RowView, SharedOut, TILE,
+};
 use crate::mask::ScoreMods;
 use crate::params::AttnParams;
 
@@ -22,11 +24,8 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
     let out_view = RowView::contiguous(p, p.heads_q, true);
     let out_ptr = SharedOut::new(out);
     let stats_ptr = SharedOut::new(&mut stats);
-    let tasks: Vec<(usize, usize)> = (0..p.batch())
-        .flat_map(|s| (0..p.heads_q).map(move |h| (s, h)))
-        .collect();
     let sparsity = Sparsity::of(p);
-    tasks.par_iter().for_each(|&(s, h)| {
+    seq_heads(p, p.heads_q).par_iter().for_each(|&(s, h)| {
         let span = p.seqs[s];
         let mods = ScoreMods::new(p, s, h);
         let hk = h / p.group();
@@ -55,7 +54,8 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
                 // Tile statistics m~, l~ and P~ = exp(S − m~) (Algorithm 1 line 10), one
                 // visible part at a time; rows in no part keep m~ = -inf and are skipped below.
                 let (mut mt, mut lt) = ([f32::NEG_INFINITY; TILE], [0f32; TILE]);
-                for Part { at, r0, c0 } in visible_parts(&mods, TileAt { i0, j0, rows, cols }) {
+                for Part { at, r0, c0 } in visible_parts(&mods, TileAt { i0, j0, rows, cols }, bits)
+                {
                     let (q, k, v) = (&qt[r0 * d..], &kt[c0 * d..], &vt[c0 * d..]);
                     qk_scores(q, k, at, d, mods.scale, &mut st);
                     fused::run(SoftmaxTile {

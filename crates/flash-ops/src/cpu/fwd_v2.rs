@@ -69,7 +69,7 @@ pub fn forward<T: Elem>(p: &AttnParams, ops: &Operands<T>, out: &mut [T]) -> Vec
             {
                 ops.load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
                 let tile = TileAt { i0, j0, rows, cols };
-                for Part { at, r0, c0 } in visible_parts(&mods, tile) {
+                for Part { at, r0, c0 } in visible_parts(&mods, tile, bits) {
                     let (q, k, v) = (&sc.q[r0 * d..], &sc.k[c0 * d..], &sc.v[c0 * d..]);
                     qk_scores(q, k, at, d, mods.scale, &mut sc.s);
                     fused::run(SoftmaxTile {

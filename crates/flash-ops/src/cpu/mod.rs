@@ -5,7 +5,8 @@
 //! crate, then one fused pass over the tile ([`fused`]: softcap, ALiBi, mask, running max, exp,
 //! row sum; in backward `P` and `dS`), then the `P·V` (backward: `dV`, `dP`, `dQ`, `dK`)
 //! products. Tiles the mask cuts run as 32-row parts narrowed to their visible keys
-//! ([`visible_parts`]). The fused passes run on the ISA path [`simd::Isa`] chose at run time.
+//! ([`visible_parts`]). With a block mask the loops visit only its listed blocks ([`sparse`]).
+//! The fused passes run on the ISA path [`simd::Isa`] chose at run time.
 //!
 //! **Tile size, per path.** `TILE = 128` rows and columns on all three paths, because what sizes
 //! it is L2, not the vector width: a task's q, k, v and accumulator tiles plus the score tile
@@ -20,6 +21,7 @@
 
 mod bwd_v1;
 mod bwd_v2;
+mod decode;
 mod fused;
 mod fwd_v1;
 mod fwd_v2;
@@ -39,6 +41,7 @@ use crate::{stats, Algorithm};
 use fused::{DsTile, ProbsTile, TileAt, TileBits};
 use simd::gemm::{gemm, Op, Threads};
 use simd::Isa;
+use sparse::{Sparsity, Visit};
 
 /// Rows per q tile and per k/v tile (see the module docs for the size).
 pub const TILE: usize = 128;
@@ -278,14 +281,12 @@ impl<T: Elem> SharedOut<T> {
 
 /// `s = scale·q·kᵀ` for a tile (`q: rows×d`, `k: cols×d`): the one GEMM before the fused pass.
 pub fn qk_scores(q: &[f32], k: &[f32], at: TileAt, d: usize, scale: f32, s: &mut [f32]) {
-    gemm(
-        (at.rows, at.cols, d),
-        Op::N(q),
-        Op::T(k),
-        s,
-        (false, scale),
-        Threads::One,
-    );
+    tile_gemm((at.rows, at.cols, d), Op::N(q), Op::T(k), s, (false, scale));
+}
+
+/// `c (+)= scale·a·b` on one task's tiles: single-threaded, as every task already has a core.
+fn tile_gemm(mnk: (usize, usize, usize), a: Op, b: Op, c: &mut [f32], acc_scale: (bool, f32)) {
+    gemm(mnk, a, b, c, acc_scale, Threads::One);
 }
 
 /// Forward dropout on a tile of weights: each row times its factors (`keep_scale` or 0,
@@ -312,6 +313,7 @@ pub fn forward(p: &AttnParams, q: Input, k: Input, v: Input) -> Result<(CpuStora
         let ops = Operands::<T>::new(p, q, k, v)?;
         let mut out = vec![T::default(); p.out_len()];
         let stats = match p.algorithm {
+            Algorithm::V2 if decode::applies(p) => decode::forward(p, &ops, &mut out),
             Algorithm::V2 => fwd_v2::forward(p, &ops, &mut out),
             Algorithm::V1 => fwd_v1::forward(p, &ops, &mut out),
         };
@@ -344,46 +346,38 @@ pub fn backward(
     v: Input,
     bi: BackwardInputs<CpuStorage>,
 ) -> Result<CpuStorage> {
-    fn run<T: Elem>(
-        p: &AttnParams,
-        q: Input,
-        k: Input,
-        v: Input,
-        bi: BackwardInputs<CpuStorage>,
-    ) -> Result<CpuStorage> {
-        Isa::active()?;
-        let ops = Operands::<T>::new(p, q, k, v)?;
-        let (stats, offset) = bi.stats;
-        let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
-        let dlse = match bi.dlse {
-            Some((s, off)) => Some(&elems::<f32>("lse gradient", s)?[off..]),
-            None => None,
-        };
-        let saved = BackwardOperands {
-            o: Operand::q_like("output", bi.out, p)?,
-            d_o: Operand::q_like("output gradient", bi.grad_out, p)?,
-            lse: &lse,
-            dlse,
-        };
-        let (nq, nk) = (p.q_elems(), p.k_elems());
-        let mut grads = vec![T::default(); nq + 2 * nk];
-        let (dq, dkv) = grads.split_at_mut(nq);
-        let (dk, dv) = dkv.split_at_mut(nk);
-        let g = GradOutputs { dq, dk, dv };
-        match p.algorithm {
-            Algorithm::V2 => bwd_v2::backward(p, &ops, &saved, g),
-            Algorithm::V1 => bwd_v1::backward(p, &ops, &saved, g),
-        }
-        Ok(T::to_cpu_storage_owned(grads))
-    }
-    by_dtype!(q.0.dtype(), run(p, q, k, v, bi))
+    by_dtype!(q.0.dtype(), backward_as(p, (q, k, v), bi))
 }
 
-/// The gradient buffers, contiguous `(tokens, heads, d)` each.
-pub struct GradOutputs<'a, T> {
-    pub dq: &'a mut [T],
-    pub dk: &'a mut [T],
-    pub dv: &'a mut [T],
+fn backward_as<T: Elem>(
+    p: &AttnParams,
+    (q, k, v): (Input, Input, Input),
+    bi: BackwardInputs<CpuStorage>,
+) -> Result<CpuStorage> {
+    Isa::active()?;
+    let ops = Operands::<T>::new(p, q, k, v)?;
+    let (stats, offset) = bi.stats;
+    let lse = stats::lse_host(p, &elems::<f32>("statistics", stats)?[offset..]);
+    let dlse = match bi.dlse {
+        Some((s, off)) => Some(&elems::<f32>("lse gradient", s)?[off..]),
+        None => None,
+    };
+    let saved = BackwardOperands {
+        o: Operand::q_like("output", bi.out, p)?,
+        d_o: Operand::q_like("output gradient", bi.grad_out, p)?,
+        lse: &lse,
+        dlse,
+    };
+    let (nq, nk) = (p.q_elems(), p.k_elems());
+    let mut grads = vec![T::default(); nq + 2 * nk];
+    let (dq, dkv) = grads.split_at_mut(nq);
+    let sparsity = Sparsity::of(p);
+    let step = KvTileStep::new(p, &ops, &saved, &sparsity, dkv.split_at_mut(nk));
+    match p.algorithm {
+        Algorithm::V2 => bwd_v2::backward(&step, dq),
+        Algorithm::V1 => bwd_v1::backward(&step, dq),
+    }
+    Ok(T::to_cpu_storage_owned(grads))
 }
 
 /// Per-task scratch of the backward tile step.
@@ -406,22 +400,116 @@ pub struct BwdScratch {
 
 impl BwdScratch {
     pub fn new(d: usize) -> Self {
-        let z = |n: usize| vec![0f32; n];
+        use std::array::from_fn;
+        // Row tiles (`TILE × d`), score tiles (`TILE × TILE`) and per-row terms.
+        let [q, d_o, k, v, dk, dv, dq] = from_fn(|_| vec![0f32; TILE * d]);
+        let [p, p_drop, drop_factors, dp, cap_grad] = from_fn(|_| vec![0f32; TILE * TILE]);
+        let [lse, delta] = from_fn(|_| vec![0f32; TILE]);
         Self {
-            q: z(TILE * d),
-            d_o: z(TILE * d),
-            k: z(TILE * d),
-            v: z(TILE * d),
-            p: z(TILE * TILE),
-            p_drop: z(TILE * TILE),
-            drop_factors: z(TILE * TILE),
-            dp: z(TILE * TILE),
-            cap_grad: z(TILE * TILE),
-            dk: z(TILE * d),
-            dv: z(TILE * d),
-            dq: z(TILE * d),
-            lse: z(TILE),
-            delta: z(TILE),
+            q,
+            d_o,
+            k,
+            v,
+            p,
+            p_drop,
+            drop_factors,
+            dp,
+            cap_grad,
+            dk,
+            dv,
+            dq,
+            lse,
+            delta,
+        }
+    }
+}
+
+/// Every (sequence, head) pair for `heads` heads, sequence-major: the tasks of the per-head passes.
+pub fn seq_heads(p: &AttnParams, heads: usize) -> Vec<(usize, usize)> {
+    (0..p.batch())
+        .flat_map(|s| (0..heads).map(move |h| (s, h)))
+        .collect()
+}
+
+/// The k/v-tile step both backward schedules share (FlashAttention Algorithm 4 lines 6–24,
+/// FlashAttention-2 Algorithm 2 lines 5–18), and what they read: they differ only in where
+/// `delta` and dQ live.
+pub struct KvTileStep<'a, T> {
+    p: &'a AttnParams,
+    ops: &'a Operands<'a, T>,
+    saved: &'a BackwardOperands<'a, T>,
+    sparsity: &'a Sparsity<'a>,
+    k_view: RowView,
+    dk: SharedOut<T>,
+    dv: SharedOut<T>,
+}
+
+impl<'a, T: Elem> KvTileStep<'a, T> {
+    pub fn new(
+        p: &'a AttnParams,
+        ops: &'a Operands<'a, T>,
+        saved: &'a BackwardOperands<'a, T>,
+        sparsity: &'a Sparsity<'a>,
+        (dk, dv): (&mut [T], &mut [T]),
+    ) -> Self {
+        let k_view = RowView::contiguous(p, p.heads_k, false);
+        let (dk, dv) = (SharedOut::new(dk), SharedOut::new(dv));
+        Self {
+            p,
+            ops,
+            saved,
+            sparsity,
+            k_view,
+            dk,
+            dv,
+        }
+    }
+
+    /// Loads k/v tile `(s, hk, j0..j0 + cols)`, zeroes its dK and dV, and for every q tile each
+    /// head of group `hk` visits loads the q and dO rows and the lse, then calls
+    /// `q_tile(h, (i0, rows), sc, tile)`, which fills `delta`, brings in dQ, runs `tile`
+    /// ([`backward_tile`] on this tile pair) and puts dQ back; last it stores dK and dV.
+    ///
+    /// # Safety
+    /// No other task writes this tile of dK and dV meanwhile.
+    pub unsafe fn run(
+        &self,
+        (s, hk): (usize, usize),
+        (j0, cols): (usize, usize),
+        sc: &mut BwdScratch,
+        mut q_tile: impl FnMut(usize, (usize, usize), &mut BwdScratch, &dyn Fn(&mut BwdScratch)),
+    ) {
+        let (p, d) = (self.p, self.p.head_dim);
+        self.ops
+            .load_kv((s, hk, j0), cols, d, (&mut sc.k, &mut sc.v));
+        sc.dk[..cols * d].fill(0.0);
+        sc.dv[..cols * d].fill(0.0);
+        // GQA: every q head of the group adds into this k/v head's gradients.
+        for h in hk * p.group()..(hk + 1) * p.group() {
+            let mods = ScoreMods::new(p, s, h);
+            for Visit {
+                start: i0,
+                len: rows,
+                bits,
+            } in self.sparsity.visits(&mods, (s, h), (j0, cols), true)
+            {
+                self.ops.q.load((s, h, i0), rows, d, &mut sc.q);
+                self.saved.d_o.load((s, h, i0), rows, d, &mut sc.d_o);
+                for r in 0..rows {
+                    sc.lse[r] = self.saved.lse[p.lse_index(s, h, i0 + r)];
+                }
+                let at = ((i0, rows), (j0, cols));
+                let tile =
+                    |sc: &mut BwdScratch| backward_tile(p, &mods, (s, h), at.0, at.1, bits, sc);
+                q_tile(h, (i0, rows), sc, &tile);
+            }
+        }
+        // SAFETY: the caller's.
+        unsafe {
+            self.dk
+                .store_rows(&self.k_view, (s, hk, j0), cols, d, &sc.dk);
+            self.dv
+                .store_rows(&self.k_view, (s, hk, j0), cols, d, &sc.dv);
         }
     }
 }
@@ -440,7 +528,7 @@ pub fn backward_tile(
     sc: &mut BwdScratch,
 ) {
     let drop_mask = p.dropout_mask(seq, head);
-    for part in visible_parts(mods, TileAt { i0, j0, rows, cols }) {
+    for part in visible_parts(mods, TileAt { i0, j0, rows, cols }, bits) {
         let bits = bits.map(|b| b.from(part.r0, part.c0));
         backward_part(p, mods, drop_mask.as_ref(), (part, bits), sc);
     }
@@ -484,23 +572,14 @@ fn backward_part(
     } else {
         &sc.p[..n]
     };
-    let one = Threads::One;
     let (dv, dk) = (&mut sc.dv[c0 * d..], &mut sc.dk[c0 * d..]);
-    gemm(
-        (cols, d, rows),
-        Op::T(p_used),
-        Op::N(d_o),
-        dv,
-        (true, 1.0),
-        one,
-    );
-    gemm(
+    tile_gemm((cols, d, rows), Op::T(p_used), Op::N(d_o), dv, (true, 1.0));
+    tile_gemm(
         (rows, cols, d),
         Op::N(d_o),
         Op::T(v),
         &mut sc.dp[..n],
         (false, 1.0),
-        one,
     );
     fused::run(DsTile {
         p: &sc.p[..n],
@@ -514,22 +593,8 @@ fn backward_part(
     // dQ += scale·dS·K and dK += scale·dSᵀ·Q (Algorithm 2 lines 15–16).
     let ds = &sc.dp[..n];
     let dq = &mut sc.dq[r0 * d..];
-    gemm(
-        (rows, d, cols),
-        Op::N(ds),
-        Op::N(k),
-        dq,
-        (true, p.scale),
-        one,
-    );
-    gemm(
-        (cols, d, rows),
-        Op::T(ds),
-        Op::N(q),
-        dk,
-        (true, p.scale),
-        one,
-    );
+    tile_gemm((rows, d, cols), Op::N(ds), Op::N(k), dq, (true, p.scale));
+    tile_gemm((cols, d, rows), Op::T(ds), Op::N(q), dk, (true, p.scale));
 }
 
 /// Rows per part of a tile the mask cuts (the causal diagonal, window edges): each part's GEMMs
@@ -549,15 +614,26 @@ pub struct Part {
 /// The parts of tile `at` that hold visible scores: the whole tile when nothing in it is masked,
 /// else strips of [`STRIP`] rows narrowed to the keys their rows see (a strip that sees none is
 /// left out). Each row is in exactly one part, which holds every key of the tile the row sees.
-pub fn visible_parts(mods: &ScoreMods, at: TileAt) -> impl Iterator<Item = Part> + '_ {
-    let full = mods.tile_fully_visible(at.i0, at.i0 + at.rows, at.j0, at.j0 + at.cols);
+/// A partial block's `bits` narrow the strips further, to the columns their bits hold (the
+/// diagonal blocks of a causal or windowed mask then cost what the options' diagonal costs).
+pub fn visible_parts<'a>(
+    mods: &'a ScoreMods,
+    at: TileAt,
+    bits: Option<TileBits<'a>>,
+) -> impl Iterator<Item = Part> + 'a {
+    let full =
+        bits.is_none() && mods.tile_fully_visible(at.i0, at.i0 + at.rows, at.j0, at.j0 + at.cols);
     let step = if full { at.rows } else { STRIP };
     (0..at.rows).step_by(step.max(1)).filter_map(move |r0| {
         let r1 = (r0 + step).min(at.rows);
         let (lo, hi) = mods.key_range_rows(at.i0 + r0, at.i0 + r1);
         let clip = |x: usize| x.clamp(at.j0, at.j0 + at.cols) - at.j0;
-        let (c0, c1) = (clip(lo), clip(hi));
-        (c0 < c1).then_some(Part {
+        let (mut c0, mut c1) = (clip(lo), clip(hi));
+        if let Some(b) = bits {
+            let (a, z) = b.col_span(r0..r1, at.cols);
+            (c0, c1) = (c0.max(a), c1.min(z));
+        }
+        (c0 < c1).then(|| Part {
             at: TileAt {
                 i0: at.i0 + r0,
                 j0: at.j0 + c0,

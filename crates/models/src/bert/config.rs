@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::activation::Activation;
+use crate::attention::Sparsity;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -31,6 +32,10 @@ pub struct BertConfig {
     /// Labels of the sequence-classification head (their number is the head's width).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id2label: Option<BTreeMap<String, String>>,
+    /// Block-sparse attention pattern in every layer (ours, not Hugging Face's: omitted when
+    /// dense), combined with the key-padding mask.
+    #[serde(skip_serializing_if = "Sparsity::is_dense")]
+    pub sparsity: Sparsity,
 }
 
 impl Default for BertConfig {
@@ -58,6 +63,7 @@ impl BertConfig {
             position_embedding_type: "absolute".into(),
             classifier_dropout: None,
             id2label: None,
+            sparsity: Sparsity::default(),
         }
     }
 

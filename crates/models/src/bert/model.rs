@@ -13,7 +13,7 @@ use flash_ops::AttnOptions;
 
 use super::config::BertConfig;
 use crate::activation::Activation;
-use crate::attention::AttentionKind;
+use crate::attention::{AttentionKind, MaskCache};
 use crate::dropout::{DropoutCtx, SeedCounter};
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
@@ -126,7 +126,7 @@ impl Layer {
     fn forward(
         &self,
         x: &Tensor,
-        key_lengths: Option<&[usize]>,
+        opts: &AttnOptions,
         layer: usize,
         attn: AttentionKind,
         ctx: &DropoutCtx,
@@ -135,10 +135,7 @@ impl Layer {
         let d = c / self.heads;
         let split = |l: &Linear| l.forward(x)?.reshape((b, t, self.heads, d));
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
-        let mut opts = AttnOptions::new();
-        if let Some(lengths) = key_lengths {
-            opts = opts.key_lengths(lengths.to_vec());
-        }
+        let mut opts = opts.clone();
         if ctx.active(self.attn_dropout) {
             opts = opts.dropout(self.attn_dropout, ctx.site_seed(site(layer, ATTN_PROBS)));
         }
@@ -170,6 +167,7 @@ pub struct BertModel {
     pooler: Option<Linear>,
     attn: AttentionKind,
     seeds: SeedCounter,
+    masks: MaskCache,
 }
 
 impl BertModel {
@@ -215,6 +213,12 @@ impl BertModel {
             pooler,
             attn,
             seeds: SeedCounter::new(0),
+            masks: MaskCache::new(
+                cfg.sparsity,
+                cfg.num_attention_heads,
+                false,
+                cfg.max_position_embeddings,
+            )?,
         })
     }
 
@@ -286,11 +290,14 @@ impl BertModel {
                 self.cfg.max_position_embeddings
             )
         }
-        // Unpadded batches skip the key-length mask altogether.
-        let key_lengths = lengths.iter().any(|&l| l < t).then_some(lengths);
+        // Unpadded batches skip the key-length mask altogether; a block mask restricts the rest.
+        let mut opts = self.masks.apply(AttnOptions::new(), t, t)?;
+        if lengths.iter().any(|&l| l < t) {
+            opts = opts.key_lengths(lengths.to_vec());
+        }
         let mut x = self.embeddings.forward(input_ids, token_type_ids, ctx)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, key_lengths, i, self.attn, ctx)?;
+            x = layer.forward(&x, &opts, i, self.attn, ctx)?;
         }
         Ok(x)
     }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::activation::Activation;
+use crate::attention::Sparsity;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -27,6 +28,10 @@ pub struct Gpt2Config {
     pub initializer_range: f64,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
+    /// Block-sparse attention pattern in every layer (ours, not Hugging Face's: omitted when
+    /// dense), combined with the causal mask.
+    #[serde(skip_serializing_if = "Sparsity::is_dense")]
+    pub sparsity: Sparsity,
 }
 
 impl Default for Gpt2Config {
@@ -52,6 +57,7 @@ impl Gpt2Config {
             initializer_range: 0.02,
             bos_token_id: 50256,
             eos_token_id: 50256,
+            sparsity: Sparsity::default(),
         }
     }
 

@@ -119,7 +119,8 @@ pub fn generate(
 /// How [`generate_batch`] caches the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BatchCache {
-    /// The prompt's K/V once, attended with shared-prefix attention (Hydragen).
+    /// The prompt's K/V once, attended with shared-prefix attention (Hydragen). A block-sparse
+    /// model decodes with `Duplicated` instead (shared-prefix attention takes no block mask).
     #[default]
     SharedPrefix,
     /// Per-sample caches each holding a copy of the prompt, attended with flash decoding (the
@@ -222,9 +223,12 @@ pub fn generate_batch(model: &Gpt2, prompt: &[u32], cfg: &BatchConfig) -> Result
     let ids = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let logits = model.prefill(&ids, &mut cache)?;
     let mut rows = vec![last_logits(&logits)?.remove(0)];
+    let dense = model.config().sparsity.is_dense();
     let mut decoder = match cfg.cache {
-        BatchCache::SharedPrefix => Decoder::Shared(SharedPrefixCache::from_prefix(cache)?),
-        BatchCache::Duplicated => {
+        BatchCache::SharedPrefix if dense => {
+            Decoder::Shared(SharedPrefixCache::from_prefix(cache)?)
+        }
+        BatchCache::SharedPrefix | BatchCache::Duplicated => {
             Decoder::Duplicated(cache.repeat(n, steps)?.with_flash_decoding(true))
         }
     };

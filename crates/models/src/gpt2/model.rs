@@ -8,11 +8,12 @@ use flash_ops::AttnOptions;
 use super::config::Gpt2Config;
 use super::shared_cache::{retain_rows, LayerCache, SharedPrefixCache};
 use crate::activation::Activation;
-use crate::attention::AttentionKind;
+use crate::attention::{AttentionKind, MaskCache};
 use crate::dropout::{DropoutCtx, SeedCounter};
+use crate::embedding::{embed, TiedGrad};
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
-use crate::loss::{linear_cross_entropy, CeOptions};
+use crate::loss::{linear_cross_entropy_tied, CeOptions};
 
 /// Keys and values of every layer for incremental decoding, `(b, len, heads, head_dim)` each.
 #[derive(Debug, Clone, Default)]
@@ -179,12 +180,15 @@ impl SelfAttention {
         })
     }
 
+    /// `residual + attn(x)`: without dropout, the residual joins c_proj's bias pass.
+    /// `x` is the normalised input, `residual` the stream the output is added to (in one pass).
     fn forward(
         &self,
-        x: &Tensor,
+        (x, residual): (&Tensor, &Tensor),
         layer: usize,
         attn: AttentionKind,
         ctx: &DropoutCtx,
+        (masks, past): (&MaskCache, usize),
         cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
@@ -195,7 +199,8 @@ impl SelfAttention {
         let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
         let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
         // Causal with the diagonal aligned bottom-right, so cached keys are all visible.
-        let mut opts = AttnOptions::new().causal(true);
+        // The block mask (if any) further restricts it: `past` cached keys precede the `t` queries.
+        let mut opts = masks.apply(AttnOptions::new().causal(true), t, past + t)?;
         if ctx.active(self.attn_pdrop) {
             opts = opts.dropout(self.attn_pdrop, ctx.site_seed(site(layer, ATTN_PROBS)));
         }
@@ -204,8 +209,11 @@ impl SelfAttention {
             None => attn.attend(&q, &k, &v, opts)?,
         };
         let y = y.reshape((b, t, c))?;
+        if !ctx.active(self.resid_pdrop) {
+            return self.c_proj.forward_residual(&y, residual);
+        }
         let y = self.c_proj.forward(&y)?;
-        ctx.apply(&y, self.resid_pdrop, site(layer, ATTN_RESID))
+        residual + ctx.apply(&y, self.resid_pdrop, site(layer, ATTN_RESID))?
     }
 }
 
@@ -276,6 +284,7 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     attn: AttentionKind,
     seeds: SeedCounter,
+    masks: MaskCache,
 }
 
 impl Gpt2 {
@@ -308,6 +317,7 @@ impl Gpt2 {
             ln_f,
             attn,
             seeds: SeedCounter::new(0),
+            masks: MaskCache::new(cfg.sparsity, cfg.n_head, true, cfg.n_positions)?,
         })
     }
 
@@ -376,7 +386,7 @@ impl Gpt2 {
     }
 
     /// Mean next-token cross-entropy of `input_ids (b, t)` against `targets (b, t)` (u32), through
-    /// the fused LM head ([`linear_cross_entropy`] with `wte`): the `(b·t × vocab)` logits never
+    /// the fused LM head ([`linear_cross_entropy`](crate::linear_cross_entropy) with `wte`): the `(b·t × vocab)` logits never
     /// exist. `train`: dropout on, and the loss is differentiable (the head's gradients are
     /// computed in the same pass); otherwise evaluation: no dropout, no gradient work.
     pub fn loss(&self, input_ids: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor> {
@@ -387,7 +397,9 @@ impl Gpt2 {
                 targets.dims()
             )
         }
-        let h = self.forward_hidden(input_ids, train)?;
+        // wte's two uses get one gradient buffer: the head's, handed to the embedding.
+        let tied = TiedGrad::default();
+        let h = self.hidden_tied(input_ids, &self.seeds.ctx(train), None, Some(&tied))?;
         let (b, t, c) = h.dims3()?;
         let h = h.reshape((b * t, c))?;
         let (h, w) = if train {
@@ -395,7 +407,8 @@ impl Gpt2 {
         } else {
             (h.detach(), self.wte.detach())
         };
-        linear_cross_entropy(&h, &w, None, &targets.flatten_all()?, &CeOptions::default())
+        let (targets, opts) = (targets.flatten_all()?, CeOptions::default());
+        linear_cross_entropy_tied(&h, &w, None, &targets, &opts, Some(&tied))
     }
 
     /// Final hidden states `(b, t, n_embd)` (after `ln_f`).
@@ -408,9 +421,20 @@ impl Gpt2 {
         &self,
         input_ids: &Tensor,
         ctx: &DropoutCtx,
-        mut cache: Option<CacheMut<'_>>,
+        cache: Option<CacheMut<'_>>,
     ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+        self.hidden_tied(input_ids, ctx, cache, None)
+    }
+
+    /// [`hidden`](Self::hidden); with `tied`, wte's gradient starts from the LM head's.
+    fn hidden_tied(
+        &self,
+        input_ids: &Tensor,
+        ctx: &DropoutCtx,
+        mut cache: Option<CacheMut<'_>>,
+        tied: Option<&TiedGrad>,
+    ) -> Result<Tensor> {
+        let t = input_ids.dim(1)?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if past + t > self.cfg.n_positions {
             bail!(
@@ -419,22 +443,18 @@ impl Gpt2 {
                 self.cfg.n_positions
             )
         }
-        let c = self.cfg.n_embd;
-        let tok = self
-            .wte
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, c))?;
-        let pos = self.wpe.narrow(0, past, t)?.unsqueeze(0)?;
-        let mut h = ctx.apply(&tok.broadcast_add(&pos)?, self.cfg.embd_pdrop, 0)?;
+        let pos = self.wpe.narrow(0, past, t)?;
+        let x = embed(&self.wte, &pos, input_ids, tied)?;
+        let mut h = ctx.apply(&x, self.cfg.embd_pdrop, 0)?;
         let mut slots = cache
             .as_mut()
             .map(|c| c.layers(self.blocks.len()).into_iter());
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = slots.as_mut().and_then(|s| s.next());
-            let a = block
+            let x = block.ln_1.forward(&h)?;
+            h = block
                 .attn
-                .forward(&block.ln_1.forward(&h)?, i, self.attn, ctx, slot)?;
-            h = (h + a)?;
+                .forward((&x, &h), i, self.attn, ctx, (&self.masks, past), slot)?;
             h = block.mlp.forward(&block.ln_2.forward(&h)?, &h, i, ctx)?;
         }
         self.ln_f.forward(&h)

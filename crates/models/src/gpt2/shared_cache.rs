@@ -165,7 +165,8 @@ impl LayerCache<'_> {
                 split_kv,
             } => {
                 let (k, v) = append_reserved(kv, reserved, k, v)?;
-                if split_kv && q.dim(1)? == 1 {
+                // Flash decoding has no block mask: a sparse model decodes through its kind.
+                if split_kv && q.dim(1)? == 1 && opts.block_mask.is_none() {
                     let (b, _, hq, _) = q.dims4()?;
                     flash_decoding(q, &k, &v, kv_chunks(b, hq, k.dim(1)?))
                 } else {
@@ -173,6 +174,9 @@ impl LayerCache<'_> {
                 }
             }
             LayerCache::Shared { prefix, suffix } => {
+                if opts.block_mask.is_some() {
+                    bail!("gpt2: a shared-prefix cache cannot decode a block-sparse model (config `sparsity`); decode with a KvCache")
+                }
                 if let Some((sk, _)) = suffix.as_ref() {
                     if sk.dim(0)? != q.dim(0)? {
                         bail!(
