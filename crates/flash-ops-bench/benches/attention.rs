@@ -36,6 +36,7 @@ fn mb(b: usize) -> String {
 }
 
 fn main() -> Result<()> {
+    flash_ops_bench::reuse_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     if let Some(p) = arg_list(&args, "--profile-fwd-bwd")? {
         let p: Vec<usize> = p.iter().filter_map(|x| x.parse().ok()).collect();

@@ -58,6 +58,7 @@ fn densities(args: &[String]) -> Result<Vec<f64>> {
 }
 
 fn main() -> Result<()> {
+    flash_ops_bench::reuse_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let lengths = nums(&args, "--n", &[1024, 2048, 4096, 8192, 16384])?;
     let block = match nums(&args, "--block", &[128, 128])?.as_slice() {

@@ -59,3 +59,20 @@ pub fn peak_extra_on<T>(dev: &Device, f: impl FnOnce() -> Result<T>) -> Result<(
         _ => Ok((f()?, None)),
     }
 }
+
+/// Keeps freed memory in the process for the next call or step (glibc): what `train` runs with,
+/// and what every timed loop here should run with. Buffers above glibc's mmap threshold (at most
+/// 32 MiB) are otherwise mapped fresh and unmapped on every allocation, so each repeat faults in
+/// every page of its large outputs and temporaries again (the embedding-sized gradients of a
+/// training step, 154 MB each at GPT-2 small; attention's dQ partials and outputs at long N), and
+/// the kernel's page clearing is timed as if it were the computation. A GPU caching allocator
+/// (PyTorch's, Candle's CUDA pool) reuses memory the same way. Without mmap, freed blocks stay in
+/// the heap and the next allocation reuses them.
+pub fn reuse_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before the timed allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

@@ -26,7 +26,7 @@ mod measure;
 mod variant;
 mod workload;
 
-pub use alloc::{peak_extra, peak_extra_on, PeakAlloc};
+pub use alloc::{peak_extra, peak_extra_on, reuse_freed_memory, PeakAlloc};
 pub use decode::{measure_decode, DecodeWorkload};
 pub use machine::{
     clock_ghz, cpu_model, fma_peak_gflops, gemm_path, kernel_path, read_bandwidth, BANDWIDTH_BYTES,

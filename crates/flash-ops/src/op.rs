@@ -34,6 +34,65 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Sto
 use crate::cpu;
 use crate::params::AttnParams;
 
+/// A backend's storage type: how it enters and leaves Candle's [`Storage`], and the name of its
+/// device in errors. One impl per backend, so the op's entry points differ only in the module
+/// they call.
+trait BackendStorage: Sized {
+    const DEVICE: &'static str;
+    fn wrap(self) -> Storage;
+    fn pick(s: &Storage) -> Option<&Self>;
+}
+
+/// `impl BackendStorage for $S` as the `Storage::$variant` of device `$device`.
+macro_rules! backend_storage {
+    ($(#[$attr:meta])* $S:ty, $variant:ident, $device:literal) => {
+        $(#[$attr])*
+        impl BackendStorage for $S {
+            const DEVICE: &'static str = $device;
+            fn wrap(self) -> Storage {
+                Storage::$variant(self)
+            }
+            fn pick(s: &Storage) -> Option<&Self> {
+                match s {
+                    Storage::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+backend_storage!(CpuStorage, Cpu, "cpu");
+backend_storage!(#[cfg(feature = "cuda")] candle_core::CudaStorage, Cuda, "gpu");
+backend_storage!(
+    #[cfg(all(feature = "metal", target_os = "macos"))]
+    candle_core::MetalStorage,
+    Metal,
+    "metal device"
+);
+
+/// One of `CustomOp3`'s per-backend entry points (`cpu_fwd`, `cuda_fwd`, `metal_fwd`) over
+/// storage `$S`: its six arguments become the `(storage, layout)` pairs of q, k and v, the form
+/// every backend module takes, bound to `$ops` with the op as `$op` in `$body`.
+macro_rules! backend_entry {
+    ($(#[$attr:meta])* $name:ident, $S:ty, |$op:ident, $ops:pat_param| $body:expr) => {
+        $(#[$attr])*
+        fn $name(
+            &self,
+            s1: &$S,
+            l1: &Layout,
+            s2: &$S,
+            l2: &Layout,
+            s3: &$S,
+            l3: &Layout,
+        ) -> Result<($S, Shape)> {
+            let $op = self;
+            let $ops = ((s1, l1), (s2, l2), (s3, l3));
+            $body
+        }
+    };
+}
+
 /// What backward reads besides q, k, v, on a backend whose storage is `S`: the forward output
 /// and its gradient (contiguous `(total_q, hq, d)`), the saved statistics and, when the
 /// log-sum-exp has a gradient, `dlse` (f32, in the log-sum-exp layout), each with its start
@@ -59,12 +118,11 @@ impl FlashAttnFwd {
         }
     }
 
-    /// Keeps a backend's statistics (`wrap` makes them a [`Storage`]) and returns its output
-    /// with the op's output shape (`out ‖ slot`, 1-D, with `lse_grad`). Every backend's forward
-    /// returns `(out, stats)`.
-    fn finish<S>(&self, (out, stats): (S, S), wrap: fn(S) -> Storage) -> (S, Shape) {
+    /// Keeps a backend's statistics and returns its output with the op's output shape
+    /// (`out ‖ slot`, 1-D, with `lse_grad`). Every backend's forward returns `(out, stats)`.
+    fn finish<S: BackendStorage>(&self, (out, stats): (S, S)) -> (S, Shape) {
         let p = &self.params;
-        let t = Tensor::from_storage(wrap(stats), p.stats_len(), BackpropOp::none(), false);
+        let t = Tensor::from_storage(stats.wrap(), p.stats_len(), BackpropOp::none(), false);
         // A fresh op per call: the cell is empty unless the same op is run twice, in which case
         // the first statistics are as valid as the second.
         let _ = self.stats.set(t);
@@ -82,46 +140,21 @@ impl CustomOp3 for FlashAttnFwd {
         "flash-attn"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let res = cpu::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok(self.finish(res, Storage::Cpu))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let res = crate::cuda::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok(self.finish(res, Storage::Cuda))
-    }
-
-    #[cfg(all(feature = "metal", target_os = "macos"))]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-        s3: &candle_core::MetalStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let res = crate::metal::forward(&self.params, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok(self.finish(res, Storage::Metal))
-    }
+    backend_entry!(cpu_fwd, CpuStorage, |op, (q, k, v)| {
+        Ok(op.finish(cpu::forward(&op.params, q, k, v)?))
+    });
+    backend_entry!(
+        #[cfg(feature = "cuda")]
+        cuda_fwd,
+        candle_core::CudaStorage,
+        |op, (q, k, v)| Ok(op.finish(crate::cuda::forward(&op.params, q, k, v)?))
+    );
+    backend_entry!(
+        #[cfg(all(feature = "metal", target_os = "macos"))]
+        metal_fwd,
+        candle_core::MetalStorage,
+        |op, (q, k, v)| Ok(op.finish(crate::metal::forward(&op.params, q, k, v)?))
+    );
 
     fn bwd(
         &self,
@@ -171,12 +204,14 @@ pub struct FlashAttnBwd {
 
 impl FlashAttnBwd {
     /// Runs a backend's backward on the output, its gradient and the statistics, unpacked from
-    /// their tensors by `pick` (the backend's [`Storage`] variant; `device` names it in the
-    /// error). Returns the packed `dq ‖ dk ‖ dv` and its shape.
-    fn run<S, F>(&self, device: &str, pick: fn(&Storage) -> Option<&S>, f: F) -> Result<(S, Shape)>
+    /// their tensors as the backend's storage `S`. Returns the packed `dq ‖ dk ‖ dv` and its
+    /// shape.
+    fn run<S, F>(&self, f: F) -> Result<(S, Shape)>
     where
+        S: BackendStorage,
         F: FnOnce(BackwardInputs<S>) -> Result<S>,
     {
+        let (pick, device) = (S::pick, S::DEVICE);
         let (o, o_layout) = self.out.storage_and_layout();
         let (d_o, do_layout) = self.grad_out.storage_and_layout();
         let (st, st_layout) = self.stats.storage_and_layout();
@@ -207,62 +242,19 @@ impl CustomOp3 for FlashAttnBwd {
         "flash-attn-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run(
-            "cpu",
-            |s| match s {
-                Storage::Cpu(s) => Some(s),
-                _ => None,
-            },
-            |inputs| cpu::backward(&self.params, (s1, l1), (s2, l2), (s3, l3), inputs),
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.run(
-            "gpu",
-            |s| match s {
-                Storage::Cuda(s) => Some(s),
-                _ => None,
-            },
-            |inputs| crate::cuda::backward(&self.params, (s1, l1), (s2, l2), (s3, l3), inputs),
-        )
-    }
-
-    #[cfg(all(feature = "metal", target_os = "macos"))]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-        s3: &candle_core::MetalStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.run(
-            "metal device",
-            |s| match s {
-                Storage::Metal(s) => Some(s),
-                _ => None,
-            },
-            |inputs| crate::metal::backward(&self.params, (s1, l1), (s2, l2), (s3, l3), inputs),
-        )
-    }
+    backend_entry!(cpu_fwd, CpuStorage, |op, (q, k, v)| {
+        op.run(|inputs| cpu::backward(&op.params, q, k, v, inputs))
+    });
+    backend_entry!(
+        #[cfg(feature = "cuda")]
+        cuda_fwd,
+        candle_core::CudaStorage,
+        |op, (q, k, v)| op.run(|inputs| crate::cuda::backward(&op.params, q, k, v, inputs))
+    );
+    backend_entry!(
+        #[cfg(all(feature = "metal", target_os = "macos"))]
+        metal_fwd,
+        candle_core::MetalStorage,
+        |op, (q, k, v)| op.run(|inputs| crate::metal::backward(&op.params, q, k, v, inputs))
+    );
 }

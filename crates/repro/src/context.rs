@@ -276,11 +276,13 @@ pub fn step_seconds(records: &[serde_json::Value]) -> f64 {
 }
 
 /// `[k1, v1, k2, v2, …]`.
-pub fn flags(pairs: &[(&str, String)]) -> Vec<String> {
-    pairs
-        .iter()
-        .flat_map(|(k, v)| [k.to_string(), v.clone()])
-        .collect()
+/// A `train` command line: `head` (the subcommand and its fixed words), each of `groups` (size,
+/// device and other flag lists) in order, then `pairs` as `--flag value`.
+pub fn train_args(head: &[&str], groups: &[&[String]], pairs: &[(&str, String)]) -> Vec<String> {
+    let mut args = strings(head);
+    args.extend(groups.iter().flat_map(|g| g.iter().cloned()));
+    args.extend(pairs.iter().flat_map(|(k, v)| [k.to_string(), v.clone()]));
+    args
 }
 
 /// Runs `train args --out out --overwrite` (its output in `out.log`), then `read` on the
@@ -323,10 +325,8 @@ pub fn train_into(
 fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u64) -> ContextRun {
     let batch = (plan.tokens_per_step / context).max(1);
     let out = dir.join(format!("ctx{context}-seed{seed}"));
-    let mut args = strings(&["gpt2", "--attn", "flash2"]);
-    args.extend(plan.size.iter().cloned());
-    args.extend(plan.device.iter().cloned());
-    args.extend(flags(&[
+    let groups = [&plan.size[..], &plan.device[..]];
+    let mut args = train_args(&["gpt2", "--attn", "flash2"], &groups, &[
         ("--n-positions", context.to_string()),
         ("--seq-len", context.to_string()),
         ("--batch-size", batch.to_string()),
@@ -337,7 +337,7 @@ fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u
         ("--keep-checkpoints", "1".into()),
         ("--log-every", "10".into()),
         ("--seed", seed.to_string()),
-    ]));
+    ]);
     if !plan.data.is_empty() {
         args.push("--data".into());
         args.extend(plan.data.iter().map(|p| p.display().to_string()));
@@ -391,17 +391,15 @@ fn bench(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<Vec<BenchRow>> {
         let over = predicted.is_some_and(|p| p > plan.memory_budget);
         let attn = if over { "flash2" } else { "flash2,naive" };
         let out = dir.join(format!("bench-{c}.json"));
-        let mut args = strings(&["bench", "--model", "gpt2"]);
-        args.extend(plan.size.iter().cloned());
-        args.extend(plan.device.iter().cloned());
-        args.extend(flags(&[
+        let groups = [&plan.size[..], &plan.device[..]];
+        let args = train_args(&["bench", "--model", "gpt2"], &groups, &[
             ("--seq-lens", c.to_string()),
             ("--attn", attn.into()),
             ("--tokens-per-step", plan.tokens_per_step.to_string()),
             ("--steps", plan.bench_steps.to_string()),
             ("--warmup", plan.bench_warmup.to_string()),
             ("--out", out.display().to_string()),
-        ]));
+        ]);
         println!("context {c}: {} {}", bin.display(), args.join(" "));
         let (status, _) = run_logged(bin, &args, &dir.join(format!("bench-{c}.log")))?;
         let report: Option<serde_json::Value> = match status {

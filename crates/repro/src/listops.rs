@@ -13,7 +13,7 @@ use anyhow::Result;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::context::{flags, step_seconds, train_into, Outcome};
+use crate::context::{step_seconds, train_into, train_args, Outcome};
 use crate::plan::Mode;
 use crate::plot::{e, Line};
 
@@ -136,14 +136,8 @@ fn one(
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     let out = dir.join(format!("len{length}-{slug}"));
-    let mut args: Vec<String> = ["bert-classify", "--task", "listops"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(extra.iter().cloned());
-    args.extend(plan.size.iter().cloned());
-    args.extend(plan.device.iter().cloned());
-    args.extend(flags(&[
+    let groups = [extra, &plan.size[..], &plan.device[..]];
+    let args = train_args(&["bert-classify", "--task", "listops"], &groups, &[
         ("--max-len", length.to_string()),
         // Scoring is the same function with any kind: flash V2 for all, so that naive's slow
         // validations do not eat its training budget.
@@ -161,7 +155,7 @@ fn one(
         ("--val-every", plan.val_every.to_string()),
         ("--ckpt-every", "0".into()),
         ("--keep-checkpoints", "1".into()),
-    ]));
+    ]);
     println!(
         "ListOps {length}, {kind}: {} {}",
         bin.display(),

@@ -194,6 +194,8 @@ fn train_binary(given: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    // Every timed loop in this process reuses freed memory, as `train` (and its sections) do.
+    flash_ops_bench::reuse_freed_memory();
     let mode = if a.quick {
         Mode::Quick
     } else if a.gpu {

@@ -535,6 +535,11 @@ fn e2e(r: &Results, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A section's own plot, when the run has the section.
+fn section<S>(s: &Option<S>, plot: fn(&S, &Path) -> Result<()>, p: &Path) -> Result<()> {
+    s.as_ref().map_or(Ok(()), |s| plot(s, p))
+}
+
 /// Writes every figure into `dir`; returns the files written.
 pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
     font();
@@ -553,21 +558,9 @@ pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
     go("fa2_fwd.png", &|p| fa2(r, p, Pass::Fwd))?;
     go("fa2_bwd.png", &|p| fa2(r, p, Pass::Bwd))?;
     go("e2e.png", &|p| e2e(r, p))?;
-    go("prefix.png", &|p| match &r.prefix {
-        Some(s) => crate::prefix::plot(s, p),
-        None => Ok(()),
-    })?;
-    go("blocksparse.png", &|p| match &r.blocksparse {
-        Some(s) => crate::blocksparse::plot(s, p),
-        None => Ok(()),
-    })?;
-    go("context.png", &|p| match &r.context {
-        Some(s) => crate::context::plot(s, p),
-        None => Ok(()),
-    })?;
-    go("listops.png", &|p| match &r.listops {
-        Some(s) => crate::listops::plot(s, p),
-        None => Ok(()),
-    })?;
+    go("prefix.png", &|p| section(&r.prefix, crate::prefix::plot, p))?;
+    go("blocksparse.png", &|p| section(&r.blocksparse, crate::blocksparse::plot, p))?;
+    go("context.png", &|p| section(&r.context, crate::context::plot, p))?;
+    go("listops.png", &|p| section(&r.listops, crate::listops::plot, p))?;
     Ok(written)
 }

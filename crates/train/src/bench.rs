@@ -141,7 +141,7 @@ fn flops_per_token(params: usize, dims: &model::Dims, seq: usize) -> f64 {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     // As in training: the measured steps reuse freed memory.
-    crate::trainer::reuse_freed_memory();
+    flash_ops_bench::reuse_freed_memory();
     if a.steps == 0 {
         bail!("bench needs --steps >= 1")
     }

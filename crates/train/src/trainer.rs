@@ -63,23 +63,9 @@ pub struct RunSettings {
 /// Salts the dropout seeds of a micro-batch apart from its masking seed.
 const DROPOUT_SALT: u64 = 0xD0;
 
-/// Keeps freed memory in the process for the next step (glibc). Buffers above glibc's mmap
-/// threshold (at most 32 MiB) are otherwise mapped fresh and unmapped on every allocation: each
-/// step then faults in every page of its largest tensors again, the embedding-sized gradients
-/// above all (50 257 × 768 f32 = 154 MB each), and the kernel's page clearing shows up as system
-/// time. Without mmap, freed blocks stay in the heap and the next step reuses them.
-pub(crate) fn reuse_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before the step's allocations.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 /// `train gpt2` / `train bert`.
 pub fn run(kind: ModelKind, a: TrainArgs, mlm: Option<MlmSettings>) -> Result<()> {
-    reuse_freed_memory();
+    flash_ops_bench::reuse_freed_memory();
     let t_setup = Instant::now();
     let Setup {
         out,

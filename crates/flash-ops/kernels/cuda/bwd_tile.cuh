@@ -196,3 +196,18 @@ __device__ void bwd_kv_tile(const FlashParams& p, const Seq& sq, int s, int hk, 
 }
 
 }  // namespace flash
+
+// A backward schedule's two instances, flash_<NAME>_<dt>_d<D> and flash_<NAME>_masked_<dt>_d<D>:
+// flash::<NAME>_run<T, D, kMasked> without and with a block mask (the plan picks the masked one
+// when a mask is given; its tiles are BwdCfgMasked's).
+#define FLASH_BWD_KERNELS(NAME)                                                                 \
+    namespace flash {                                                                           \
+    template <typename T, int D> __device__ void NAME(const FlashParams& p) {                   \
+        NAME##_run<T, D, false>(p);                                                             \
+    }                                                                                           \
+    template <typename T, int D> __device__ void NAME##_masked(const FlashParams& p) {          \
+        NAME##_run<T, D, true>(p);                                                              \
+    }                                                                                           \
+    }                                                                                           \
+    FLASH_KERNELS_TD(NAME, BwdCfg)                                                              \
+    FLASH_KERNELS_TD(NAME##_masked, BwdCfgMasked)

@@ -2,7 +2,6 @@
 // sequence), so dK and dV are private to the block and written once; dQ is accumulated in f32
 // with atomics (bwd_post.cu converts it). Deterministic mode runs it with dq_accum = null (dK,
 // dV only) and computes dQ in bwd_dq.cu. The tile step itself is in bwd_tile.cuh.
-// bwd_v2_masked: the block-sparse instance (the plan picks it when a block mask is given).
 #include "bwd_tile.cuh"
 
 namespace flash {
@@ -14,9 +13,6 @@ template <typename T, int D, bool kMasked> __device__ void bwd_v2_run(const Flas
     if (j0 >= sq.k_len) return;  // padding block of a shorter sequence
     bwd_kv_tile<T, D, true, kMasked>(p, sq, blockIdx.z, blockIdx.y, j0);
 }
-template <typename T, int D> __device__ void bwd_v2(const FlashParams& p) { bwd_v2_run<T, D, false>(p); }
-template <typename T, int D> __device__ void bwd_v2_masked(const FlashParams& p) { bwd_v2_run<T, D, true>(p); }
 }  // namespace flash
 
-FLASH_KERNELS_TD(bwd_v2, BwdCfg)
-FLASH_KERNELS_TD(bwd_v2_masked, BwdCfgMasked)
+FLASH_BWD_KERNELS(bwd_v2)

@@ -159,6 +159,22 @@ fn residual_proj_std(cfg: &Gpt2Config) -> f64 {
     cfg.initializer_range / (2.0 * cfg.n_layer as f64).sqrt()
 }
 
+/// `residual + dropout(proj(y))`, the end of both sublayers (dropout seeded by `site`); without
+/// dropout the residual joins the projection's bias pass.
+fn into_residual(
+    proj: &Linear,
+    y: &Tensor,
+    residual: &Tensor,
+    pdrop: f32,
+    ctx: &DropoutCtx,
+    site: u64,
+) -> Result<Tensor> {
+    if !ctx.active(pdrop) {
+        return proj.forward_residual(y, residual);
+    }
+    residual + ctx.apply(&proj.forward(y)?, pdrop, site)?
+}
+
 #[derive(Debug, Clone)]
 struct SelfAttention {
     c_attn: Linear,
@@ -180,8 +196,7 @@ impl SelfAttention {
         })
     }
 
-    /// `residual + attn(x)`: without dropout, the residual joins c_proj's bias pass.
-    /// `x` is the normalised input, `residual` the stream the output is added to (in one pass).
+    /// `residual + attn(x)` ([`into_residual`]). `x` is the normalised input, `residual` the stream the output is added to (in one pass).
     fn forward(
         &self,
         (x, residual): (&Tensor, &Tensor),
@@ -209,11 +224,7 @@ impl SelfAttention {
             None => attn.attend(&q, &k, &v, opts)?,
         };
         let y = y.reshape((b, t, c))?;
-        if !ctx.active(self.resid_pdrop) {
-            return self.c_proj.forward_residual(&y, residual);
-        }
-        let y = self.c_proj.forward(&y)?;
-        residual + ctx.apply(&y, self.resid_pdrop, site(layer, ATTN_RESID))?
+        into_residual(&self.c_proj, &y, residual, self.resid_pdrop, ctx, site(layer, ATTN_RESID))
     }
 }
 
@@ -236,7 +247,7 @@ impl Mlp {
         })
     }
 
-    /// `residual + mlp(x)`: without dropout, the residual joins c_proj's bias pass.
+    /// `residual + mlp(x)` ([`into_residual`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -245,11 +256,7 @@ impl Mlp {
         ctx: &DropoutCtx,
     ) -> Result<Tensor> {
         let h = self.c_fc.forward_activation(x, self.act)?;
-        if !ctx.active(self.resid_pdrop) {
-            return self.c_proj.forward_residual(&h, residual);
-        }
-        let h = self.c_proj.forward(&h)?;
-        residual + ctx.apply(&h, self.resid_pdrop, site(layer, MLP_RESID))?
+        into_residual(&self.c_proj, &h, residual, self.resid_pdrop, ctx, site(layer, MLP_RESID))
     }
 }
 
