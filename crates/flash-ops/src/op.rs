@@ -63,7 +63,12 @@ macro_rules! backend_storage {
 }
 
 backend_storage!(CpuStorage, Cpu, "cpu");
-backend_storage!(#[cfg(feature = "cuda")] candle_core::CudaStorage, Cuda, "gpu");
+backend_storage!(
+    #[cfg(feature = "cuda")]
+    candle_core::CudaStorage,
+    Cuda,
+    "gpu"
+);
 backend_storage!(
     #[cfg(all(feature = "metal", target_os = "macos"))]
     candle_core::MetalStorage,

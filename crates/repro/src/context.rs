@@ -43,6 +43,11 @@ pub struct ContextPlan {
     pub memory_budget: u64,
     /// `--data` for `train` (default: its embedded corpus).
     pub data: Vec<PathBuf>,
+    /// A byte-level BPE of this vocabulary trained on the data first (`train tokenizer`) and
+    /// used by every run; `None`: GPT-2's 50,257-token BPE. A small vocabulary keeps the LM head
+    /// from dominating a small model's step, so the budget buys enough tokens for the models to
+    /// get past unigram statistics, where context can matter at all.
+    pub tokenizer_vocab: Option<usize>,
     /// Extra flags for every `train` call (device, dtype).
     pub device: Vec<String>,
     /// The sizing arithmetic, printed in the caption.
@@ -60,7 +65,7 @@ impl ContextPlan {
         let full = ContextPlan {
             contexts: vec![128, 256, 512, 1024, 2048],
             seeds: vec![1337, 1338],
-            tokens: 196_608,
+            tokens: 786_432,
             tokens_per_step: 4096,
             val_tokens: 16_384,
             size: strings(&["--preset", "tiny"]),
@@ -68,17 +73,18 @@ impl ContextPlan {
             bench_warmup: 1,
             memory_budget: 12 * GB,
             data: Vec::new(),
+            tokenizer_vocab: Some(2048),
             device: Vec::new(),
-            // Measured on the 2-core machine while loaded (load 7–11): `train bench --preset
-            // tiny --tokens-per-step 4096` flash V2 1317, 437, 604, 581 and 347 tokens/s at 128,
-            // 256, 512, 1K and 2K, naive 276 and 134 at 1K and 2K; one `train gpt2` run's setup
-            // and its two 16K-token validations ~40 s at 2K.
-            sizing: "GPT-2 tiny (4 layers, width 128, 4 heads, GPT-2 BPE: 7.5M parameters, 6.4M of them the \
-                     embedding), 196,608 tokens (48 steps of 4096) per run. Seven runs (two seeds at 128 and \
-                     2048) train for 196,608 × (2/1317 + 1/437 + 1/604 + 1/581 + 2/347) s ≈ 42 min at the flash \
-                     V2 speeds of `train bench` measured with the machine loaded (load 7–11); setup and two \
-                     validations add ≤ 40 s a run (≈ 5 min), and the bench steps (1 warm-up + 2 timed per \
-                     kind and context) ≈ 8 min: ≈ 55 min in all, < 60, less on a quiet machine."
+            // Calibrated on the 2-core machine while a build ran (2026-12-01): `train gpt2
+            // --preset tiny --tokenizer <2048-token BPE>` 4132 tokens/s at 128 and 1619 at 2K;
+            // at 128, 409,600 tokens took val loss to 5.81 against a unigram entropy of 6.30.
+            // GPT-2's 50K BPE at this size spent 48 steps above the unigram entropy (6.98 vs 6.76).
+            sizing: "GPT-2 tiny (4 layers, width 128, 4 heads) with a 2048-token BPE trained on the data \
+                     (1.07M parameters at context 128, 0.26M of them the token embedding; the position \
+                     table grows with the context), 786,432 tokens (192 steps of 4096) per run. Seven runs (two seeds at 128 and 2048) train for 786,432 × (2/4132 + 1/4000 + \
+                     1/3600 + 1/3000 + 2/1619) s ≈ 34 min at speeds calibrated with the machine loaded (128 \
+                     and 2K measured, the others interpolated); setup and two validations add ≤ 20 s a run, \
+                     the bench steps ≈ 3 min: ≈ 40 min in all, < 60."
                 .into(),
         };
         match mode {
@@ -89,6 +95,7 @@ impl ContextPlan {
                 tokens_per_step: 512,
                 val_tokens: 512,
                 size: strings(&["--preset", "tiny", "--n-layer", "1"]),
+                tokenizer_vocab: Some(512),
                 bench_steps: 1,
                 bench_warmup: 0,
                 // Small, so that naive is skipped inside the quick range and CI exercises it.
@@ -104,6 +111,7 @@ impl ContextPlan {
                 tokens_per_step: 131_072,
                 val_tokens: 1_048_576,
                 size: strings(&["--preset", "gpt2-small"]),
+                tokenizer_vocab: None,
                 bench_steps: 5,
                 bench_warmup: 2,
                 memory_budget: 60 * GB,
@@ -140,6 +148,9 @@ pub struct ContextSection {
     pub tokens_per_step: usize,
     pub val_tokens: usize,
     pub size: Vec<String>,
+    /// The vocabulary of the BPE trained for the section (`None`: GPT-2's BPE).
+    #[serde(default)]
+    pub tokenizer_vocab: Option<usize>,
     pub sizing: String,
     pub memory_budget_bytes: u64,
     pub runs: Vec<ContextRun>,
@@ -159,6 +170,10 @@ pub struct ContextRun {
     /// Validation loss (nats/token) before training and at the end.
     pub untrained_loss: Option<f64>,
     pub val_loss: Option<f64>,
+    /// The unigram entropy of the training tokens (nats/token, `train`'s run.json): the loss of
+    /// a model that ignores context; a context effect needs `val_loss` well below it.
+    #[serde(default)]
+    pub unigram_loss: Option<f64>,
     /// Seconds inside the optimizer steps (validation and checkpoints excluded).
     pub train_s: Option<f64>,
     #[serde(flatten)]
@@ -326,18 +341,22 @@ fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u
     let batch = (plan.tokens_per_step / context).max(1);
     let out = dir.join(format!("ctx{context}-seed{seed}"));
     let groups = [&plan.size[..], &plan.device[..]];
-    let mut args = train_args(&["gpt2", "--attn", "flash2"], &groups, &[
-        ("--n-positions", context.to_string()),
-        ("--seq-len", context.to_string()),
-        ("--batch-size", batch.to_string()),
-        ("--tokens", plan.tokens.to_string()),
-        ("--val-tokens", plan.val_tokens.to_string()),
-        ("--val-every", "0".into()),
-        ("--ckpt-every", "0".into()),
-        ("--keep-checkpoints", "1".into()),
-        ("--log-every", "10".into()),
-        ("--seed", seed.to_string()),
-    ]);
+    let mut args = train_args(
+        &["gpt2", "--attn", "flash2"],
+        &groups,
+        &[
+            ("--n-positions", context.to_string()),
+            ("--seq-len", context.to_string()),
+            ("--batch-size", batch.to_string()),
+            ("--tokens", plan.tokens.to_string()),
+            ("--val-tokens", plan.val_tokens.to_string()),
+            ("--val-every", "0".into()),
+            ("--ckpt-every", "0".into()),
+            ("--keep-checkpoints", "1".into()),
+            ("--log-every", "10".into()),
+            ("--seed", seed.to_string()),
+        ],
+    );
     if !plan.data.is_empty() {
         args.push("--data".into());
         args.extend(plan.data.iter().map(|p| p.display().to_string()));
@@ -364,6 +383,7 @@ fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u
         let settings: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("run.json"))?)?;
         run.params = settings["params"].as_u64();
+        run.unigram_loss = settings["unigram_entropy"].as_f64();
         Ok(())
     });
     if run.outcome.error.is_none() {
@@ -392,14 +412,18 @@ fn bench(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<Vec<BenchRow>> {
         let attn = if over { "flash2" } else { "flash2,naive" };
         let out = dir.join(format!("bench-{c}.json"));
         let groups = [&plan.size[..], &plan.device[..]];
-        let args = train_args(&["bench", "--model", "gpt2"], &groups, &[
-            ("--seq-lens", c.to_string()),
-            ("--attn", attn.into()),
-            ("--tokens-per-step", plan.tokens_per_step.to_string()),
-            ("--steps", plan.bench_steps.to_string()),
-            ("--warmup", plan.bench_warmup.to_string()),
-            ("--out", out.display().to_string()),
-        ]);
+        let args = train_args(
+            &["bench", "--model", "gpt2"],
+            &groups,
+            &[
+                ("--seq-lens", c.to_string()),
+                ("--attn", attn.into()),
+                ("--tokens-per-step", plan.tokens_per_step.to_string()),
+                ("--steps", plan.bench_steps.to_string()),
+                ("--warmup", plan.bench_warmup.to_string()),
+                ("--out", out.display().to_string()),
+            ],
+        );
         println!("context {c}: {} {}", bin.display(), args.join(" "));
         let (status, _) = run_logged(bin, &args, &dir.join(format!("bench-{c}.log")))?;
         let report: Option<serde_json::Value> = match status {
@@ -458,22 +482,51 @@ pub fn measure(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<ContextSect
         }
     }
     let dir = dir.join("context");
-    let runs = plan
+    // With a trained tokenizer, every run (training and bench) gets `--tokenizer`.
+    let mut with_tok = plan.clone();
+    if let Some(v) = plan.tokenizer_vocab {
+        with_tok
+            .size
+            .extend(["--tokenizer".into(), train_tokenizer(plan, bin, &dir, v)?]);
+    }
+    let runs = with_tok
         .runs()
         .into_iter()
-        .map(|(c, s)| train_run(plan, bin, &dir, c, s))
+        .map(|(c, s)| train_run(&with_tok, bin, &dir, c, s))
         .collect();
-    let bench = bench(plan, bin, &dir)?;
+    let bench = bench(&with_tok, bin, &dir)?;
     Ok(ContextSection {
         tokens: plan.tokens,
         tokens_per_step: plan.tokens_per_step,
         val_tokens: plan.val_tokens,
         size: plan.size.clone(),
+        tokenizer_vocab: plan.tokenizer_vocab,
         sizing: plan.sizing.clone(),
         memory_budget_bytes: plan.memory_budget,
         runs,
         bench,
     })
+}
+
+/// `train tokenizer --vocab-size vocab` on the section's data, into `dir`; the file's path.
+fn train_tokenizer(plan: &ContextPlan, bin: &Path, dir: &Path, vocab: usize) -> Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("tokenizer.json").display().to_string();
+    let mut args = strings(&["tokenizer", "--kind", "bpe"]);
+    args.extend([
+        "--vocab-size".into(),
+        vocab.to_string(),
+        "--out".into(),
+        path.clone(),
+    ]);
+    if !plan.data.is_empty() {
+        args.push("--data".into());
+        args.extend(plan.data.iter().map(|p| p.display().to_string()));
+    }
+    println!("context tokenizer: {} {}", bin.display(), args.join(" "));
+    let (done, _) = run_logged(bin, &args, &dir.join("tokenizer.log"))?;
+    done.context("training the section's tokenizer")?;
+    Ok(path)
 }
 
 fn mean_sd(xs: &[f64]) -> Option<(f64, Option<f64>)> {
@@ -514,16 +567,21 @@ pub fn table(s: &ContextSection) -> String {
     writeln!(
         o,
         "## Perplexity vs context length (FlashAttention 2022, Table 4)\n\n\
-         GPT-2 from scratch with flash V2 (`train gpt2 {}`), {} training tokens per run at every \
+         GPT-2 from scratch with flash V2 (`train gpt2 {}`, {}), {} training tokens per run at every \
          context ({} tokens per step: batch = {} / context). Validation perplexity on the same {} \
          held-out tokens (the validation split cut into non-overlapping windows of the context; \
-         token j sees j mod context tokens before it). Time per token: the optimizer steps of the \
+         token j sees j mod context tokens before it); unigram ppl: exp of the training tokens' \
+         unigram entropy, what a model that ignores context reaches. Time per token: the optimizer steps of the \
          run (validation excluded), and `train bench` steps with flash V2 and naive attention at \
          the same tokens per step; naive is skipped where its predicted peak RSS passes {}. \
          Sizing: {}\n\n\
          Paper (GPT-2 small on OpenWebText, 8×A100, 400K steps): 1K ppl 18.2 (2.7 days), 2K 17.6 \
          (3.0 days), 4K 17.5 (3.6 days): 0.7 better from 1K to 4K.\n",
         s.size.join(" "),
+        match s.tokenizer_vocab {
+            Some(v) => format!("a {v}-token byte-level BPE trained on the data by `train tokenizer`"),
+            None => "GPT-2's BPE".into(),
+        },
         s.tokens,
         s.tokens_per_step,
         s.tokens_per_step,
@@ -534,7 +592,7 @@ pub fn table(s: &ContextSection) -> String {
     .ok();
     writeln!(
         o,
-        "| context | runs (seeds) | val ppl | untrained ppl | train µs/token | peak RSS | bench flash2 µs/token | bench naive µs/token | naive / flash2 |\n|---|---|---|---|---|---|---|---|---|"
+        "| context | runs (seeds) | val ppl | unigram ppl | untrained ppl | train µs/token | peak RSS | bench flash2 µs/token | bench naive µs/token | naive / flash2 |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     .ok();
     for c in contexts(s) {
@@ -552,6 +610,7 @@ pub fn table(s: &ContextSection) -> String {
             mean_sd(&xs).map_or("-".into(), |(m, _)| format!("{m:.prec$}"))
         };
         let untrained = avg(all(&|r| r.untrained_loss.map(f64::exp)), 0);
+        let unigram = avg(all(&|r| r.unigram_loss.map(f64::exp)), 1);
         let us = avg(all(&ContextRun::us_per_token), 0);
         let rss = avg(all(&|r| r.outcome.peak_rss_bytes.map(|b| b as f64)), 0);
         let rss = rss.parse::<f64>().map_or("-".into(), crate::measure::bytes);
@@ -570,7 +629,7 @@ pub fn table(s: &ContextSection) -> String {
         };
         writeln!(
             o,
-            "| {c} | {} ({}) | {ppl} | {untrained} | {us} | {rss} | {} | {naive} | {ratio} |",
+            "| {c} | {} ({}) | {ppl} | {unigram} | {untrained} | {us} | {rss} | {} | {naive} | {ratio} |",
             rs.len(),
             seeds.join(", "),
             f.map_or("-".into(), |x| format!("{x:.0}")),

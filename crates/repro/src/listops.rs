@@ -13,7 +13,7 @@ use anyhow::Result;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::context::{step_seconds, train_into, train_args, Outcome};
+use crate::context::{step_seconds, train_args, train_into, Outcome};
 use crate::plan::Mode;
 use crate::plot::{e, Line};
 
@@ -137,25 +137,29 @@ fn one(
         .collect();
     let out = dir.join(format!("len{length}-{slug}"));
     let groups = [extra, &plan.size[..], &plan.device[..]];
-    let args = train_args(&["bert-classify", "--task", "listops"], &groups, &[
-        ("--max-len", length.to_string()),
-        // Scoring is the same function with any kind: flash V2 for all, so that naive's slow
-        // validations do not eat its training budget.
-        ("--eval-attn", "flash2".into()),
-        (
-            "--listops-examples",
-            plan.examples.map(|n| n.to_string()).join(","),
-        ),
-        ("--batch-size", plan.batch.to_string()),
-        ("--time-limit", plan.budget_s.to_string()),
-        // Far more steps than the budget allows, at a constant rate after warmup.
-        ("--steps", "1000000".into()),
-        ("--warmup-steps", "10".into()),
-        ("--min-lr-ratio", "1".into()),
-        ("--val-every", plan.val_every.to_string()),
-        ("--ckpt-every", "0".into()),
-        ("--keep-checkpoints", "1".into()),
-    ]);
+    let args = train_args(
+        &["bert-classify", "--task", "listops"],
+        &groups,
+        &[
+            ("--max-len", length.to_string()),
+            // Scoring is the same function with any kind: flash V2 for all, so that naive's slow
+            // validations do not eat its training budget.
+            ("--eval-attn", "flash2".into()),
+            (
+                "--listops-examples",
+                plan.examples.map(|n| n.to_string()).join(","),
+            ),
+            ("--batch-size", plan.batch.to_string()),
+            ("--time-limit", plan.budget_s.to_string()),
+            // Far more steps than the budget allows, at a constant rate after warmup.
+            ("--steps", "1000000".into()),
+            ("--warmup-steps", "10".into()),
+            ("--min-lr-ratio", "1".into()),
+            ("--val-every", plan.val_every.to_string()),
+            ("--ckpt-every", "0".into()),
+            ("--keep-checkpoints", "1".into()),
+        ],
+    );
     println!(
         "ListOps {length}, {kind}: {} {}",
         bin.display(),

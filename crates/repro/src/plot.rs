@@ -558,9 +558,17 @@ pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
     go("fa2_fwd.png", &|p| fa2(r, p, Pass::Fwd))?;
     go("fa2_bwd.png", &|p| fa2(r, p, Pass::Bwd))?;
     go("e2e.png", &|p| e2e(r, p))?;
-    go("prefix.png", &|p| section(&r.prefix, crate::prefix::plot, p))?;
-    go("blocksparse.png", &|p| section(&r.blocksparse, crate::blocksparse::plot, p))?;
-    go("context.png", &|p| section(&r.context, crate::context::plot, p))?;
-    go("listops.png", &|p| section(&r.listops, crate::listops::plot, p))?;
+    go("prefix.png", &|p| {
+        section(&r.prefix, crate::prefix::plot, p)
+    })?;
+    go("blocksparse.png", &|p| {
+        section(&r.blocksparse, crate::blocksparse::plot, p)
+    })?;
+    go("context.png", &|p| {
+        section(&r.context, crate::context::plot, p)
+    })?;
+    go("listops.png", &|p| {
+        section(&r.listops, crate::listops::plot, p)
+    })?;
     Ok(written)
 }

@@ -163,8 +163,16 @@ fn quality_sections(json: &serde_json::Value, md: &str, dir: &Path) {
         .map(|r| r["context"].as_u64().unwrap())
         .collect();
     assert!(contexts.len() >= 2, "{contexts:?}");
+    // The section's own BPE, trained once and used by every run: a unigram entropy above
+    // ln(vocab) would mean a run tokenized with something else.
+    let vocab = ctx["tokenizer_vocab"]
+        .as_u64()
+        .expect("a trained tokenizer") as f64;
+    assert!(dir.join("context").join("tokenizer.json").exists());
     for r in runs {
         assert!(r["error"].is_null(), "{r}");
+        let unigram = r["unigram_loss"].as_f64().unwrap();
+        assert!(unigram > 0.0 && unigram <= vocab.ln() + 1e-9, "{r}");
         let (loss, untrained) = (
             r["val_loss"].as_f64().unwrap(),
             r["untrained_loss"].as_f64().unwrap(),

@@ -37,6 +37,10 @@ pub struct BenchArgs {
     pub model: BenchModel,
     #[command(flatten)]
     pub size: SizeArgs,
+    /// A tokenizer.json whose vocabulary sizes the model (default: GPT-2 BPE for gpt2,
+    /// bert-base-uncased WordPiece for bert), as `train --tokenizer`.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Sequence lengths to measure.
     #[arg(long, value_delimiter = ',', default_value = "256,512,1024")]
     pub seq_lens: Vec<usize>,
@@ -150,6 +154,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if !a.sparsity.is_empty() {
             bail!("--sparsity is not measured against PyTorch (--torch); drop one of them")
         }
+        if a.tokenizer.is_some() {
+            bail!("--tokenizer is not used by the PyTorch comparison (--torch, GPT-2's vocabulary); drop one of them")
+        }
         return torch::run(&a, python);
     }
     let attn = if a.attn.is_empty() {
@@ -170,10 +177,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchModel::Gpt2 => ModelKind::Gpt2,
         BenchModel::Bert => ModelKind::Bert,
     };
-    let tok = match kind {
-        ModelKind::Gpt2 => crate::tokenizer::gpt2()?,
-        ModelKind::Bert => crate::tokenizer::bert_uncased()?,
-    };
+    let (tok, _) = crate::trainer::pick_tokenizer(kind, a.tokenizer.as_deref(), None)?;
     let vocab = crate::tokenizer::vocab_size(&tok);
     let tokens = crate::tokenizer::encode_text(&tok, crate::data::DEFAULT_CORPUS)?;
     let max_seq = *a.seq_lens.iter().max().unwrap_or(&1024);

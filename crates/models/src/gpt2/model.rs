@@ -224,7 +224,14 @@ impl SelfAttention {
             None => attn.attend(&q, &k, &v, opts)?,
         };
         let y = y.reshape((b, t, c))?;
-        into_residual(&self.c_proj, &y, residual, self.resid_pdrop, ctx, site(layer, ATTN_RESID))
+        into_residual(
+            &self.c_proj,
+            &y,
+            residual,
+            self.resid_pdrop,
+            ctx,
+            site(layer, ATTN_RESID),
+        )
     }
 }
 
@@ -256,7 +263,14 @@ impl Mlp {
         ctx: &DropoutCtx,
     ) -> Result<Tensor> {
         let h = self.c_fc.forward_activation(x, self.act)?;
-        into_residual(&self.c_proj, &h, residual, self.resid_pdrop, ctx, site(layer, MLP_RESID))
+        into_residual(
+            &self.c_proj,
+            &h,
+            residual,
+            self.resid_pdrop,
+            ctx,
+            site(layer, MLP_RESID),
+        )
     }
 }
 
