@@ -218,10 +218,8 @@ pub fn run_logged(bin: &Path, args: &[String], log: &Path) -> Result<(Result<()>
         .stderr(file)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let (ok, rss) = wait_with_peak(child)?;
-    let status = if ok {
-        Ok(())
-    } else {
+    let (failure, rss) = wait_with_peak(child)?;
+    let status = if let Some(how) = failure {
         // `train`'s one-line `error: …` (clap's comes before its usage lines), else the last line.
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines = || text.lines().rev().filter(|l| !l.trim().is_empty());
@@ -230,18 +228,20 @@ pub fn run_logged(bin: &Path, args: &[String], log: &Path) -> Result<(Result<()>
             .or_else(|| lines().next())
             .unwrap_or("");
         Err(anyhow::anyhow!(
-            "{} failed ({}): {line}",
+            "{} {how} ({}): {line}",
             bin.display(),
             log.display()
         ))
+    } else {
+        Ok(())
     };
     Ok((status, rss))
 }
 
 /// Waits for `child` and reads its own peak resident set from `wait4` (Linux reports KiB,
-/// macOS bytes).
+/// macOS bytes); how it failed (`None`: exit status 0).
 #[cfg(unix)]
-fn wait_with_peak(child: std::process::Child) -> Result<(bool, Option<u64>)> {
+fn wait_with_peak(child: std::process::Child) -> Result<(Option<String>, Option<u64>)> {
     let pid = child.id() as libc::pid_t;
     let mut status: libc::c_int = 0;
     // SAFETY: `rusage` is plain data that wait4 fills; the pid is our own un-reaped child.
@@ -254,13 +254,28 @@ fn wait_with_peak(child: std::process::Child) -> Result<(bool, Option<u64>)> {
         )
     }
     let unit = if cfg!(target_os = "macos") { 1 } else { 1024 };
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    Ok((ok, Some(usage.ru_maxrss as u64 * unit)))
+    let failure = if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        // What a run that passes the machine's memory gets from the kernel's OOM killer.
+        let oom = if sig == libc::SIGKILL {
+            " (SIGKILL: out of memory?)"
+        } else {
+            ""
+        };
+        Some(format!("was killed by signal {sig}{oom}"))
+    } else {
+        match libc::WEXITSTATUS(status) {
+            0 => None,
+            code => Some(format!("failed (exit status {code})")),
+        }
+    };
+    Ok((failure, Some(usage.ru_maxrss as u64 * unit)))
 }
 
 #[cfg(not(unix))]
-fn wait_with_peak(mut child: std::process::Child) -> Result<(bool, Option<u64>)> {
-    Ok((child.wait()?.success(), None))
+fn wait_with_peak(mut child: std::process::Child) -> Result<(Option<String>, Option<u64>)> {
+    let st = child.wait()?;
+    Ok(((!st.success()).then(|| format!("failed ({st})")), None))
 }
 
 /// The records of a run folder's `metrics.jsonl`.

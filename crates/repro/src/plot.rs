@@ -535,9 +535,13 @@ fn e2e(r: &Results, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A section's own plot, when the run has the section.
-fn section<S>(s: &Option<S>, plot: fn(&S, &Path) -> Result<()>, p: &Path) -> Result<()> {
-    s.as_ref().map_or(Ok(()), |s| plot(s, p))
+/// A figure of one section's own, drawn into the path it is given.
+type SectionPlot<'a> = Box<dyn Fn(&Path) -> Result<()> + 'a>;
+
+/// `plot` of section `s`, when the run has the section.
+fn section<'a, S>(s: &'a Option<S>, plot: fn(&S, &Path) -> Result<()>) -> Option<SectionPlot<'a>> {
+    s.as_ref()
+        .map(|s| Box::new(move |p: &Path| plot(s, p)) as SectionPlot<'a>)
 }
 
 /// Writes every figure into `dir`; returns the files written.
@@ -558,17 +562,19 @@ pub fn all(r: &Results, dir: &Path) -> Result<Vec<String>> {
     go("fa2_fwd.png", &|p| fa2(r, p, Pass::Fwd))?;
     go("fa2_bwd.png", &|p| fa2(r, p, Pass::Bwd))?;
     go("e2e.png", &|p| e2e(r, p))?;
-    go("prefix.png", &|p| {
-        section(&r.prefix, crate::prefix::plot, p)
-    })?;
-    go("blocksparse.png", &|p| {
-        section(&r.blocksparse, crate::blocksparse::plot, p)
-    })?;
-    go("context.png", &|p| {
-        section(&r.context, crate::context::plot, p)
-    })?;
-    go("listops.png", &|p| {
-        section(&r.listops, crate::listops::plot, p)
-    })?;
+    let sections = [
+        ("prefix.png", section(&r.prefix, crate::prefix::plot)),
+        (
+            "blocksparse.png",
+            section(&r.blocksparse, crate::blocksparse::plot),
+        ),
+        ("context.png", section(&r.context, crate::context::plot)),
+        ("listops.png", section(&r.listops, crate::listops::plot)),
+    ];
+    for (name, plot) in &sections {
+        if let Some(plot) = plot {
+            go(name, plot)?;
+        }
+    }
     Ok(written)
 }
