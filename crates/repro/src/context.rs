@@ -123,6 +123,15 @@ impl ContextPlan {
         }
     }
 
+    /// `--data FILE…` for every `train` call of the section, empty for the embedded corpus.
+    fn data_args(&self) -> Vec<String> {
+        if self.data.is_empty() {
+            return Vec::new();
+        }
+        let files = self.data.iter().map(|p| p.display().to_string());
+        std::iter::once("--data".to_string()).chain(files).collect()
+    }
+
     /// `(context, seed)` of every training run, shortest context first.
     pub fn runs(&self) -> Vec<(usize, u64)> {
         let (lo, hi) = (
@@ -355,8 +364,8 @@ pub fn train_into(
 fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u64) -> ContextRun {
     let batch = (plan.tokens_per_step / context).max(1);
     let out = dir.join(format!("ctx{context}-seed{seed}"));
-    let groups = [&plan.size[..], &plan.device[..]];
-    let mut args = train_args(
+    let groups = [&plan.size[..], &plan.device[..], &plan.data_args()];
+    let args = train_args(
         &["gpt2", "--attn", "flash2"],
         &groups,
         &[
@@ -372,10 +381,6 @@ fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u
             ("--seed", seed.to_string()),
         ],
     );
-    if !plan.data.is_empty() {
-        args.push("--data".into());
-        args.extend(plan.data.iter().map(|p| p.display().to_string()));
-    }
     println!(
         "context {context}, seed {seed}: {} {}",
         bin.display(),
@@ -527,17 +532,11 @@ pub fn measure(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<ContextSect
 fn train_tokenizer(plan: &ContextPlan, bin: &Path, dir: &Path, vocab: usize) -> Result<String> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("tokenizer.json").display().to_string();
-    let mut args = strings(&["tokenizer", "--kind", "bpe"]);
-    args.extend([
-        "--vocab-size".into(),
-        vocab.to_string(),
-        "--out".into(),
-        path.clone(),
-    ]);
-    if !plan.data.is_empty() {
-        args.push("--data".into());
-        args.extend(plan.data.iter().map(|p| p.display().to_string()));
-    }
+    let args = train_args(
+        &["tokenizer", "--kind", "bpe"],
+        &[&plan.data_args()],
+        &[("--vocab-size", vocab.to_string()), ("--out", path.clone())],
+    );
     println!("context tokenizer: {} {}", bin.display(), args.join(" "));
     let (done, _) = run_logged(bin, &args, &dir.join("tokenizer.log"))?;
     done.context("training the section's tokenizer")?;
