@@ -1,9 +1,10 @@
 //! Block-sparse attention benchmark on CPU (FlashAttention §3.3): flash V2 forward and
 //! forward+backward time against the fraction of key blocks visited — random blocks at densities
-//! 1 … 1/16 and each named pattern at its own density — beside dense flash V2 and naive attention
-//! in the same run; the least-squares fit `time = a + b·density` per length with each row's
-//! deviation from it; and a full-vs-partial pair (one block set, once all full, once all partial)
-//! for the cost of the element mask. f32, batch 1, 12 heads, d 64, non-causal.
+//! 1 … 1/16 and each named pattern at its own density — beside dense flash V2, naive attention
+//! and Candle's autograd share (the step around an op that does no attention) in the same run;
+//! the least-squares fit `time = a + b·density` per length with each row's deviation from it and
+//! from proportionality (with and without the autograd share); and a full-vs-partial pair (one
+//! block set, once all full, once all partial) for the cost of the element mask. f32, batch 1, 12 heads, d 64, non-causal.
 //!
 //! `cargo bench -p flash-ops-bench --bench block_sparse -- [--n 1024,2048] [--patterns
 //!   butterfly,local:512,local-global:256,128] [--densities 1,0.5] [--reps 3] [--heads 12]
@@ -14,7 +15,9 @@
 
 use candle_core::{bail, Result};
 use flash_ops_bench::args::{arg_list, num, nums};
-use flash_ops_bench::block_sparse::{fits, sweep, Case, SparsePlan, SparseRow, DENSITIES};
+use flash_ops_bench::block_sparse::{
+    fits, off_proportional, sweep, Case, SparsePlan, SparseRow, DENSITIES,
+};
 use flash_ops_bench::{cpu_model, gemm_path, kernel_path, PeakAlloc};
 use flash_ops_models::Sparsity;
 
@@ -106,25 +109,23 @@ fn report(plan: &SparsePlan, rows: &[SparseRow]) {
         let (fwd, both) = fits(rows, n);
         let at = |c: Case| rows.iter().find(|r| r.n == n && r.case == c);
         let dense = at(Case::Dense);
-        for (pass, fit, time) in [
-            (
-                "fwd",
-                fwd,
-                (|r: &SparseRow| r.fwd_ms) as fn(&SparseRow) -> f64,
-            ),
-            ("fwd+bwd", both, |r: &SparseRow| r.fwd_bwd_ms),
-        ] {
+        for (pass, fit, is_fwd) in [("fwd", fwd, true), ("fwd+bwd", both, false)] {
+            let time = |r: &SparseRow| if is_fwd { r.fwd_ms } else { r.fwd_bwd_ms };
+            let pct = |x: Option<f64>| x.map_or("–".into(), |x| format!("{:+.1}%", 100.0 * x));
             let Some(f) = fit else { continue };
             let parts: Vec<String> = rows
                 .iter()
                 .filter(|r| r.n == n && r.case.fitted())
                 .map(|r| {
                     format!(
-                        "{} (s {:.3}): {:+.1}% off the fit, {:.2}× dense",
+                        "{} (s {:.3}): {:+.1}% off the fit, {:.2}× dense, {} vs proportional \
+                         ({} without Candle's autograd share)",
                         r.label,
                         r.density,
                         100.0 * f.deviation(r.density, time(r)),
-                        dense.map_or(f64::NAN, |d| time(d) / time(r))
+                        dense.map_or(f64::NAN, |d| time(d) / time(r)),
+                        pct(off_proportional(rows, r, is_fwd, false)),
+                        pct(off_proportional(rows, r, is_fwd, true)),
                     )
                 })
                 .collect();

@@ -10,7 +10,7 @@ use candle_core::{bail, DType, Device, Result};
 use flash_ops::BlockMask;
 use flash_ops_models::Sparsity;
 
-use crate::{measure_with, Variant, Workload};
+use crate::{autograd_overhead, measure_with, Variant, Workload};
 
 /// The densities of the random-block rows: 1, 1/2, 1/4, 1/8, 1/16 (the sweep).
 pub const DENSITIES: [f64; 5] = [1.0, 0.5, 0.25, 0.125, 0.0625];
@@ -25,6 +25,9 @@ pub enum Case {
     Dense,
     /// Standard attention without a block mask.
     Naive,
+    /// No attention: Candle's share of a row's time ([`crate::autograd_overhead`]), the same at
+    /// every density.
+    Autograd,
     /// Flash V2 with whole random blocks at a density.
     Random,
     /// Flash V2 with a named pattern (`Sparsity`) at its own density.
@@ -37,8 +40,9 @@ pub enum Case {
 }
 
 impl Case {
-    pub const ALL: [Case; 6] = [
+    pub const ALL: [Case; 7] = [
         Case::Dense,
+        Case::Autograd,
         Case::Naive,
         Case::Random,
         Case::Pattern,
@@ -51,6 +55,7 @@ impl Case {
         match self {
             Case::Dense => "dense-v2",
             Case::Naive => "naive",
+            Case::Autograd => "autograd",
             Case::Random => "random",
             Case::Pattern => "pattern",
             Case::AllFull => "all-full",
@@ -161,6 +166,16 @@ pub fn fits(rows: &[SparseRow], n: usize) -> (Option<Fit>, Option<Fit>) {
     (Fit::of(&fwd), Fit::of(&both))
 }
 
+/// A row's time against proportionality at its length: `time / (density × dense time) − 1`,
+/// forward (`fwd`) or forward+backward; with `op`, the [`Case::Autograd`] row's time taken off
+/// both first (the attention op's own time). `None` without the rows it needs.
+pub fn off_proportional(rows: &[SparseRow], r: &SparseRow, fwd: bool, op: bool) -> Option<f64> {
+    let time = |r: &SparseRow| if fwd { r.fwd_ms } else { r.fwd_bwd_ms };
+    let at = |c: Case| rows.iter().find(|x| x.n == r.n && x.case == c).map(time);
+    let base = if op { at(Case::Autograd)? } else { 0.0 };
+    Some((time(r) - base) / (r.density * (at(Case::Dense)? - base)) - 1.0)
+}
+
 /// The all-partial twin of `mask`: the same blocks, each with every bit set but its last.
 fn all_partial(mask: &BlockMask) -> Result<BlockMask> {
     let (bq, bk) = mask.block_size();
@@ -187,7 +202,7 @@ pub fn sweep(plan: &SparsePlan, mut on_row: impl FnMut(&SparseRow)) -> Result<Ve
     let mut rows = Vec::new();
     for &n in &plan.lengths {
         let w = Workload::new(1, plan.heads, n, plan.d, false);
-        let mut run = |case: Case, label: String, v: Variant, mask: Option<BlockMask>| {
+        let mut run = |case: Case, label: &str, mask: Option<BlockMask>| {
             let mut opts = w.options();
             let (density, blocks) = match &mask {
                 Some(m) => (m.density(), m.counts()),
@@ -196,39 +211,51 @@ pub fn sweep(plan: &SparsePlan, mut on_row: impl FnMut(&SparseRow)) -> Result<Ve
             if let Some(m) = mask {
                 opts = opts.block_mask(m);
             }
-            let r = measure_with(v, &w, &opts, plan.reps, &dev, dtype)?;
+            let (fwd_ms, fwd_bwd_ms) = match case {
+                Case::Autograd => autograd_overhead(&w, plan.reps, dtype)?,
+                _ => {
+                    let v = if case == Case::Naive {
+                        Variant::Naive
+                    } else {
+                        Variant::V2
+                    };
+                    let r = measure_with(v, &w, &opts, plan.reps, &dev, dtype)?;
+                    (r.fwd_ms, r.fwd_bwd_ms.unwrap_or(f64::NAN))
+                }
+            };
             let row = SparseRow {
                 n,
                 case,
-                label,
+                label: label.into(),
                 density,
                 blocks,
-                fwd_ms: r.fwd_ms,
-                fwd_bwd_ms: r.fwd_bwd_ms.unwrap_or(f64::NAN),
+                fwd_ms,
+                fwd_bwd_ms,
             };
             on_row(&row);
             rows.push(row);
             Result::Ok(())
         };
-        run(Case::Dense, "dense".into(), Variant::V2, None)?;
+        run(Case::Dense, "dense", None)?;
+        run(Case::Autograd, "pass-through", None)?;
         if n <= plan.max_naive_n {
-            run(Case::Naive, "dense".into(), Variant::Naive, None)?;
+            run(Case::Naive, "dense", None)?;
         }
         for &s in &plan.densities {
             let m = BlockMask::random(n, n, plan.block, plan.heads, s, plan.seed)?;
-            run(Case::Random, format!("random {s}"), Variant::V2, Some(m))?;
+            run(Case::Random, &format!("random {s}"), Some(m))?;
         }
         for p in &plan.patterns {
             if let Some(m) = p.mask(n, plan.heads, false)? {
-                run(Case::Pattern, p.to_string(), Variant::V2, Some(m))?;
+                run(Case::Pattern, &p.to_string(), Some(m))?;
             }
         }
         if plan.pair_lengths.contains(&n) {
             let full = BlockMask::random(n, n, plan.block, plan.heads, PAIR_DENSITY, plan.seed)?;
             let partial = all_partial(&full)?;
             let label = format!("random {PAIR_DENSITY}");
-            run(Case::AllFull, label.clone(), Variant::V2, Some(full))?;
-            run(Case::AllPartial, label, Variant::V2, Some(partial))?;
+            run(Case::AllFull, &label, Some(full))?;
+            run(Case::AllPartial, &label, Some(partial))?;
         }
     }
     Ok(rows)
@@ -249,6 +276,39 @@ mod tests {
         assert!((f.deviation(0.5, 7.7) - 0.1).abs() < 1e-12);
         assert_eq!(Fit::of(&[(0.5, 1.0), (0.5, 2.0)]), None);
         assert_eq!(Fit::of(&[(0.5, 1.0)]), None);
+    }
+
+    /// Against proportionality: raw, and with the autograd row's time taken off both sides.
+    #[test]
+    fn off_proportional_takes_the_autograd_share_off_both_sides() {
+        let row = |case, density, fwd_ms, fwd_bwd_ms| SparseRow {
+            n: 8,
+            case,
+            label: String::new(),
+            density,
+            blocks: (0, 0),
+            fwd_ms,
+            fwd_bwd_ms,
+        };
+        let rows = [
+            row(Case::Dense, 1.0, 100.0, 410.0),
+            row(Case::Autograd, 1.0, 2.0, 10.0),
+            row(Case::Random, 0.25, 30.0, 110.0),
+        ];
+        let r = &rows[2];
+        let close = |x: Option<f64>, want: f64| (x.unwrap() - want).abs() < 1e-12;
+        assert!(close(off_proportional(&rows, r, true, false), 0.2));
+        assert!(close(
+            off_proportional(&rows, r, false, false),
+            110.0 / 102.5 - 1.0
+        ));
+        assert!(close(off_proportional(&rows, r, false, true), 0.0));
+        // No autograd row (older result files): only the raw figure.
+        assert_eq!(off_proportional(&rows[..1], &rows[0], false, true), None);
+        assert!(close(
+            off_proportional(&rows[..1], &rows[0], false, false),
+            0.0
+        ));
     }
 
     #[test]

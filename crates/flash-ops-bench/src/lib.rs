@@ -31,6 +31,8 @@ pub use decode::{measure_decode, DecodeWorkload};
 pub use machine::{
     clock_ghz, cpu_model, fma_peak_gflops, gemm_path, kernel_path, read_bandwidth, BANDWIDTH_BYTES,
 };
-pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, measure_with, median, Row};
+pub use measure::{
+    autograd_overhead, gemm_ceiling, gemm_ceiling_n, measure, measure_with, median, Row,
+};
 pub use variant::Variant;
 pub use workload::{flops_fwd, Workload, BWD_PER_FWD_FLOPS};

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var};
 use flash_ops::AttnOptions;
 
 use crate::{peak_extra_on, Variant, Workload};
@@ -78,11 +78,49 @@ pub fn measure_with(
     dev: &Device,
     dtype: DType,
 ) -> Result<Row> {
-    if reps == 0 {
-        bail!("measure: `reps` must be at least 1, got 0")
-    }
     if v == Variant::CandleNn && (!dev.is_cpu() || dtype != DType::F32) {
         bail!("candle-nn flash_attn is measured on the CPU in f32 only")
+    }
+    let attend = |q: &Tensor, k: &Tensor, val: &Tensor| v.forward_with(q, k, val, w, opts);
+    let t = time_step(
+        &attend,
+        v.has_backward().then_some(v.name()),
+        w,
+        reps,
+        dev,
+        dtype,
+    )?;
+    Ok(Row {
+        workload: *w,
+        variant: v,
+        fwd_ms: t.fwd_ms,
+        fwd_bwd_ms: t.fwd_bwd_ms,
+        fwd_mem: t.fwd_mem,
+        fwd_bwd_mem: t.fwd_bwd_mem,
+    })
+}
+
+/// What [`time_step`] measured of one forward.
+struct StepTimes {
+    fwd_ms: f64,
+    fwd_bwd_ms: Option<f64>,
+    fwd_mem: Option<usize>,
+    fwd_bwd_mem: Option<usize>,
+}
+
+/// Forward alone (detached inputs), and, where `backward` names the forward, the training step
+/// around it: forward, the loss `sum(o ∘ dO)` and `backward()` to q, k and v; each the median
+/// of `reps` after one warm-up that also measures peak memory.
+fn time_step(
+    forward: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    backward: Option<&str>,
+    w: &Workload,
+    reps: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<StepTimes> {
+    if reps == 0 {
+        bail!("measure: `reps` must be at least 1, got 0")
     }
     let input = || Tensor::randn(0f32, 1.0, w.shape(), dev)?.to_dtype(dtype);
     let q = Var::from_tensor(&input()?)?;
@@ -92,31 +130,79 @@ pub fn measure_with(
     let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), val.as_tensor());
     // Forward only: detached inputs, so no graph is kept.
     let (qd, kd, vd) = (qt.detach(), kt.detach(), vt.detach());
-    let fwd_once = || v.forward_with(&qd, &kd, &vd, w, opts).map(drop);
+    let fwd_once = || forward(&qd, &kd, &vd).map(drop);
     let ((), fwd_mem) = peak_extra_on(dev, fwd_once)?;
     let fwd_ms = median_ms(dev, reps, fwd_once)?;
-    let (fwd_bwd_ms, fwd_bwd_mem) = if v.has_backward() {
-        let step = || -> Result<()> {
-            let o = v.forward_with(qt, kt, vt, w, opts)?;
-            let g = (o * &d_out)?.sum_all()?.backward()?;
-            if g.get(qt).is_none() || g.get(kt).is_none() || g.get(vt).is_none() {
-                bail!("{}: a gradient is missing", v.name())
-            }
-            Ok(())
-        };
-        let ((), mem) = peak_extra_on(dev, step)?;
-        (Some(median_ms(dev, reps, step)?), mem)
-    } else {
-        (None, None)
+    let (fwd_bwd_ms, fwd_bwd_mem) = match backward {
+        Some(name) => {
+            let step = || -> Result<()> {
+                let o = forward(qt, kt, vt)?;
+                let g = (o * &d_out)?.sum_all()?.backward()?;
+                if g.get(qt).is_none() || g.get(kt).is_none() || g.get(vt).is_none() {
+                    bail!("{name}: a gradient is missing")
+                }
+                Ok(())
+            };
+            let ((), mem) = peak_extra_on(dev, step)?;
+            (Some(median_ms(dev, reps, step)?), mem)
+        }
+        None => (None, None),
     };
-    Ok(Row {
-        workload: *w,
-        variant: v,
+    Ok(StepTimes {
         fwd_ms,
         fwd_bwd_ms,
         fwd_mem,
         fwd_bwd_mem,
     })
+}
+
+/// An op that does no attention: its output is a copy of q (what any attention must allocate
+/// and write), and it hands the incoming gradient on to q, k and v unchanged (no copy). Timed
+/// in [`time_step`]'s step, it leaves what Candle does around an attention op: the loss, the
+/// gradient of the output, and the accumulation of each input's gradient (`GradStore`: a zeroed
+/// tensor plus an add, per input).
+struct PassThrough;
+
+impl CustomOp3 for PassThrough {
+    fn name(&self) -> &'static str {
+        "pass-through"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        // The step's inputs are fresh contiguous tensors: the storage is exactly the tensor.
+        if q_layout.contiguous_offsets() != Some((0, q_layout.shape().elem_count())) {
+            bail!("pass-through: q must be contiguous from offset 0")
+        }
+        Ok((q.clone(), q_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(grad.clone()), Some(grad.clone())))
+    }
+}
+
+/// Candle's own share of [`measure`]'s times at workload `w`, on the CPU: forward and training
+/// step (`(fwd_ms, fwd_bwd_ms)`) of [`PassThrough`] in place of attention. Subtracted from an
+/// attention row it leaves the attention op's own time (forward and backward kernels).
+pub fn autograd_overhead(w: &Workload, reps: usize, dtype: DType) -> Result<(f64, f64)> {
+    let pass = |q: &Tensor, k: &Tensor, v: &Tensor| q.apply_op3(k, v, PassThrough);
+    let t = time_step(&pass, Some("pass-through"), w, reps, &Device::Cpu, dtype)?;
+    Ok((t.fwd_ms, t.fwd_bwd_ms.unwrap_or(f64::NAN)))
 }
 
 /// The matmul size of [`gemm_ceiling`]: large enough to reach the device's matmul peak.

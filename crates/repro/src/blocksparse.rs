@@ -8,7 +8,9 @@ use std::fmt::Write;
 use std::path::Path;
 
 use anyhow::Result;
-use flash_ops_bench::block_sparse::{fits, sweep, Case, SparsePlan, SparseRow, DENSITIES};
+use flash_ops_bench::block_sparse::{
+    fits, off_proportional, sweep, Case, SparsePlan, SparseRow, DENSITIES,
+};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -111,21 +113,24 @@ pub fn measure(mode: Mode, reps: Option<usize>) -> Result<BlockSparseSection> {
     })
 }
 
+/// A row back in the sweep's form.
+fn sweep_row(r: &Row, case: Case) -> SparseRow {
+    SparseRow {
+        n: r.n,
+        case,
+        label: r.label.clone(),
+        density: r.density,
+        blocks: (r.full_blocks, r.partial_blocks),
+        fwd_ms: r.fwd_ms,
+        fwd_bwd_ms: r.fwd_bwd_ms,
+    }
+}
+
 /// The rows back in the sweep's form (for its fit).
 fn sweep_rows(s: &BlockSparseSection) -> Vec<SparseRow> {
     s.rows
         .iter()
-        .filter_map(|r| {
-            Some(SparseRow {
-                n: r.n,
-                case: Case::parse(&r.case)?,
-                label: r.label.clone(),
-                density: r.density,
-                blocks: (r.full_blocks, r.partial_blocks),
-                fwd_ms: r.fwd_ms,
-                fwd_bwd_ms: r.fwd_bwd_ms,
-            })
-        })
+        .filter_map(|r| Some(sweep_row(r, Case::parse(&r.case)?)))
         .collect()
 }
 
@@ -152,7 +157,12 @@ pub fn table(s: &BlockSparseSection) -> String {
          repeats: random whole blocks ({bq}×{bk}) at each density and the named patterns at \
          their own, against dense flash V2 and naive attention in the same run. `fit`: least \
          squares `time = a + b·density` over the masked rows of that length; `off fit`: the \
-         row's deviation from it. Paper (A100, butterfly, fwd+bwd): block-sparse over dense \
+         row's deviation from it. `autograd`: the same step with an op that does no attention \
+         (output a copy of q, gradients handed on): Candle's share of every row (the loss, the \
+         output's gradient, the inputs' gradient sums), which does not shrink with the density. \
+         `vs proportional`: the row's time over density × dense time, − 1, forward, \
+         forward+backward, and forward+backward with the autograd row's time taken off both \
+         (the op's own kernels). Paper (A100, butterfly, fwd+bwd): block-sparse over dense \
          FlashAttention {}; the IO analysis predicts time about linear in the density. Target \
          (issue 12): proportional within 15% down to 1/16.\n",
         s.heads,
@@ -167,16 +177,17 @@ pub fn table(s: &BlockSparseSection) -> String {
     .ok();
     writeln!(
         o,
-        "| N | rows | density | full/partial | fwd ms | fwd+bwd ms | fwd+bwd vs dense | off fit (fwd / fwd+bwd) |"
+        "| N | rows | density | full/partial | fwd ms | fwd+bwd ms | fwd+bwd vs dense | off fit (fwd / fwd+bwd) | vs proportional (fwd / fwd+bwd / op fwd+bwd) |"
     )
     .ok();
-    writeln!(o, "|---|---|---|---|---|---|---|---|").ok();
+    writeln!(o, "|---|---|---|---|---|---|---|---|---|").ok();
     let rows = sweep_rows(s);
     for n in lengths(s) {
         let (fwd, both) = fits(&rows, n);
         let dense = find(s, n, Case::Dense).next().map(|r| r.fwd_bwd_ms);
         for r in s.rows.iter().filter(|r| r.n == n) {
-            let fitted = Case::parse(&r.case).is_some_and(|c| c.fitted());
+            let case = Case::parse(&r.case);
+            let fitted = case.is_some_and(|c| c.fitted());
             let off = match (fwd, both) {
                 (Some(f), Some(b)) if fitted => format!(
                     "{:+.0}% / {:+.0}%",
@@ -185,20 +196,39 @@ pub fn table(s: &BlockSparseSection) -> String {
                 ),
                 _ => "–".into(),
             };
-            let what = match Case::parse(&r.case) {
+            let masked = matches!(
+                case,
+                Some(Case::Random | Case::Pattern | Case::AllFull | Case::AllPartial)
+            );
+            let prop = match case {
+                Some(c) if masked => {
+                    let r = sweep_row(r, c);
+                    let pct = |fwd, op| {
+                        off_proportional(&rows, &r, fwd, op)
+                            .map_or("–".into(), |x| format!("{:+.0}%", 100.0 * x))
+                    };
+                    format!(
+                        "{} / {} / {}",
+                        pct(true, false),
+                        pct(false, false),
+                        pct(false, true)
+                    )
+                }
+                _ => "–".into(),
+            };
+            let what = match case {
                 Some(Case::Random | Case::Pattern) => r.label.clone(),
-                Some(Case::Dense | Case::Naive) => r.case.clone(),
+                Some(Case::Dense | Case::Naive | Case::Autograd) => r.case.clone(),
                 _ => format!("{} ({})", r.case, r.label),
+            };
+            let vs_dense = match dense {
+                Some(d) if case != Some(Case::Autograd) => format!("{:.2}×", d / r.fwd_bwd_ms),
+                _ => "–".into(),
             };
             writeln!(
                 o,
-                "| {n} | {what} | {:.3} | {}/{} | {:.1} | {:.1} | {} | {off} |",
-                r.density,
-                r.full_blocks,
-                r.partial_blocks,
-                r.fwd_ms,
-                r.fwd_bwd_ms,
-                dense.map_or("–".into(), |d| format!("{:.2}×", d / r.fwd_bwd_ms)),
+                "| {n} | {what} | {:.3} | {}/{} | {:.1} | {:.1} | {vs_dense} | {off} | {prop} |",
+                r.density, r.full_blocks, r.partial_blocks, r.fwd_ms, r.fwd_bwd_ms,
             )
             .ok();
         }
@@ -206,7 +236,7 @@ pub fn table(s: &BlockSparseSection) -> String {
             if let Some(f) = f {
                 writeln!(
                     o,
-                    "| {n} | fit {pass} | a = {:.1} ms | b = {:.1} ms | a/(a+b) = {:.0}% | | | |",
+                    "| {n} | fit {pass} | a = {:.1} ms | b = {:.1} ms | a/(a+b) = {:.0}% | | | | |",
                     f.a,
                     f.b,
                     100.0 * f.a / (f.a + f.b)

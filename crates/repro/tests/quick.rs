@@ -78,6 +78,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
     let bs = json["blocksparse"]["rows"].as_array().unwrap();
     for case in [
         "dense-v2",
+        "autograd",
         "naive",
         "random",
         "pattern",
