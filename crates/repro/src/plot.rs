@@ -269,14 +269,7 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
     let Some(s) = &r.attention else { return Ok(()) };
     let root = BitMapBackend::new(out, (1000, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
-    let mut lengths: Vec<usize> = s
-        .setup
-        .lengths
-        .iter()
-        .chain(&s.setup.memory_lengths)
-        .copied()
-        .collect();
-    lengths.dedup();
+    let lengths = s.setup.memory_table_lengths();
     let ours = |v: Variant| -> Vec<(f64, f64)> {
         lengths
             .iter()

@@ -276,14 +276,7 @@ Paper: A100-40GB, fp16, batch 16, 8 heads, d 64, with dropout and masking; {}",
     .ok();
     writeln!(o, "\n| seq | standard MB | flash V1 MB | flash V2 MB | standard / flash V2 | paper PyTorch / FlashAttention MB | paper ratio |").ok();
     writeln!(o, "|---|---|---|---|---|---|---|").ok();
-    let mut lengths: Vec<usize> = s
-        .setup
-        .lengths
-        .iter()
-        .chain(&s.setup.memory_lengths)
-        .copied()
-        .collect();
-    lengths.dedup();
+    let lengths = s.setup.memory_table_lengths();
     for n in lengths {
         let m = |v: Variant| find(&s.rows, v, n, s.setup.d, false, false);
         let naive = m(Variant::Naive);

@@ -112,6 +112,20 @@ pub struct AttnSetup {
     pub memory_lengths: Vec<usize>,
 }
 
+impl AttnSetup {
+    /// The memory table's rows: Table 1's lengths, then those measured for memory only.
+    pub fn memory_table_lengths(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .lengths
+            .iter()
+            .chain(&self.memory_lengths)
+            .copied()
+            .collect();
+        v.dedup();
+        v
+    }
+}
+
 /// Table 2's protocol (FlashAttention-2 Fig. 4–6: fixed batch×seq and hidden size), as planned
 /// ([`crate::plan::Plan::t2`]) and as recorded.
 #[derive(Serialize, Deserialize, Clone, Debug)]
