@@ -93,6 +93,16 @@ fn tiny_models(seqs: &str, tokens: usize, steps: usize, warmup: usize) -> Vec<E2
     .collect()
 }
 
+/// GPT-2 small's width and heads with one of its 12 layers, one timed step and no warm-up: its
+/// attention at long context within a CPU budget.
+fn gpt2_small_layer(label: &'static str, attn: &[&str], seqs: &str, tokens: usize) -> E2eSpec {
+    let extra = [&["--n-layer", "1"], attn].concat();
+    E2eSpec {
+        label,
+        args: bench_args("gpt2", "gpt2-small", &extra, seqs, tokens, 1, 0),
+    }
+}
+
 const GB: u64 = 1 << 30;
 
 impl Plan {
@@ -118,18 +128,12 @@ impl Plan {
                 },
                 e2e: [
                     tiny_models("64,128", 256, 1, 0),
-                    vec![E2eSpec {
-                        label: "GPT-2 small width (768, 12 heads), 1 layer",
-                        args: bench_args(
-                            "gpt2",
-                            "gpt2-small",
-                            &["--n-layer", "1"],
-                            "128",
-                            128,
-                            1,
-                            0,
-                        ),
-                    }],
+                    vec![gpt2_small_layer(
+                        "GPT-2 small width (768, 12 heads), 1 layer",
+                        &[],
+                        "128",
+                        128,
+                    )],
                 ]
                 .concat(),
             },
@@ -160,18 +164,12 @@ impl Plan {
                     // one of its 12 layers, one sequence per step and no warm-up step so it fits
                     // the CPU budget; flash2 runs first in each round, so a cold start counts
                     // against flash, not for it.
-                    vec![E2eSpec {
-                        label: "GPT-2 small width (768, 12 heads), 1 layer, no warm-up step",
-                        args: bench_args(
-                            "gpt2",
-                            "gpt2-small",
-                            &["--n-layer", "1", "--attn", "flash2,flash1,naive"],
-                            "1024,2048,4096",
-                            1024,
-                            1,
-                            0,
-                        ),
-                    }],
+                    vec![gpt2_small_layer(
+                        "GPT-2 small width (768, 12 heads), 1 layer, no warm-up step",
+                        &["--attn", "flash2,flash1,naive"],
+                        "1024,2048,4096",
+                        1024,
+                    )],
                 ]
                 .concat(),
             },
