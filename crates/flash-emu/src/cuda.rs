@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use candle_core::{Result, Tensor};
 use flash_ops::Algorithm;
 
-pub use crate::{host_input, AttnParams, Buf, Dt, Forward, Grads};
+pub use crate::{host_input, AttnParams, BackwardInputs, Buf, Dt, Forward, Grads};
 pub use flash_ops::plan::cuda as plan;
 
 use crate::{dt_of, BackwardBufs, InputLayout};
@@ -133,15 +133,9 @@ pub fn forward(p: &AttnParams, inp: &mut Inputs) -> Result<Forward> {
     Ok(Forward::read(out, &stats, dt))
 }
 
-/// The backward pass as the CUDA backend runs it; `d_out` contiguous `(total_q, hq, d)` in the
-/// inputs' dtype; `dlse`, the log-sum-exp's gradient (f32, lse layout), when it has one.
-pub fn backward(
-    p: &AttnParams,
-    inp: &mut Inputs,
-    fwd: &mut Forward,
-    d_out: &mut Buf,
-    dlse: Option<&[f32]>,
-) -> Result<Grads> {
+/// The backward pass as the CUDA backend runs it.
+pub fn backward(p: &AttnParams, inp: &mut Inputs, bi: BackwardInputs<'_>) -> Result<Grads> {
+    let BackwardInputs { fwd, d_out, dlse } = bi;
     let dt = inp.dt;
     let (mut fp, _si, _alibi) = inp.params(p);
     let mut b = BackwardBufs::new(p, fwd, dt);

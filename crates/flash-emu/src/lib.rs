@@ -108,6 +108,15 @@ pub struct Forward {
     pub stats: Vec<f32>,
 }
 
+/// What a backward pass reads besides the inputs: the forward's results, the output's gradient
+/// `d_out` (contiguous `(total_q, hq, d)` in the inputs' dtype) and, when the log-sum-exp has a
+/// gradient, `dlse` (f32, lse layout).
+pub struct BackwardInputs<'a> {
+    pub fwd: &'a mut Forward,
+    pub d_out: &'a mut Buf,
+    pub dlse: Option<&'a [f32]>,
+}
+
 /// Gradients, f32-widened, contiguous.
 pub struct Grads {
     pub dq: Vec<f32>,

@@ -7,18 +7,16 @@ use flash_ops::{AttnOptions, BlockMask};
 
 mod shared;
 use emu::{host_input, AttnParams, Dt, Inputs};
-use flash_test_support::{to_f64_vec, Rng};
+use flash_test_support::{to_f64_vec, Rng, Tol};
 use shared::{case, check, random_mask, DTYPES};
 
-pub fn tol(dtype: DType) -> f64 {
-    // About 4x the largest error measured (f16 3.7e-4, bf16 3.0e-3, f32 3.3e-7): the output
-    // rounding of the dtype, so a layout or masking bug cannot hide under the bound.
-    match dtype {
-        DType::F32 => 2e-6,
-        DType::F16 => 1.5e-3,
-        _ => 1.2e-2,
-    }
-}
+// About 4x the largest error measured (f16 3.7e-4, bf16 3.0e-3, f32 3.3e-7): the output
+// rounding of the dtype, so a layout or masking bug cannot hide under the bound.
+pub const TOL: Tol = Tol {
+    f32: 2e-6,
+    f16: 1.5e-3,
+    bf16: 1.2e-2,
+};
 
 #[test]
 fn deterministic_dq() {

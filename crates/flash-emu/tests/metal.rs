@@ -5,17 +5,15 @@
 use candle_core::DType;
 use flash_emu::metal as emu;
 use flash_ops::{AttnOptions, BlockMask};
-use flash_test_support::Rng;
+use flash_test_support::{Rng, Tol};
 
 mod shared;
 
-pub fn tol(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 2e-5,
-        DType::F16 => 4e-3,
-        _ => 3e-2,
-    }
-}
+pub const TOL: Tol = Tol {
+    f32: 2e-5,
+    f16: 4e-3,
+    bf16: 3e-2,
+};
 
 /// A block size the kernels cannot tile is refused before any dispatch, naming the multiple
 /// (32 rows and 32 keys at every head dim).

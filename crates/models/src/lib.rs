@@ -42,7 +42,7 @@ pub mod rng;
 
 pub use activation::Activation;
 pub use attention::{AttentionKind, SparsePattern, Sparsity};
-pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel};
+pub use bert::{BertConfig, BertForMaskedLM, BertForSequenceClassification, BertInput, BertModel};
 pub use checkpoint::{
     load_hf_safetensors, load_tensors, save_hf_dir, save_hf_safetensors, save_tensors, LoadReport,
 };

@@ -500,7 +500,7 @@ fn gpt2_loss_is_the_cross_entropy_of_its_logits() -> Result<()> {
 
 #[test]
 fn bert_masked_lm_loss_is_the_cross_entropy_of_its_logits() -> Result<()> {
-    use flash_ops_models::{AttentionKind, BertConfig, BertForMaskedLM};
+    use flash_ops_models::{AttentionKind, BertConfig, BertForMaskedLM, BertInput};
     let vm = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let cfg = BertConfig {
@@ -522,7 +522,12 @@ fn bert_masked_lm_loss_is_the_cross_entropy_of_its_logits() -> Result<()> {
     let lengths = [10, 7];
     let positions = Tensor::new(&[0u32, 3, 4, 11, 15], &Device::Cpu)?;
     let labels = Tensor::new(&[5u32, 9, 100, 2, 64], &Device::Cpu)?;
-    let fused = m.masked_lm_loss(&ids, None, &lengths, (&positions, &labels), None, true)?;
+    let fused = m.masked_lm_loss(
+        BertInput::new(&ids, &lengths),
+        (&positions, &labels),
+        None,
+        true,
+    )?;
     let logits = m
         .forward(&ids, &lengths, true)?
         .reshape((20, cfg.vocab_size))?;

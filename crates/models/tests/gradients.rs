@@ -12,7 +12,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{gradient_is_zero_by_design, named_vars, random_model};
 use flash_ops_models::{
-    AttentionKind, BertConfig, BertForMaskedLM, BertForSequenceClassification, Gpt2, Gpt2Config,
+    AttentionKind, BertConfig, BertForMaskedLM, BertForSequenceClassification, BertInput, Gpt2,
+    Gpt2Config,
 };
 use flash_test_support::Rng;
 
@@ -152,7 +153,10 @@ fn bert_mlm_every_parameter_gradient_matches_finite_differences() -> Result<()> 
     let w = rng.normal_tensor(&[2, t, cfg.vocab_size], 1.0, DType::F64)?;
     check_gradients("bert-mlm", &vm, &|train| {
         m.set_dropout_seed(4);
-        let out = m.forward_with_token_types(&ids, Some(&tt), &lengths, train)?;
+        let out = m.forward_with_token_types(
+            BertInput::new(&ids, &lengths).with_token_types(&tt),
+            train,
+        )?;
         Ok((out * &w)?.sum_all()?)
     })
 }
@@ -170,7 +174,7 @@ fn bert_classifier_every_parameter_gradient_matches_finite_differences() -> Resu
     let labels = Tensor::new(&[0u32, 2, 1], &candle_core::Device::Cpu)?;
     check_gradients("bert-cls", &vm, &|train| {
         m.set_dropout_seed(6);
-        let logits = m.forward(&ids, Some(&tt), &lengths, train)?;
+        let logits = m.forward(BertInput::new(&ids, &lengths).with_token_types(&tt), train)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &labels)?)
     })
 }

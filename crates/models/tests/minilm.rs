@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use common::varmap;
-use flash_ops_models::{load_hf_safetensors, AttentionKind, BertConfig, BertModel};
+use flash_ops_models::{load_hf_safetensors, AttentionKind, BertConfig, BertInput, BertModel};
 use flash_test_support::{rel_err, skip_or_fail, REQUIRE_MINILM};
 use serde::Deserialize;
 
@@ -71,7 +71,7 @@ fn all_minilm_l6_v2_hidden_states_match_reference() -> Result<()> {
     let ids = Tensor::from_vec(reference.input_ids.concat(), (b, t), &Device::Cpu)?;
     for kind in AttentionKind::ALL {
         model.set_attention(kind);
-        let h = model.forward(&ids, None, &reference.lengths, false)?;
+        let h = model.forward(BertInput::new(&ids, &reference.lengths), false)?;
         for (i, &l) in reference.lengths.iter().enumerate() {
             let want = Tensor::new(reference.last_hidden_state[i].clone(), &Device::Cpu)?;
             let got = h.get(i)?.narrow(0, 0, l)?;

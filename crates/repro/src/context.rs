@@ -29,6 +29,20 @@ pub struct ContextPlan {
     pub contexts: Vec<usize>,
     /// Seeds at the shortest and the longest context (the first seed elsewhere).
     pub seeds: Vec<u64>,
+    pub settings: ContextSettings,
+    /// `train bench` timed and warm-up steps per context.
+    pub bench_steps: usize,
+    pub bench_warmup: usize,
+    /// `--data` for `train` (default: its embedded corpus).
+    pub data: Vec<PathBuf>,
+    /// Extra flags for every `train` call (device, dtype).
+    pub device: Vec<String>,
+}
+
+/// What every run of the section shares: planned in [`ContextPlan`], recorded as it was in
+/// [`ContextSection`] (the keys of `results.json`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ContextSettings {
     /// Training tokens of every run.
     pub tokens: u64,
     /// Tokens per optimizer step (batch = this / context).
@@ -36,22 +50,17 @@ pub struct ContextPlan {
     pub val_tokens: usize,
     /// The model's size flags for `train gpt2` and `train bench`.
     pub size: Vec<String>,
-    /// `train bench` timed and warm-up steps per context.
-    pub bench_steps: usize,
-    pub bench_warmup: usize,
-    /// Naive attention is not timed at a context whose predicted peak RSS passes this.
-    pub memory_budget: u64,
-    /// `--data` for `train` (default: its embedded corpus).
-    pub data: Vec<PathBuf>,
     /// A byte-level BPE of this vocabulary trained on the data first (`train tokenizer`) and
     /// used by every run; `None`: GPT-2's 50,257-token BPE. A small vocabulary keeps the LM head
     /// from dominating a small model's step, so the budget buys enough tokens for the models to
     /// get past unigram statistics, where context can matter at all.
+    #[serde(default)]
     pub tokenizer_vocab: Option<usize>,
-    /// Extra flags for every `train` call (device, dtype).
-    pub device: Vec<String>,
     /// The sizing arithmetic, printed in the caption.
     pub sizing: String,
+    /// Naive attention is not timed at a context whose predicted peak RSS passes this.
+    #[serde(rename = "memory_budget_bytes")]
+    pub memory_budget: u64,
 }
 
 const GB: u64 = 1 << 30;
@@ -65,59 +74,67 @@ impl ContextPlan {
         let full = ContextPlan {
             contexts: vec![128, 256, 512, 1024, 2048],
             seeds: vec![1337, 1338],
-            tokens: 786_432,
-            tokens_per_step: 4096,
-            val_tokens: 16_384,
-            size: strings(&["--preset", "tiny"]),
+            settings: ContextSettings {
+                tokens: 786_432,
+                tokens_per_step: 4096,
+                val_tokens: 16_384,
+                size: strings(&["--preset", "tiny"]),
+                tokenizer_vocab: Some(2048),
+                // Calibrated on the 2-core machine while a build ran (2026-12-01): `train gpt2
+                // --preset tiny --tokenizer <2048-token BPE>` 4132 tokens/s at 128 and 1619 at 2K;
+                // at 128, 409,600 tokens took val loss to 5.81 against a unigram entropy of 6.30.
+                // GPT-2's 50K BPE at this size spent 48 steps above the unigram entropy (6.98 vs 6.76).
+                sizing: "GPT-2 tiny (4 layers, width 128, 4 heads) with a 2048-token BPE trained on the data \
+                         (1.07M parameters at context 128, 0.26M of them the token embedding; the position \
+                         table grows with the context), 786,432 tokens (192 steps of 4096) per run. Seven runs (two seeds at 128 and 2048) train for 786,432 × (2/4132 + 1/4000 + \
+                         1/3600 + 1/3000 + 2/1619) s ≈ 34 min at speeds calibrated with the machine loaded (128 \
+                         and 2K measured, the others interpolated); setup and two validations add ≤ 20 s a run, \
+                         the bench steps ≈ 3 min: ≈ 40 min in all, < 60."
+                    .into(),
+                memory_budget: 12 * GB,
+            },
             bench_steps: 2,
             bench_warmup: 1,
-            memory_budget: 12 * GB,
             data: Vec::new(),
-            tokenizer_vocab: Some(2048),
             device: Vec::new(),
-            // Calibrated on the 2-core machine while a build ran (2026-12-01): `train gpt2
-            // --preset tiny --tokenizer <2048-token BPE>` 4132 tokens/s at 128 and 1619 at 2K;
-            // at 128, 409,600 tokens took val loss to 5.81 against a unigram entropy of 6.30.
-            // GPT-2's 50K BPE at this size spent 48 steps above the unigram entropy (6.98 vs 6.76).
-            sizing: "GPT-2 tiny (4 layers, width 128, 4 heads) with a 2048-token BPE trained on the data \
-                     (1.07M parameters at context 128, 0.26M of them the token embedding; the position \
-                     table grows with the context), 786,432 tokens (192 steps of 4096) per run. Seven runs (two seeds at 128 and 2048) train for 786,432 × (2/4132 + 1/4000 + \
-                     1/3600 + 1/3000 + 2/1619) s ≈ 34 min at speeds calibrated with the machine loaded (128 \
-                     and 2K measured, the others interpolated); setup and two validations add ≤ 20 s a run, \
-                     the bench steps ≈ 3 min: ≈ 40 min in all, < 60."
-                .into(),
         };
         match mode {
             Mode::Full => full,
             Mode::Quick => ContextPlan {
                 contexts: vec![32, 64],
-                tokens: 2048,
-                tokens_per_step: 512,
-                val_tokens: 512,
-                size: strings(&["--preset", "tiny", "--n-layer", "1"]),
-                tokenizer_vocab: Some(512),
+                settings: ContextSettings {
+                    tokens: 2048,
+                    tokens_per_step: 512,
+                    val_tokens: 512,
+                    size: strings(&["--preset", "tiny", "--n-layer", "1"]),
+                    tokenizer_vocab: Some(512),
+                    sizing:
+                        "Quick: 1-layer tiny GPT-2, 4 steps of 512 tokens per run; a smoke test."
+                            .into(),
+                    // Small, so that naive is skipped inside the quick range and CI exercises it.
+                    memory_budget: 0,
+                },
                 bench_steps: 1,
                 bench_warmup: 0,
-                // Small, so that naive is skipped inside the quick range and CI exercises it.
-                memory_budget: 0,
-                sizing: "Quick: 1-layer tiny GPT-2, 4 steps of 512 tokens per run; a smoke test."
-                    .into(),
                 ..full
             },
             // FlashAttention's Table 4 shape: GPT-2 small at 1K–4K.
             Mode::Gpu => ContextPlan {
                 contexts: vec![1024, 2048, 4096],
-                tokens: 50_000_000,
-                tokens_per_step: 131_072,
-                val_tokens: 1_048_576,
-                size: strings(&["--preset", "gpt2-small"]),
-                tokenizer_vocab: None,
+                settings: ContextSettings {
+                    tokens: 50_000_000,
+                    tokens_per_step: 131_072,
+                    val_tokens: 1_048_576,
+                    size: strings(&["--preset", "gpt2-small"]),
+                    tokenizer_vocab: None,
+                    sizing:
+                        "GPU: GPT-2 small, 50M tokens per run (paper: 400K steps × 512K tokens)."
+                            .into(),
+                    memory_budget: 60 * GB,
+                },
                 bench_steps: 5,
                 bench_warmup: 2,
-                memory_budget: 60 * GB,
                 device: strings(&["--device", "cuda", "--dtype", "bf16"]),
-                sizing: "GPU: GPT-2 small, 50M tokens per run (paper: 400K steps × 512K tokens)."
-                    .into(),
                 ..full
             },
         }
@@ -153,15 +170,8 @@ impl ContextPlan {
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ContextSection {
-    pub tokens: u64,
-    pub tokens_per_step: usize,
-    pub val_tokens: usize,
-    pub size: Vec<String>,
-    /// The vocabulary of the BPE trained for the section (`None`: GPT-2's BPE).
-    #[serde(default)]
-    pub tokenizer_vocab: Option<usize>,
-    pub sizing: String,
-    pub memory_budget_bytes: u64,
+    #[serde(flatten)]
+    pub settings: ContextSettings,
     pub runs: Vec<ContextRun>,
     /// `train bench` rows (flash V2 and naive) per context.
     pub bench: Vec<BenchRow>,
@@ -362,9 +372,9 @@ pub fn train_into(
 }
 
 fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u64) -> ContextRun {
-    let batch = (plan.tokens_per_step / context).max(1);
+    let batch = (plan.settings.tokens_per_step / context).max(1);
     let out = dir.join(format!("ctx{context}-seed{seed}"));
-    let groups = [&plan.size[..], &plan.device[..], &plan.data_args()];
+    let groups = [&plan.settings.size[..], &plan.device[..], &plan.data_args()];
     let args = train_args(
         &["gpt2", "--attn", "flash2"],
         &groups,
@@ -372,8 +382,8 @@ fn train_run(plan: &ContextPlan, bin: &Path, dir: &Path, context: usize, seed: u
             ("--n-positions", context.to_string()),
             ("--seq-len", context.to_string()),
             ("--batch-size", batch.to_string()),
-            ("--tokens", plan.tokens.to_string()),
-            ("--val-tokens", plan.val_tokens.to_string()),
+            ("--tokens", plan.settings.tokens.to_string()),
+            ("--val-tokens", plan.settings.val_tokens.to_string()),
             ("--val-every", "0".into()),
             ("--ckpt-every", "0".into()),
             ("--keep-checkpoints", "1".into()),
@@ -428,17 +438,20 @@ fn bench(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<Vec<BenchRow>> {
     contexts.sort_unstable();
     for c in contexts {
         let predicted = last_naive.map(|(n, rss)| rss * c as u64 / n as u64);
-        let over = predicted.is_some_and(|p| p > plan.memory_budget);
+        let over = predicted.is_some_and(|p| p > plan.settings.memory_budget);
         let attn = if over { "flash2" } else { "flash2,naive" };
         let out = dir.join(format!("bench-{c}.json"));
-        let groups = [&plan.size[..], &plan.device[..]];
+        let groups = [&plan.settings.size[..], &plan.device[..]];
         let args = train_args(
             &["bench", "--model", "gpt2"],
             &groups,
             &[
                 ("--seq-lens", c.to_string()),
                 ("--attn", attn.into()),
-                ("--tokens-per-step", plan.tokens_per_step.to_string()),
+                (
+                    "--tokens-per-step",
+                    plan.settings.tokens_per_step.to_string(),
+                ),
                 ("--steps", plan.bench_steps.to_string()),
                 ("--warmup", plan.bench_warmup.to_string()),
                 ("--out", out.display().to_string()),
@@ -467,7 +480,7 @@ fn bench(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<Vec<BenchRow>> {
                 (None, "naive") if over => Some(format!(
                     "predicted {} > budget {}",
                     crate::measure::bytes(predicted.unwrap_or(0) as f64),
-                    crate::measure::bytes(plan.memory_budget as f64)
+                    crate::measure::bytes(plan.settings.memory_budget as f64)
                 )),
                 (None, _) => Some("train bench failed (see the log)".into()),
             };
@@ -494,18 +507,19 @@ fn bench(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<Vec<BenchRow>> {
 
 pub fn measure(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<ContextSection> {
     for &c in &plan.contexts {
-        if !plan.val_tokens.is_multiple_of(c) {
+        if !plan.settings.val_tokens.is_multiple_of(c) {
             bail!(
                 "val_tokens {} is not a multiple of context {c}: the contexts would score different tokens",
-                plan.val_tokens
+                plan.settings.val_tokens
             )
         }
     }
     let dir = dir.join("context");
     // With a trained tokenizer, every run (training and bench) gets `--tokenizer`.
     let mut with_tok = plan.clone();
-    if let Some(v) = plan.tokenizer_vocab {
+    if let Some(v) = plan.settings.tokenizer_vocab {
         with_tok
+            .settings
             .size
             .extend(["--tokenizer".into(), train_tokenizer(plan, bin, &dir, v)?]);
     }
@@ -516,13 +530,7 @@ pub fn measure(plan: &ContextPlan, bin: &Path, dir: &Path) -> Result<ContextSect
         .collect();
     let bench = bench(&with_tok, bin, &dir)?;
     Ok(ContextSection {
-        tokens: plan.tokens,
-        tokens_per_step: plan.tokens_per_step,
-        val_tokens: plan.val_tokens,
-        size: plan.size.clone(),
-        tokenizer_vocab: plan.tokenizer_vocab,
-        sizing: plan.sizing.clone(),
-        memory_budget_bytes: plan.memory_budget,
+        settings: plan.settings.clone(),
         runs,
         bench,
     })
@@ -591,17 +599,17 @@ pub fn table(s: &ContextSection) -> String {
          Sizing: {}\n\n\
          Paper (GPT-2 small on OpenWebText, 8×A100, 400K steps): 1K ppl 18.2 (2.7 days), 2K 17.6 \
          (3.0 days), 4K 17.5 (3.6 days): 0.7 better from 1K to 4K.\n",
-        s.size.join(" "),
-        match s.tokenizer_vocab {
+        s.settings.size.join(" "),
+        match s.settings.tokenizer_vocab {
             Some(v) => format!("a {v}-token byte-level BPE trained on the data by `train tokenizer`"),
             None => "GPT-2's BPE".into(),
         },
-        s.tokens,
-        s.tokens_per_step,
-        s.tokens_per_step,
-        s.val_tokens,
-        crate::measure::bytes(s.memory_budget_bytes as f64),
-        s.sizing
+        s.settings.tokens,
+        s.settings.tokens_per_step,
+        s.settings.tokens_per_step,
+        s.settings.val_tokens,
+        crate::measure::bytes(s.settings.memory_budget as f64),
+        s.settings.sizing
     )
     .ok();
     writeln!(

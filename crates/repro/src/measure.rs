@@ -139,7 +139,7 @@ fn cell(
 pub fn attention(plan: &Plan, variants: &[Variant], target: &Target) -> Result<AttnSection> {
     let mut rows = Vec::new();
     let mut plain_naive = NaiveMemory::new();
-    for dropout in [None, Some(plan.dropout)] {
+    for dropout in [None, Some(plan.t1.dropout)] {
         let mut other = NaiveMemory::new();
         let naive = if dropout.is_none() {
             &mut plain_naive
@@ -154,9 +154,9 @@ pub fn attention(plan: &Plan, variants: &[Variant], target: &Target) -> Result<A
                 "no dropout, no mask"
             }
         );
-        for &n in &plan.t1_lengths {
+        for &n in &plan.t1.lengths {
             for &v in variants {
-                let mut w = Workload::new(plan.t1_batch, plan.t1_heads, n, plan.t1_d, false);
+                let mut w = Workload::new(plan.t1.batch, plan.t1.heads, n, plan.t1.d, false);
                 w.dropout_and_padding = dropout;
                 rows.push(cell(v, &w, plan.reps, plan.memory_budget, naive, target)?);
             }
@@ -166,9 +166,9 @@ pub fn attention(plan: &Plan, variants: &[Variant], target: &Target) -> Result<A
     // V1 is left out there: its memory is linear like V2's, and these cells are the slowest of
     // the table (one forward+backward at 8K costs more than all lengths up to 2K together).
     println!("Memory table, past standard attention's budget (flash V2 only):");
-    for &n in &plan.t1_memory_lengths {
+    for &n in &plan.t1.memory_lengths {
         for &v in variants.iter().filter(|v| **v != Variant::V1) {
-            let w = Workload::new(plan.t1_batch, plan.t1_heads, n, plan.t1_d, false);
+            let w = Workload::new(plan.t1.batch, plan.t1.heads, n, plan.t1.d, false);
             let v_reps = if v == Variant::Naive { plan.reps } else { 1 };
             rows.push(cell(
                 v,
@@ -181,12 +181,7 @@ pub fn attention(plan: &Plan, variants: &[Variant], target: &Target) -> Result<A
         }
     }
     Ok(AttnSection {
-        batch: plan.t1_batch,
-        heads: plan.t1_heads,
-        d: plan.t1_d,
-        dropout: plan.dropout,
-        lengths: plan.t1_lengths.clone(),
-        memory_lengths: plan.t1_memory_lengths.clone(),
+        setup: plan.t1.clone(),
         memory_budget_bytes: plan.memory_budget,
         rows,
     })
@@ -195,13 +190,13 @@ pub fn attention(plan: &Plan, variants: &[Variant], target: &Target) -> Result<A
 /// Table 2: FlashAttention-2 Fig. 4–6 (fixed batch×seq and hidden size).
 pub fn fa2(plan: &Plan, variants: &[Variant], target: &Target) -> Result<Fa2Section> {
     let mut rows = Vec::new();
-    for &d in &plan.t2_head_dims {
+    for &d in &plan.t2.head_dims {
         for causal in [false, true] {
             let mut naive = NaiveMemory::new();
             println!("Table 2 (d {d}, causal {causal}):");
-            for &n in &plan.t2_lengths {
-                let batch = (plan.t2_tokens / n).max(1);
-                let heads = (plan.t2_hidden / d).max(1);
+            for &n in &plan.t2.lengths {
+                let batch = (plan.t2.tokens / n).max(1);
+                let heads = (plan.t2.hidden / d).max(1);
                 let w = Workload::new(batch, heads, n, d, causal);
                 for &v in variants {
                     rows.push(cell(
@@ -217,10 +212,7 @@ pub fn fa2(plan: &Plan, variants: &[Variant], target: &Target) -> Result<Fa2Sect
         }
     }
     Ok(Fa2Section {
-        tokens: plan.t2_tokens,
-        hidden: plan.t2_hidden,
-        lengths: plan.t2_lengths.clone(),
-        head_dims: plan.t2_head_dims.clone(),
+        setup: plan.t2.clone(),
         memory_budget_bytes: plan.memory_budget,
         rows,
         torch: None,

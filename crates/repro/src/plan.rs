@@ -5,6 +5,8 @@
 
 use serde::Serialize;
 
+use crate::results::{AttnSetup, Fa2Setup};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -37,21 +39,13 @@ pub struct E2eSpec {
 pub struct Plan {
     /// Timed repeats per cell (median reported), after one warm-up.
     pub reps: usize,
-    // Table 1: FlashAttention (2022) §4.3 / Appendix E.
-    pub t1_batch: usize,
-    pub t1_heads: usize,
-    pub t1_d: usize,
-    pub t1_lengths: Vec<usize>,
-    pub t1_memory_lengths: Vec<usize>,
-    pub dropout: f32,
+    /// Table 1: FlashAttention (2022) §4.3 / Appendix E.
+    pub t1: AttnSetup,
     /// Naive attention is skipped where its predicted peak memory passes this: the "out of
     /// memory" of the papers' tables, at a size chosen for the machine.
     pub memory_budget: u64,
-    // Table 2: FlashAttention-2 Fig. 4–6.
-    pub t2_tokens: usize,
-    pub t2_hidden: usize,
-    pub t2_lengths: Vec<usize>,
-    pub t2_head_dims: Vec<usize>,
+    /// Table 2: FlashAttention-2 Fig. 4–6.
+    pub t2: Fa2Setup,
     // Table 3: end-to-end.
     pub e2e: Vec<E2eSpec>,
 }
@@ -99,6 +93,16 @@ fn tiny_models(seqs: &str, tokens: usize, steps: usize, warmup: usize) -> Vec<E2
     .collect()
 }
 
+/// GPT-2 small's width and heads with one of its 12 layers, one timed step and no warm-up: its
+/// attention at long context within a CPU budget.
+fn gpt2_small_layer(label: &'static str, attn: &[&str], seqs: &str, tokens: usize) -> E2eSpec {
+    let extra = [&["--n-layer", "1"], attn].concat();
+    E2eSpec {
+        label,
+        args: bench_args("gpt2", "gpt2-small", &extra, seqs, tokens, 1, 0),
+    }
+}
+
 const GB: u64 = 1 << 30;
 
 impl Plan {
@@ -106,50 +110,52 @@ impl Plan {
         match mode {
             Mode::Quick => Plan {
                 reps: 1,
-                t1_batch: 1,
-                t1_heads: 2,
-                t1_d: 64,
-                t1_lengths: vec![128, 256],
-                t1_memory_lengths: vec![512],
-                dropout: 0.1,
+                t1: AttnSetup {
+                    batch: 1,
+                    heads: 2,
+                    d: 64,
+                    dropout: 0.1,
+                    lengths: vec![128, 256],
+                    memory_lengths: vec![512],
+                },
                 // Small enough that naive "runs out" inside the quick range, so CI exercises it.
                 memory_budget: 24 << 20,
-                t2_tokens: 512,
-                t2_hidden: 128,
-                t2_lengths: vec![128, 256],
-                t2_head_dims: vec![64, 128],
+                t2: Fa2Setup {
+                    tokens: 512,
+                    hidden: 128,
+                    lengths: vec![128, 256],
+                    head_dims: vec![64, 128],
+                },
                 e2e: [
                     tiny_models("64,128", 256, 1, 0),
-                    vec![E2eSpec {
-                        label: "GPT-2 small width (768, 12 heads), 1 layer",
-                        args: bench_args(
-                            "gpt2",
-                            "gpt2-small",
-                            &["--n-layer", "1"],
-                            "128",
-                            128,
-                            1,
-                            0,
-                        ),
-                    }],
+                    vec![gpt2_small_layer(
+                        "GPT-2 small width (768, 12 heads), 1 layer",
+                        &[],
+                        "128",
+                        128,
+                    )],
                 ]
                 .concat(),
             },
             Mode::Full => Plan {
                 reps: 3,
-                t1_batch: 2,
-                t1_heads: 8,
-                t1_d: 64,
-                t1_lengths: vec![128, 256, 512, 1024, 2048, 4096],
-                t1_memory_lengths: vec![8192],
-                dropout: 0.1,
+                t1: AttnSetup {
+                    batch: 2,
+                    heads: 8,
+                    d: 64,
+                    dropout: 0.1,
+                    lengths: vec![128, 256, 512, 1024, 2048, 4096],
+                    memory_lengths: vec![8192],
+                },
                 // Half of the 24 GiB machine: naive runs to 2K (4.4 GB measured at batch 2, 8
                 // heads); 4K is predicted at ~17 GB and skipped, as the papers' OOM cells.
                 memory_budget: 12 * GB,
-                t2_tokens: 4096,
-                t2_hidden: 768,
-                t2_lengths: vec![512, 1024, 2048, 4096],
-                t2_head_dims: vec![64, 128],
+                t2: Fa2Setup {
+                    tokens: 4096,
+                    hidden: 768,
+                    lengths: vec![512, 1024, 2048, 4096],
+                    head_dims: vec![64, 128],
+                },
                 // train bench runs at ~10–15% of the matmul peak on 2 cores (small matmuls, the
                 // 50K-word LM head, AdamW): one timed step per cell is what 30 minutes allow.
                 e2e: [
@@ -158,35 +164,33 @@ impl Plan {
                     // one of its 12 layers, one sequence per step and no warm-up step so it fits
                     // the CPU budget; flash2 runs first in each round, so a cold start counts
                     // against flash, not for it.
-                    vec![E2eSpec {
-                        label: "GPT-2 small width (768, 12 heads), 1 layer, no warm-up step",
-                        args: bench_args(
-                            "gpt2",
-                            "gpt2-small",
-                            &["--n-layer", "1", "--attn", "flash2,flash1,naive"],
-                            "1024,2048,4096",
-                            1024,
-                            1,
-                            0,
-                        ),
-                    }],
+                    vec![gpt2_small_layer(
+                        "GPT-2 small width (768, 12 heads), 1 layer, no warm-up step",
+                        &["--attn", "flash2,flash1,naive"],
+                        "1024,2048,4096",
+                        1024,
+                    )],
                 ]
                 .concat(),
             },
             Mode::Gpu => Plan {
                 reps: 10,
-                t1_batch: 16,
-                t1_heads: 8,
-                t1_d: 64,
-                t1_lengths: vec![128, 256, 512, 1024, 2048, 4096],
-                t1_memory_lengths: vec![8192, 16384, 32768, 65536],
-                dropout: 0.1,
+                t1: AttnSetup {
+                    batch: 16,
+                    heads: 8,
+                    d: 64,
+                    dropout: 0.1,
+                    lengths: vec![128, 256, 512, 1024, 2048, 4096],
+                    memory_lengths: vec![8192, 16384, 32768, 65536],
+                },
                 // Below an H100/A100's 80 GB: naive is skipped before the device runs out.
                 memory_budget: 60 * GB,
-                t2_tokens: 16384,
-                t2_hidden: 2048,
-                t2_lengths: vec![512, 1024, 2048, 4096, 8192, 16384],
-                t2_head_dims: vec![64, 128],
+                t2: Fa2Setup {
+                    tokens: 16384,
+                    hidden: 2048,
+                    lengths: vec![512, 1024, 2048, 4096, 8192, 16384],
+                    head_dims: vec![64, 128],
+                },
                 e2e: vec![
                     E2eSpec {
                         label: "GPT-2 small (124M)",
@@ -227,22 +231,22 @@ impl Plan {
         let per_cell =
             |f: f64, reps: usize| (1 + reps) as f64 * (f + (1.0 + BWD_PER_FWD_FLOPS) * f);
         let mut t1 = 0.0;
-        for &n in &self.t1_lengths {
-            let f = self.t1_batch as f64 * flops_fwd(n, self.t1_d, self.t1_heads, false);
+        for &n in &self.t1.lengths {
+            let f = self.t1.batch as f64 * flops_fwd(n, self.t1.d, self.t1.heads, false);
             t1 += 2.0 * 3.0 * per_cell(f, self.reps);
         }
-        for &n in &self.t1_memory_lengths {
+        for &n in &self.t1.memory_lengths {
             t1 += per_cell(
-                self.t1_batch as f64 * flops_fwd(n, self.t1_d, self.t1_heads, false),
+                self.t1.batch as f64 * flops_fwd(n, self.t1.d, self.t1.heads, false),
                 1,
             );
         }
         let mut t2 = 0.0;
-        for &d in &self.t2_head_dims {
+        for &d in &self.t2.head_dims {
             for causal in [false, true] {
-                for &n in &self.t2_lengths {
-                    let b = (self.t2_tokens / n).max(1) as f64;
-                    let h = (self.t2_hidden / d).max(1);
+                for &n in &self.t2.lengths {
+                    let b = (self.t2.tokens / n).max(1) as f64;
+                    let h = (self.t2.hidden / d).max(1);
                     t2 += 3.0 * per_cell(b * flops_fwd(n, d, h, causal), self.reps);
                 }
             }

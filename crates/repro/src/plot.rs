@@ -227,12 +227,12 @@ fn speedup(r: &Results, out: &Path) -> Result<()> {
                     "ours: {}, {}, batch {} × {} heads, d {}",
                     v.name(),
                     crate::render::device_short(r),
-                    s.batch,
-                    s.heads,
-                    s.d
+                    s.setup.batch,
+                    s.setup.heads,
+                    s.setup.d
                 ),
                 colour: colour(v.key()),
-                points: speedup_line(&s.rows, v, &s.lengths, s.d, dropout),
+                points: speedup_line(&s.rows, v, &s.setup.lengths, s.setup.d, dropout),
                 paper: false,
             });
         }
@@ -269,13 +269,12 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
     let Some(s) = &r.attention else { return Ok(()) };
     let root = BitMapBackend::new(out, (1000, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
-    let mut lengths: Vec<usize> = s.lengths.iter().chain(&s.memory_lengths).copied().collect();
-    lengths.dedup();
+    let lengths = s.setup.memory_table_lengths();
     let ours = |v: Variant| -> Vec<(f64, f64)> {
         lengths
             .iter()
             .filter_map(|&n| {
-                let m = find(&s.rows, v, n, s.d, false, false)?.fwd_bwd_mem_bytes?;
+                let m = find(&s.rows, v, n, s.setup.d, false, false)?.fwd_bwd_mem_bytes?;
                 Some((n as f64, m as f64 / 1e6))
             })
             .collect()
@@ -309,15 +308,16 @@ fn memory(r: &Results, out: &Path) -> Result<()> {
         .iter()
         .copied()
         .filter(|&n| {
-            find(&s.rows, Variant::Naive, n, s.d, false, false).is_some_and(|x| x.skipped.is_some())
+            find(&s.rows, Variant::Naive, n, s.setup.d, false, false)
+                .is_some_and(|x| x.skipped.is_some())
         })
         .collect();
     let title = format!(
         "fwd+bwd peak memory (ours: {}, batch {} × {} heads, d {}; standard over the {} budget at {})",
         crate::render::device_short(r),
-        s.batch,
-        s.heads,
-        s.d,
+        s.setup.batch,
+        s.setup.heads,
+        s.setup.d,
         crate::measure::bytes(s.memory_budget_bytes as f64),
         if oom.is_empty() { "no length".to_string() } else { oom.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ") }
     );
@@ -438,7 +438,7 @@ fn bar_chart(area: &DrawingArea<BitMapBackend, Shift>, b: &Bars) -> Result<()> {
 fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
     let Some(s) = &r.fa2 else { return Ok(()) };
     let cols = 2;
-    let rows_n = (s.head_dims.len() * 2).div_ceil(cols);
+    let rows_n = (s.setup.head_dims.len() * 2).div_ceil(cols);
     let root = BitMapBackend::new(out, (1400, 480 * rows_n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let panels = root.split_evenly((rows_n, cols));
@@ -456,12 +456,13 @@ fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
         variants.push(Variant::TorchSdpa);
     }
     let mut i = 0;
-    for &d in &s.head_dims {
+    for &d in &s.setup.head_dims {
         for causal in [false, true] {
             let series = variants
                 .iter()
                 .map(|&v| {
                     let vals = s
+                        .setup
                         .lengths
                         .iter()
                         .map(|&n| {
@@ -475,11 +476,11 @@ fn fa2(r: &Results, out: &Path, pass: Pass) -> Result<()> {
                 title: format!(
                     "{pass_name}, {}, head dim {d} ({} tokens, hidden {})",
                     if causal { "causal" } else { "non-causal" },
-                    s.tokens,
-                    s.hidden
+                    s.setup.tokens,
+                    s.setup.hidden
                 ),
                 y_desc: "GFLOP/s",
-                groups: s.lengths.iter().map(|n| format!("seq {n}")).collect(),
+                groups: s.setup.lengths.iter().map(|n| format!("seq {n}")).collect(),
                 series,
             };
             bar_chart(&panels[i], &bars)?;

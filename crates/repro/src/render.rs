@@ -161,12 +161,12 @@ Standard attention = Candle naive attention (matmul → softmax → matmul, auto
 Paper: A100-40GB, fp16, batch 16, 8 heads, d 64, FlashAttention vs PyTorch attention. \
 Scale-down: {}× fewer sequences×heads (batch·heads {} vs 128).",
         device_words(r),
-        s.batch,
-        s.heads,
-        s.d,
-        s.dropout,
-        (16 * 8) as f64 / (s.batch * s.heads) as f64,
-        s.batch * s.heads
+        s.setup.batch,
+        s.setup.heads,
+        s.setup.d,
+        s.setup.dropout,
+        (16 * 8) as f64 / (s.setup.batch * s.setup.heads) as f64,
+        s.setup.batch * s.setup.heads
     )
     .ok();
     writeln!(
@@ -176,7 +176,7 @@ Scale-down: {}× fewer sequences×heads (batch·heads {} vs 128).",
     .ok();
     let mut head = "| setting | implementation |".to_string();
     let mut sep = "|---|---|".to_string();
-    for n in &s.lengths {
+    for n in &s.setup.lengths {
         write!(head, " {n} |").ok();
         sep.push_str("---|");
     }
@@ -184,9 +184,9 @@ Scale-down: {}× fewer sequences×heads (batch·heads {} vs 128).",
     for dropout in [true, false] {
         for v in [Variant::V2, Variant::V1] {
             write!(o, "| {} | ours: {} |", settings_label(dropout), v.name()).ok();
-            for &n in &s.lengths {
-                let f = find(&s.rows, v, n, s.d, false, dropout).and_then(|x| x.fwd_bwd_ms);
-                let b = find(&s.rows, Variant::Naive, n, s.d, false, dropout)
+            for &n in &s.setup.lengths {
+                let f = find(&s.rows, v, n, s.setup.d, false, dropout).and_then(|x| x.fwd_bwd_ms);
+                let b = find(&s.rows, Variant::Naive, n, s.setup.d, false, dropout)
                     .and_then(|x| x.fwd_bwd_ms);
                 write!(o, " {} |", opt(ratio(b, f), 2)).ok();
             }
@@ -203,7 +203,7 @@ Scale-down: {}× fewer sequences×heads (batch·heads {} vs 128).",
             settings_label(dropout)
         )
         .ok();
-        for n in &s.lengths {
+        for n in &s.setup.lengths {
             let p = paper::FA1_LENGTHS
                 .iter()
                 .position(|l| l == n)
@@ -216,12 +216,12 @@ Scale-down: {}× fewer sequences×heads (batch·heads {} vs 128).",
     writeln!(o, "| seq | setting | implementation | fwd ms | bwd ms | fwd+bwd ms | fwd speedup | bwd speedup | fwd+bwd speedup |").ok();
     writeln!(o, "|---|---|---|---|---|---|---|---|---|").ok();
     for dropout in [false, true] {
-        for &n in &s.lengths {
-            let base = find(&s.rows, Variant::Naive, n, s.d, false, dropout);
+        for &n in &s.setup.lengths {
+            let base = find(&s.rows, Variant::Naive, n, s.setup.d, false, dropout);
             for row in s
                 .rows
                 .iter()
-                .filter(|x| x.n == n && x.dropout_and_padding == dropout && x.d == s.d)
+                .filter(|x| x.n == n && x.dropout_and_padding == dropout && x.d == s.setup.d)
             {
                 if let Some(why) = &row.skipped {
                     writeln!(
@@ -267,19 +267,18 @@ Standard attention is not run where its predicted peak passes the memory budget 
 Paper: A100-40GB, fp16, batch 16, 8 heads, d 64, with dropout and masking; {}",
         memory_words(r),
         device_words(r),
-        s.batch,
-        s.heads,
-        s.d,
+        s.setup.batch,
+        s.setup.heads,
+        s.setup.d,
         crate::measure::bytes(s.memory_budget_bytes as f64),
         paper::FA1_MEMORY_NOTE
     )
     .ok();
     writeln!(o, "\n| seq | standard MB | flash V1 MB | flash V2 MB | standard / flash V2 | paper PyTorch / FlashAttention MB | paper ratio |").ok();
     writeln!(o, "|---|---|---|---|---|---|---|").ok();
-    let mut lengths: Vec<usize> = s.lengths.iter().chain(&s.memory_lengths).copied().collect();
-    lengths.dedup();
+    let lengths = s.setup.memory_table_lengths();
     for n in lengths {
-        let m = |v: Variant| find(&s.rows, v, n, s.d, false, false);
+        let m = |v: Variant| find(&s.rows, v, n, s.setup.d, false, false);
         let naive = m(Variant::Naive);
         let naive_cell = match naive {
             Some(x) if x.skipped.is_some() => "OOM (over budget)".to_string(),
@@ -322,9 +321,9 @@ FLOPs: forward 4·seq²·d·heads per sequence (halved for causal), backward 2.5
 Paper: A100-80GB SXM4, fp16, 16384 tokens, hidden 2048, TFLOP/s (1 TFLOP/s = 1000 GFLOP/s). \
 Scale-down: {:.0}× fewer FLOPs per length. This run's {} matmul ceiling: {:.1} GFLOP/s.",
         device_words(r),
-        s.tokens,
-        s.hidden,
-        (16384.0 * 2048.0) / (s.tokens as f64 * s.hidden as f64),
+        s.setup.tokens,
+        s.setup.hidden,
+        (16384.0 * 2048.0) / (s.setup.tokens as f64 * s.setup.hidden as f64),
         r.meta.dtype,
         r.meta.gemm_gflops
     )
@@ -338,13 +337,13 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's {} matmul ceiling: {:.1} 
         )
         .ok();
     }
-    for &d in &s.head_dims {
+    for &d in &s.setup.head_dims {
         for causal in [false, true] {
             writeln!(
                 o,
                 "\n### d {d}, {}, {} head(s)\n",
                 if causal { "causal" } else { "non-causal" },
-                (s.hidden / d).max(1)
+                (s.setup.hidden / d).max(1)
             )
             .ok();
             write!(o, "| seq | batch | naive fwd / bwd / fwd+bwd | flash V1 fwd / bwd / fwd+bwd | flash V2 fwd / bwd / fwd+bwd |").ok();
@@ -367,7 +366,7 @@ Scale-down: {:.0}× fewer FLOPs per length. This run's {} matmul ceiling: {:.1} 
             )
             .ok();
             let paper = paper::fa2_paper(d, causal);
-            for &n in &s.lengths {
+            for &n in &s.setup.lengths {
                 let cell = |v: Variant| -> String {
                     match find(&s.rows, v, n, d, causal, false) {
                         Some(x) if x.skipped.is_some() => "OOM (over budget)".into(),

@@ -99,8 +99,10 @@ impl AttnRow {
     }
 }
 
+/// Table 1's protocol (FlashAttention 2022, §4.3 / Appendix E: fixed batch and heads), as
+/// planned ([`crate::plan::Plan::t1`]) and as recorded.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct AttnSection {
+pub struct AttnSetup {
     pub batch: usize,
     pub heads: usize,
     pub d: usize,
@@ -108,18 +110,46 @@ pub struct AttnSection {
     pub lengths: Vec<usize>,
     /// Lengths measured for the memory table only (flash variants, plain setting, one repeat).
     pub memory_lengths: Vec<usize>,
-    pub memory_budget_bytes: u64,
-    pub rows: Vec<AttnRow>,
 }
 
+impl AttnSetup {
+    /// The memory table's rows: Table 1's lengths, then those measured for memory only.
+    pub fn memory_table_lengths(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .lengths
+            .iter()
+            .chain(&self.memory_lengths)
+            .copied()
+            .collect();
+        v.dedup();
+        v
+    }
+}
+
+/// Table 2's protocol (FlashAttention-2 Fig. 4–6: fixed batch×seq and hidden size), as planned
+/// ([`crate::plan::Plan::t2`]) and as recorded.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Fa2Section {
+pub struct Fa2Setup {
     /// batch × seq, constant across lengths.
     pub tokens: usize,
     /// heads × d, constant across head dims.
     pub hidden: usize,
     pub lengths: Vec<usize>,
     pub head_dims: Vec<usize>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct AttnSection {
+    #[serde(flatten)]
+    pub setup: AttnSetup,
+    pub memory_budget_bytes: u64,
+    pub rows: Vec<AttnRow>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Fa2Section {
+    #[serde(flatten)]
+    pub setup: Fa2Setup,
     pub memory_budget_bytes: u64,
     pub rows: Vec<AttnRow>,
     /// The PyTorch version of the `torch-sdpa` rows, when measured.

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde_json::Value;
+
 fn repro() -> Command {
     Command::new(env!("CARGO_BIN_EXE_repro"))
 }
@@ -16,6 +18,11 @@ fn train_bin() -> Option<PathBuf> {
         .parent()?
         .join(format!("train{}", std::env::consts::EXE_SUFFIX));
     t.exists().then_some(t)
+}
+
+/// Whether some row of `rows` has `key == value` and passes `has`.
+fn any_row(rows: &[Value], (key, value): (&str, &str), has: impl Fn(&Value) -> bool) -> bool {
+    rows.iter().any(|r| r[key] == value && has(r))
 }
 
 fn is_png(p: &Path) -> bool {
@@ -46,24 +53,19 @@ fn quick_mode_writes_json_markdown_and_plots() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let json: serde_json::Value =
+    let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
     assert_eq!(json["meta"]["mode"], "quick");
     let rows = json["attention"]["rows"].as_array().unwrap();
-    assert!(rows
-        .iter()
-        .any(|r| r["variant"] == "v2" && r["fwd_bwd_ms"].is_f64()));
+    assert!(any_row(rows, ("variant", "v2"), |r| r["fwd_bwd_ms"].is_f64()));
     // The quick budget is set so that standard attention "runs out" inside the quick range.
-    assert!(rows
-        .iter()
-        .any(|r| r["variant"] == "naive" && r["skipped"].is_string()));
-    assert!(rows
-        .iter()
-        .any(|r| r["variant"] == "naive" && r["fwd_bwd_mem_bytes"].is_u64()));
+    let naive = ("variant", "naive");
+    assert!(any_row(rows, naive, |r| r["skipped"].is_string()));
+    assert!(any_row(rows, naive, |r| r["fwd_bwd_mem_bytes"].is_u64()));
     assert!(!json["fa2"]["rows"].as_array().unwrap().is_empty());
 
     // Shared-prefix decoding: both sides measured somewhere, the baseline over budget elsewhere.
-    let any = |part: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+    let any = |part: &str, pred: &dyn Fn(&Value) -> bool| {
         json["prefix"][part].as_array().unwrap().iter().any(pred)
     };
     assert!(any("micro", &|r| r["ours_ms"].is_f64()
@@ -86,14 +88,12 @@ fn quick_mode_writes_json_markdown_and_plots() {
         "all-partial",
     ] {
         assert!(
-            bs.iter()
-                .any(|r| r["case"] == case && r["fwd_bwd_ms"].is_f64()),
+            any_row(bs, ("case", case), |r| r["fwd_bwd_ms"].is_f64()),
             "blocksparse lacks {case}"
         );
     }
-    assert!(bs
-        .iter()
-        .any(|r| r["case"] == "random" && r["density"].as_f64() < Some(0.2)));
+    let sparse = |r: &Value| r["density"].as_f64() < Some(0.2);
+    assert!(any_row(bs, ("case", "random"), sparse));
 
     let md = std::fs::read_to_string(dir.join("tables.md")).unwrap();
     for needle in [
@@ -150,7 +150,7 @@ fn quick_mode_writes_json_markdown_and_plots() {
 /// Issue 14's sections: every context trained and scored on the same held-out tokens, naive
 /// timed inside the budget and skipped past it, every ListOps run trained, throughput and
 /// test accuracy recorded; the run folders keep their logs and metrics, not their weights.
-fn quality_sections(json: &serde_json::Value, md: &str, dir: &Path) {
+fn quality_sections(json: &Value, md: &str, dir: &Path) {
     for needle in [
         "## Perplexity vs context length",
         "## Long Range Arena ListOps",
@@ -198,12 +198,8 @@ fn quality_sections(json: &serde_json::Value, md: &str, dir: &Path) {
         assert_eq!(n, 2, "context {c:?}");
     }
     let bench = ctx["bench"].as_array().unwrap();
-    assert!(bench
-        .iter()
-        .any(|b| b["attn"] == "naive" && b["us_per_token"].is_f64()));
-    assert!(bench
-        .iter()
-        .any(|b| b["attn"] == "naive" && b["skipped"].is_string()));
+    assert!(any_row(bench, ("attn", "naive"), |b| b["us_per_token"].is_f64()));
+    assert!(any_row(bench, ("attn", "naive"), |b| b["skipped"].is_string()));
     assert!(bench
         .iter()
         .filter(|b| b["attn"] == "flash2")

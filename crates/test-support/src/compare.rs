@@ -3,6 +3,24 @@
 
 use candle_core::{DType, Tensor};
 
+/// A suite's error bounds by dtype; `bf16`'s also bounds any other dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct Tol {
+    pub f32: f64,
+    pub f16: f64,
+    pub bf16: f64,
+}
+
+impl Tol {
+    pub fn of(self, dtype: DType) -> f64 {
+        match dtype {
+            DType::F32 => self.f32,
+            DType::F16 => self.f16,
+            _ => self.bf16,
+        }
+    }
+}
+
 /// All elements of `t` as f64, row-major.
 pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)

@@ -14,7 +14,7 @@ mod scratch;
 mod skip;
 
 pub use cases::{block_mask_patterns, cu_seqlens, option_cases, random_options, HEAD_DIMS};
-pub use compare::{f32_bits, lse_err, lse_err_slices, rel_err, rel_err_slices, to_f64_vec};
+pub use compare::{f32_bits, lse_err, lse_err_slices, rel_err, rel_err_slices, to_f64_vec, Tol};
 pub use determinism::assert_same_bits_across_threads;
 pub use oracle::{oracle, oracle_varlen, run_with_grads, Run};
 pub use pool::in_pool;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
-use flash_ops_models::{rng, BertConfig, BertForSequenceClassification};
+use flash_ops_models::{rng, BertConfig, BertForSequenceClassification, BertInput};
 use serde_json::json;
 use tokenizers::Tokenizer;
 
@@ -576,7 +576,7 @@ fn forward(
     let ids = Tensor::from_vec(ids, (batch.len(), t), dev)?;
     let labels = Tensor::new(batch.iter().map(|e| e.label).collect::<Vec<u32>>(), dev)?;
     let logits = net
-        .forward(&ids, None, &lengths, train)?
+        .forward(BertInput::new(&ids, &lengths), train)?
         .to_dtype(DType::F32)?;
     Ok((logits, labels))
 }

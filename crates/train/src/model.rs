@@ -3,7 +3,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use flash_ops_models::{AttentionKind, BertConfig, BertForMaskedLM, Gpt2, Gpt2Config, Sparsity};
+use flash_ops_models::{
+    AttentionKind, BertConfig, BertForMaskedLM, BertInput, Gpt2, Gpt2Config, Sparsity,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -268,7 +270,12 @@ impl Net {
                     positions,
                     labels,
                 },
-            ) => Ok(m.masked_lm_loss(inputs, None, lengths, (positions, labels), None, train)?),
+            ) => Ok(m.masked_lm_loss(
+                BertInput::new(inputs, lengths),
+                (positions, labels),
+                None,
+                train,
+            )?),
             _ => bail!("internal: batch kind does not match the model"),
         }
     }

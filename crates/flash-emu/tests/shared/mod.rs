@@ -2,7 +2,7 @@
 //! (`tests/metal.rs`) suites: small ragged shapes with every
 //! option, against the f64 reference (output, log-sum-exp, dQ, dK, dV). Inputs are rounded to the
 //! kernel dtype first, so the errors measure the kernels alone. The including test file names the
-//! emulator module `emu` (both dialects expose the same API) and defines the tolerances `tol(dtype)`.
+//! emulator module `emu` (both dialects expose the same API) and defines the tolerances `TOL`.
 
 use candle_core::{DType, Result, Tensor, Var};
 use flash_ops::plan::lse_host;
@@ -12,8 +12,8 @@ use flash_test_support::{
     rel_err_slices, to_f64_vec, Rng, Run,
 };
 
-use super::emu::{backward, forward, host_input, AttnParams, Inputs};
-use super::tol;
+use super::emu::{backward, forward, host_input, AttnParams, BackwardInputs, Inputs};
+use super::TOL;
 
 #[derive(Clone)]
 pub struct Case {
@@ -163,7 +163,12 @@ fn run(c: &Case, seed: u64) -> Result<[f64; 5]> {
     let mut inp = Inputs::new(&p, &q, &k, &v)?;
     let mut fwd = forward(&p, &mut inp)?;
     let mut d_out_buf = host_input(&d_out.contiguous()?)?.0;
-    let gr = backward(&p, &mut inp, &mut fwd, &mut d_out_buf, d_lse.as_deref())?;
+    let bi = BackwardInputs {
+        fwd: &mut fwd,
+        d_out: &mut d_out_buf,
+        dlse: d_lse.as_deref(),
+    };
+    let gr = backward(&p, &mut inp, bi)?;
     let lse: Vec<f64> = lse_host(&p, &fwd.stats).iter().map(|&x| x as f64).collect();
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     Ok([
@@ -181,7 +186,7 @@ pub fn check(name: &str, c: &Case) {
         "{name:40} {:?} out {:.1e} lse {:.1e} dq {:.1e} dk {:.1e} dv {:.1e}",
         c.dtype, e[0], e[1], e[2], e[3], e[4]
     );
-    let t = tol(c.dtype);
+    let t = TOL.of(c.dtype);
     // The lse is f32 in every dtype (its error is the scores', from rounded inputs only).
     assert!(e[1] < 1e-5, "{name}: lse error {:.2e}", e[1]);
     for (what, x) in ["out", "lse", "dq", "dk", "dv"].iter().zip(e) {

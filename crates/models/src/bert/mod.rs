@@ -4,4 +4,4 @@ mod config;
 mod model;
 
 pub use config::BertConfig;
-pub use model::{BertForMaskedLM, BertForSequenceClassification, BertModel};
+pub use model::{BertForMaskedLM, BertForSequenceClassification, BertInput, BertModel};

@@ -28,6 +28,33 @@ const ATTN_OUT: u64 = 1;
 const FFN_OUT: u64 = 2;
 const CLASSIFIER_SITE: u64 = u64::MAX - 1;
 
+/// A right-padded batch: `input_ids (b, t)` whose row `i` holds `lengths[i]` real tokens, and
+/// optional `token_type_ids (b, t)` (default: all zeros).
+#[derive(Debug, Clone, Copy)]
+pub struct BertInput<'a> {
+    pub input_ids: &'a Tensor,
+    pub token_type_ids: Option<&'a Tensor>,
+    pub lengths: &'a [usize],
+}
+
+impl<'a> BertInput<'a> {
+    /// A batch of one segment (all token types zero).
+    pub fn new(input_ids: &'a Tensor, lengths: &'a [usize]) -> Self {
+        Self {
+            input_ids,
+            token_type_ids: None,
+            lengths,
+        }
+    }
+
+    pub fn with_token_types(self, token_type_ids: &'a Tensor) -> Self {
+        Self {
+            token_type_ids: Some(token_type_ids),
+            ..self
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Embeddings {
     word: Tensor,
@@ -247,17 +274,10 @@ impl BertModel {
         self.embeddings.word.device()
     }
 
-    /// Last hidden states `(b, t, hidden)` for right-padded `input_ids (b, t)` whose row `i` holds
-    /// `lengths[i]` real tokens; `token_type_ids` default to zeros.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        lengths: &[usize],
-        train: bool,
-    ) -> Result<Tensor> {
+    /// Last hidden states `(b, t, hidden)` of a batch.
+    pub fn forward(&self, input: BertInput<'_>, train: bool) -> Result<Tensor> {
         let ctx = self.seeds.ctx(train);
-        self.forward_ctx(input_ids, token_type_ids, lengths, &ctx)
+        self.forward_ctx(input, &ctx)
     }
 
     /// The pooler output `tanh(W·h[CLS] + b)`, `(b, hidden)`.
@@ -270,13 +290,12 @@ impl BertModel {
             .tanh()
     }
 
-    fn forward_ctx(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        lengths: &[usize],
-        ctx: &DropoutCtx,
-    ) -> Result<Tensor> {
+    fn forward_ctx(&self, input: BertInput<'_>, ctx: &DropoutCtx) -> Result<Tensor> {
+        let BertInput {
+            input_ids,
+            token_type_ids,
+            lengths,
+        } = input;
         let (b, t) = input_ids.dims2()?;
         if lengths.len() != b {
             bail!("bert: {} lengths for a batch of {b}", lengths.len())
@@ -348,19 +367,15 @@ impl BertForMaskedLM {
         self.bert.set_dropout_seed(seed)
     }
 
-    /// MLM logits `(b, t, vocab)`; see [`BertModel::forward`] for `lengths`.
+    /// MLM logits `(b, t, vocab)` of one-segment `input_ids (b, t)`, row `i` holding
+    /// `lengths[i]` real tokens ([`BertInput::new`]).
     pub fn forward(&self, input_ids: &Tensor, lengths: &[usize], train: bool) -> Result<Tensor> {
-        self.forward_with_token_types(input_ids, None, lengths, train)
+        self.forward_with_token_types(BertInput::new(input_ids, lengths), train)
     }
 
-    pub fn forward_with_token_types(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        lengths: &[usize],
-        train: bool,
-    ) -> Result<Tensor> {
-        let h = self.transformed(input_ids, token_type_ids, lengths, train)?;
+    /// MLM logits `(b, t, vocab)` of a batch that may carry token types.
+    pub fn forward_with_token_types(&self, input: BertInput<'_>, train: bool) -> Result<Tensor> {
+        let h = self.transformed(input, train)?;
         let (b, t, c) = h.dims3()?;
         let vocab = self.bias.dim(0)?;
         h.reshape((b * t, c))?
@@ -376,14 +391,12 @@ impl BertForMaskedLM {
     /// on and the loss differentiable; otherwise evaluation, with no gradient work.
     pub fn masked_lm_loss(
         &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        lengths: &[usize],
+        input: BertInput<'_>,
         (positions, labels): (&Tensor, &Tensor),
         ignore_index: Option<u32>,
         train: bool,
     ) -> Result<Tensor> {
-        let h = self.transformed(input_ids, token_type_ids, lengths, train)?;
+        let h = self.transformed(input, train)?;
         let (b, t, c) = h.dims3()?;
         let h = h.reshape((b * t, c))?.index_select(positions, 0)?;
         let (w, bias) = (&self.bert.embeddings.word, &self.bias);
@@ -400,16 +413,8 @@ impl BertForMaskedLM {
     }
 
     /// The prediction head's transform of the encoder output, `(b, t, hidden)`.
-    fn transformed(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        lengths: &[usize],
-        train: bool,
-    ) -> Result<Tensor> {
-        let h = self
-            .bert
-            .forward(input_ids, token_type_ids, lengths, train)?;
+    fn transformed(&self, input: BertInput<'_>, train: bool) -> Result<Tensor> {
+        let h = self.bert.forward(input, train)?;
         let h = self.act.forward(&self.transform.forward(&h)?)?;
         self.transform_ln.forward(&h)
     }
@@ -453,17 +458,9 @@ impl BertForSequenceClassification {
     }
 
     /// Class logits `(b, num_labels)`.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        lengths: &[usize],
-        train: bool,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, input: BertInput<'_>, train: bool) -> Result<Tensor> {
         let ctx = self.bert.seeds.ctx(train);
-        let h = self
-            .bert
-            .forward_ctx(input_ids, token_type_ids, lengths, &ctx)?;
+        let h = self.bert.forward_ctx(input, &ctx)?;
         let pooled = ctx.apply(&self.bert.pool(&h)?, self.dropout, CLASSIFIER_SITE)?;
         self.classifier.forward(&pooled)
     }
