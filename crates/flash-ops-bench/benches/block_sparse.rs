@@ -96,7 +96,10 @@ fn main() -> Result<()> {
     let rows = sweep(&plan, |r| println!("- {r}"))?;
     report(&plan, &rows);
     if let Some(path) = arg_list(&args, "--json")?.map(|v| v.join(",")) {
-        std::fs::write(&path, json(&plan, &rows))?;
+        // Relative to the package folder, where `cargo bench` runs the harness.
+        if let Err(e) = std::fs::write(&path, json(&plan, &rows)) {
+            bail!("`--json`: cannot write {path}: {e}")
+        }
         println!("\nwrote {path}");
     }
     Ok(())
