@@ -257,8 +257,8 @@ pub fn sweep(plan: &SparsePlan, mut on_row: impl FnMut(&SparseRow)) -> Result<Ve
         }
     }
     // Naive last, after every flash row: its N×N temporaries leave the heap holding GBs that
-    // later allocations fault back in (a sweep of 1K–4K spent 150 s of its 296 in the kernel, and
-    // `random 1` at 4K ran at 0.77× dense after naive against 1.01× without it).
+    // later allocations fault back in (naive first: a 1K–4K sweep spent 150 s of its 296 in the
+    // kernel and `random 1` ran at 0.77× dense at 4K; naive last: 1.06×, results/).
     for &n in plan.lengths.iter().filter(|&&n| n <= plan.max_naive_n) {
         run(n, Case::Naive, "dense", None)?;
     }
