@@ -10,7 +10,7 @@ use candle_core::{bail, DType, Device, Result};
 use flash_ops::BlockMask;
 use flash_ops_models::Sparsity;
 
-use crate::{autograd_overhead, measure_with, Variant, Workload};
+use crate::{median, time_once, Variant, Workload};
 
 /// The densities of the random-block rows: 1, 1/2, 1/4, 1/8, 1/16 (the sweep).
 pub const DENSITIES: [f64; 5] = [1.0, 0.5, 0.25, 0.125, 0.0625];
@@ -192,6 +192,12 @@ fn all_partial(mask: &BlockMask) -> Result<BlockMask> {
 
 /// Measures every row of `plan` (flash V2 with and without masks, naive, the pair), f32 on the
 /// CPU, calling `on_row` as each is done.
+///
+/// Interleaved: per length, `reps` rounds, each timing every case once (the first round after
+/// each case's warm-up), and a row is the per-pass median over the rounds. This machine's speed drifts by ±15% over
+/// minutes; timed case after case, that drift lands between a masked row and the dense row it
+/// is compared with (8K, one case after another: 1/16 density +2% … +34% off proportional over
+/// five runs, results/blocksparse-8k-repeats-2026-12-02.txt), while in rounds every case sees it.
 pub fn sweep(plan: &SparsePlan, mut on_row: impl FnMut(&SparseRow)) -> Result<Vec<SparseRow>> {
     if plan.densities.iter().any(|&s| !(s > 0.0 && s <= 1.0)) {
         bail!(
@@ -199,68 +205,80 @@ pub fn sweep(plan: &SparsePlan, mut on_row: impl FnMut(&SparseRow)) -> Result<Ve
             plan.densities
         )
     }
+    if plan.reps == 0 {
+        bail!("block-sparse sweep: `reps` must be at least 1, got 0")
+    }
     let (dev, dtype) = (Device::Cpu, DType::F32);
-    let mut rows = Vec::new();
-    let mut run = |n: usize, case: Case, label: &str, mask: Option<BlockMask>| {
+    // One timing of (fwd, fwd+bwd) in ms; the first round warms each case up.
+    let time = |n: usize, case: Case, mask: &Option<BlockMask>, warm_up: bool| {
         let w = Workload::new(1, plan.heads, n, plan.d, false);
         let mut opts = w.options();
-        let (density, blocks) = match &mask {
-            Some(m) => (m.density(), m.counts()),
-            None => (1.0, (0, 0)),
-        };
         if let Some(m) = mask {
-            opts = opts.block_mask(m);
+            opts = opts.block_mask(m.clone());
         }
-        let (fwd_ms, fwd_bwd_ms) = match case {
-            Case::Autograd => autograd_overhead(&w, plan.reps, dtype)?,
-            _ => {
-                let v = if case == Case::Naive {
-                    Variant::Naive
-                } else {
-                    Variant::V2
-                };
-                let r = measure_with(v, &w, &opts, plan.reps, &dev, dtype)?;
-                (r.fwd_ms, r.fwd_bwd_ms.unwrap_or(f64::NAN))
+        let v = match case {
+            Case::Autograd => None,
+            Case::Naive => Some(Variant::Naive),
+            _ => Some(Variant::V2),
+        };
+        time_once(v, &w, &opts, warm_up, (&dev, dtype))
+    };
+    let mut rows = Vec::new();
+    let mut measure = |n: usize, cases: &[(Case, String, Option<BlockMask>)]| -> Result<()> {
+        let mut times = vec![Vec::new(); cases.len()];
+        for round in 0..plan.reps {
+            for ((case, _, mask), t) in cases.iter().zip(&mut times) {
+                t.push(time(n, *case, mask, round == 0)?);
             }
-        };
-        let row = SparseRow {
-            n,
-            case,
-            label: label.into(),
-            density,
-            blocks,
-            fwd_ms,
-            fwd_bwd_ms,
-        };
-        on_row(&row);
-        rows.push(row);
-        Result::Ok(())
+        }
+        for ((case, label, mask), t) in cases.iter().zip(times) {
+            let (fwd, both): (Vec<f64>, Vec<f64>) = t.into_iter().unzip();
+            let (density, blocks) = match mask {
+                Some(m) => (m.density(), m.counts()),
+                None => (1.0, (0, 0)),
+            };
+            let row = SparseRow {
+                n,
+                case: *case,
+                label: label.clone(),
+                density,
+                blocks,
+                fwd_ms: median(&fwd).unwrap_or(f64::NAN),
+                fwd_bwd_ms: median(&both).unwrap_or(f64::NAN),
+            };
+            on_row(&row);
+            rows.push(row);
+        }
+        Ok(())
     };
     for &n in &plan.lengths {
-        run(n, Case::Dense, "dense", None)?;
-        run(n, Case::Autograd, "pass-through", None)?;
+        let mut cases = vec![
+            (Case::Dense, "dense".to_string(), None),
+            (Case::Autograd, "pass-through".to_string(), None),
+        ];
         for &s in &plan.densities {
             let m = BlockMask::random(n, n, plan.block, plan.heads, s, plan.seed)?;
-            run(n, Case::Random, &format!("random {s}"), Some(m))?;
+            cases.push((Case::Random, format!("random {s}"), Some(m)));
         }
         for p in &plan.patterns {
             if let Some(m) = p.mask(n, plan.heads, false)? {
-                run(n, Case::Pattern, &p.to_string(), Some(m))?;
+                cases.push((Case::Pattern, p.to_string(), Some(m)));
             }
         }
         if plan.pair_lengths.contains(&n) {
             let full = BlockMask::random(n, n, plan.block, plan.heads, PAIR_DENSITY, plan.seed)?;
             let partial = all_partial(&full)?;
             let label = format!("random {PAIR_DENSITY}");
-            run(n, Case::AllFull, &label, Some(full))?;
-            run(n, Case::AllPartial, &label, Some(partial))?;
+            cases.push((Case::AllFull, label.clone(), Some(full)));
+            cases.push((Case::AllPartial, label, Some(partial)));
         }
+        measure(n, &cases)?;
     }
     // Naive last, after every flash row: its N×N temporaries leave the heap holding GBs that
     // later allocations fault back in (naive first: a 1K–4K sweep spent 150 s of its 296 in the
     // kernel and `random 1` ran at 0.77× dense at 4K; naive last: 1.06×, results/).
     for &n in plan.lengths.iter().filter(|&&n| n <= plan.max_naive_n) {
-        run(n, Case::Naive, "dense", None)?;
+        measure(n, &[(Case::Naive, "dense".to_string(), None)])?;
     }
     Ok(rows)
 }
@@ -333,11 +351,18 @@ mod tests {
             block: (16, 16),
             densities: vec![1.0, 0.25],
             patterns: vec!["butterfly@16x16".parse().unwrap()],
-            reps: 1,
+            reps: 2,
             max_naive_n: 64,
             pair_lengths: vec![64],
             seed: 1,
         };
+        let zero = SparsePlan {
+            reps: 0,
+            ..plan.clone()
+        };
+        let err = sweep(&zero, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("`reps`"), "{err}");
+        // Two rounds, one row per case: the rounds are reduced, not listed.
         let rows = sweep(&plan, |_| {})?;
         let mut keys: Vec<_> = rows.iter().map(|r| r.case).collect();
         keys.dedup();

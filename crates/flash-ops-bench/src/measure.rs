@@ -86,7 +86,7 @@ pub fn measure_with(
         &attend,
         v.has_backward().then_some(v.name()),
         w,
-        reps,
+        (true, reps),
         dev,
         dtype,
     )?;
@@ -110,12 +110,12 @@ struct StepTimes {
 
 /// Forward alone (detached inputs), and, where `backward` names the forward, the training step
 /// around it: forward, the loss `sum(o ∘ dO)` and `backward()` to q, k and v; each the median
-/// of `reps` after one warm-up that also measures peak memory.
+/// of `reps`, after one warm-up that also measures peak memory where `warm_up`.
 fn time_step(
     forward: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     backward: Option<&str>,
     w: &Workload,
-    reps: usize,
+    (warm_up, reps): (bool, usize),
     dev: &Device,
     dtype: DType,
 ) -> Result<StepTimes> {
@@ -131,7 +131,10 @@ fn time_step(
     // Forward only: detached inputs, so no graph is kept.
     let (qd, kd, vd) = (qt.detach(), kt.detach(), vt.detach());
     let fwd_once = || forward(&qd, &kd, &vd).map(drop);
-    let ((), fwd_mem) = peak_extra_on(dev, fwd_once)?;
+    let fwd_mem = match warm_up {
+        true => peak_extra_on(dev, fwd_once)?.1,
+        false => None,
+    };
     let fwd_ms = median_ms(dev, reps, fwd_once)?;
     let (fwd_bwd_ms, fwd_bwd_mem) = match backward {
         Some(name) => {
@@ -143,7 +146,10 @@ fn time_step(
                 }
                 Ok(())
             };
-            let ((), mem) = peak_extra_on(dev, step)?;
+            let mem = match warm_up {
+                true => peak_extra_on(dev, step)?.1,
+                false => None,
+            };
             (Some(median_ms(dev, reps, step)?), mem)
         }
         None => (None, None),
@@ -201,7 +207,37 @@ impl CustomOp3 for PassThrough {
 /// attention row it leaves the attention op's own time (forward and backward kernels).
 pub fn autograd_overhead(w: &Workload, reps: usize, dtype: DType) -> Result<(f64, f64)> {
     let pass = |q: &Tensor, k: &Tensor, v: &Tensor| q.apply_op3(k, v, PassThrough);
-    let t = time_step(&pass, Some("pass-through"), w, reps, &Device::Cpu, dtype)?;
+    let t = time_step(
+        &pass,
+        Some("pass-through"),
+        w,
+        (true, reps),
+        &Device::Cpu,
+        dtype,
+    )?;
+    Ok((t.fwd_ms, t.fwd_bwd_ms.unwrap_or(f64::NAN)))
+}
+
+/// One round of interleaved timing ([`crate::block_sparse::sweep`]): forward and training step
+/// (`(fwd_ms, fwd_bwd_ms)`, NaN for a forward-only variant) of `v` with `opts`, or with `None`
+/// of the pass-through op of [`autograd_overhead`], each timed once, after a warm-up where
+/// `warm_up`.
+pub fn time_once(
+    v: Option<Variant>,
+    w: &Workload,
+    opts: &AttnOptions,
+    warm_up: bool,
+    (dev, dtype): (&Device, DType),
+) -> Result<(f64, f64)> {
+    let attend = |q: &Tensor, k: &Tensor, val: &Tensor| match v {
+        Some(v) => v.forward_with(q, k, val, w, opts),
+        None => q.apply_op3(k, val, PassThrough),
+    };
+    let backward = match v {
+        Some(v) => v.has_backward().then_some(v.name()),
+        None => Some("pass-through"),
+    };
+    let t = time_step(&attend, backward, w, (warm_up, 1), dev, dtype)?;
     Ok((t.fwd_ms, t.fwd_bwd_ms.unwrap_or(f64::NAN)))
 }
 
