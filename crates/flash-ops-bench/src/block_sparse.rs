@@ -194,10 +194,10 @@ fn all_partial(mask: &BlockMask) -> Result<BlockMask> {
 /// CPU, calling `on_row` as each is done.
 ///
 /// Interleaved: per length, `reps` rounds, each timing every case once (the first round after
-/// each case's warm-up), and a row is the per-pass median over the rounds. This machine's speed drifts by ±15% over
-/// minutes; timed case after case, that drift lands between a masked row and the dense row it
-/// is compared with (8K, one case after another: 1/16 density +2% … +34% off proportional over
-/// five runs, results/blocksparse-8k-repeats-2026-12-02.txt), while in rounds every case sees it.
+/// each case's warm-up), and a row is the per-pass median over the rounds. This machine's speed
+/// drifts by ±15% over minutes; timed one case after another, that drift lands between a masked
+/// row and the dense row it is compared with (8K, 1/16: +14% … +32% off proportional over five
+/// runs, results/blocksparse-8k-repeats-2026-12-02.txt and runs c, d), in rounds on every case.
 pub fn sweep(plan: &SparsePlan, mut on_row: impl FnMut(&SparseRow)) -> Result<Vec<SparseRow>> {
     if plan.densities.iter().any(|&s| !(s > 0.0 && s <= 1.0)) {
         bail!(
