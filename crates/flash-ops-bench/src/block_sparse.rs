@@ -25,7 +25,7 @@ pub enum Case {
     Dense,
     /// Standard attention without a block mask.
     Naive,
-    /// No attention: Candle's share of a row's time ([`crate::autograd_overhead`]), the same at
+    /// No attention: Candle's share of a row's time ([`crate::time_once`] with no variant), the same at
     /// every density.
     Autograd,
     /// Flash V2 with whole random blocks at a density.

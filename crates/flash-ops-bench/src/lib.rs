@@ -31,8 +31,6 @@ pub use decode::{measure_decode, DecodeWorkload};
 pub use machine::{
     clock_ghz, cpu_model, fma_peak_gflops, gemm_path, kernel_path, read_bandwidth, BANDWIDTH_BYTES,
 };
-pub use measure::{
-    autograd_overhead, gemm_ceiling, gemm_ceiling_n, measure, measure_with, median, time_once, Row,
-};
+pub use measure::{gemm_ceiling, gemm_ceiling_n, measure, measure_with, median, time_once, Row};
 pub use variant::Variant;
 pub use workload::{flops_fwd, Workload, BWD_PER_FWD_FLOPS};

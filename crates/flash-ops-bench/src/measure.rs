@@ -202,26 +202,11 @@ impl CustomOp3 for PassThrough {
     }
 }
 
-/// Candle's own share of [`measure`]'s times at workload `w`, on the CPU: forward and training
-/// step (`(fwd_ms, fwd_bwd_ms)`) of [`PassThrough`] in place of attention. Subtracted from an
-/// attention row it leaves the attention op's own time (forward and backward kernels).
-pub fn autograd_overhead(w: &Workload, reps: usize, dtype: DType) -> Result<(f64, f64)> {
-    let pass = |q: &Tensor, k: &Tensor, v: &Tensor| q.apply_op3(k, v, PassThrough);
-    let t = time_step(
-        &pass,
-        Some("pass-through"),
-        w,
-        (true, reps),
-        &Device::Cpu,
-        dtype,
-    )?;
-    Ok((t.fwd_ms, t.fwd_bwd_ms.unwrap_or(f64::NAN)))
-}
-
 /// One round of interleaved timing ([`crate::block_sparse::sweep`]): forward and training step
-/// (`(fwd_ms, fwd_bwd_ms)`, NaN for a forward-only variant) of `v` with `opts`, or with `None`
-/// of the pass-through op of [`autograd_overhead`], each timed once, after a warm-up where
-/// `warm_up`.
+/// (`(fwd_ms, fwd_bwd_ms)`, NaN for a forward-only variant) of `v` with `opts`, each timed once,
+/// after a warm-up where `warm_up`. With `v = None` the op is a pass-through in place of
+/// attention: Candle's own share of the step, which subtracted from an attention row leaves the
+/// op's own time (forward and backward kernels).
 pub fn time_once(
     v: Option<Variant>,
     w: &Workload,
